@@ -1,0 +1,44 @@
+//! Subcommands of the `ffwd` binary.
+
+mod eval;
+mod predict;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// ffwd: feedforward networks and their conditional-computation variants (dense FFNs,
+/// Fast Feedforward Networks, UltraFastBERT trees), trained and served on CPUs.
+#[derive(Parser, Debug)]
+#[command(name = "ffwd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a classifier (default: dense FFN on the embedded UCI digits) and optionally save it.
+    Train(train::TrainArgs),
+    /// Evaluate a saved classifier on a data set (train and test accuracy).
+    Eval(eval::EvalArgs),
+    /// Predict classes for feature rows read from a file or stdin, one per line.
+    Predict(predict::PredictArgs),
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
+    }
+}
+
+/// Sizes rayon's global pool (0 = one thread per core).
+pub(crate) fn init_threads(threads: usize) -> anyhow::Result<usize> {
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    }
+    Ok(rayon::current_num_threads())
+}

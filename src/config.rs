@@ -1,0 +1,222 @@
+//! The run configuration of `ffwd train`: a TOML file (unknown keys are errors) whose values
+//! the CLI flags override.
+//!
+//! ```toml
+//! data = "idx:../shared/data/mnist"
+//! layer = "fff"
+//! epochs = 20
+//! [fff]
+//! depth = 4
+//! leaf = 8
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::csv::LabelColumn;
+use crate::error::{Error, Result};
+use crate::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
+use crate::optim::OptimizerKind;
+use crate::train::TrainOptions;
+
+/// Which layer the classifier uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// Dense FFN.
+    #[default]
+    Dense,
+    /// Fast feedforward network.
+    Fff,
+    /// UltraFastBERT tree.
+    Ufff,
+}
+
+impl std::str::FromStr for LayerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dense" => Ok(LayerKind::Dense),
+            "fff" => Ok(LayerKind::Fff),
+            "ufff" => Ok(LayerKind::Ufff),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff or ufff)"))),
+        }
+    }
+}
+
+/// Everything `ffwd train` needs. Defaults train a dense classifier on the embedded digits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Data spec: `digits`, `idx:DIR` or `csv:FILE`.
+    pub data: String,
+    /// Fraction of a CSV file held out as the test set.
+    pub holdout: f32,
+    /// Which CSV column is the label.
+    pub csv_label: LabelColumn,
+    /// Layer kind; its options come from the table of the same name.
+    pub layer: LayerKind,
+    /// Options of the dense layer.
+    pub dense: DenseConfig,
+    /// Options of the FFF layer.
+    pub fff: FffConfig,
+    /// Options of the UltraFastBERT tree layer.
+    pub ufff: UfffConfig,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Minibatch size.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// Final LR as a fraction of the peak (cosine decay).
+    pub min_lr_ratio: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// `adamw` or `sgd`.
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// Max global gradient norm (0 = off).
+    pub clip: f32,
+    /// Seed of initialisation, shuffling and stochastic layers.
+    pub seed: u64,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Where to save the checkpoint (`.safetensors`).
+    pub save: Option<String>,
+    /// Where to write the metrics JSON.
+    pub metrics: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: "digits".into(),
+            holdout: 0.2,
+            csv_label: LabelColumn::First,
+            layer: LayerKind::Dense,
+            dense: DenseConfig::default(),
+            fff: FffConfig::default(),
+            ufff: UfffConfig::default(),
+            // 100 × 45 steps of 32 take under a second on digits; MNIST configs set their own.
+            epochs: 100,
+            batch: 32,
+            lr: 2e-3,
+            warmup: 100,
+            min_lr_ratio: 0.01,
+            weight_decay: 0.1,
+            optimizer: OptimizerKind::Adamw,
+            momentum: 0.9,
+            clip: 0.0,
+            seed: 0,
+            threads: 0,
+            save: None,
+            metrics: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parses a TOML file; unknown keys and bad values are errors naming the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.message().to_string() + &span_hint(text, e.span())))
+    }
+
+    /// The selected layer's configuration.
+    pub fn layer_config(&self) -> LayerConfig {
+        match self.layer {
+            LayerKind::Dense => LayerConfig::Dense(self.dense.clone()),
+            LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
+            LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
+        }
+    }
+
+    /// Sets the hidden width of the selected layer: dense units; for `fff`, leaf = width / 2^depth;
+    /// for `ufff`, depth such that 2^(depth+1) − 1 = width.
+    pub fn set_width(&mut self, width: usize) -> Result<()> {
+        match self.layer {
+            LayerKind::Dense => self.dense.width = width,
+            LayerKind::Fff => {
+                let leaves = 1usize << self.fff.depth;
+                if width == 0 || width % leaves != 0 {
+                    return Err(Error::Config(format!("fff width {width} is not a positive multiple of 2^depth = {leaves}")));
+                }
+                self.fff.leaf = width / leaves;
+            }
+            LayerKind::Ufff => {
+                let levels = (width + 1).trailing_zeros() as usize;
+                if width == 0 || (width + 1).count_ones() != 1 {
+                    return Err(Error::Config(format!("ufff width {width} is not 2^(depth+1) − 1 (e.g. 255 for depth 7)")));
+                }
+                self.ufff.depth = levels - 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The training hyper-parameters.
+    pub fn train_options(&self) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            optimizer: self.optimizer,
+            momentum: self.momentum,
+            clip: self.clip,
+            seed: self.seed,
+        }
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c = TrainConfig::from_toml_str("layer = \"fff\"\nepochs = 3\n[fff]\ndepth = 2\nleaf = 4\n").unwrap();
+        assert_eq!(c.layer, LayerKind::Fff);
+        assert_eq!((c.fff.depth, c.fff.leaf, c.epochs, c.batch), (2, 4, 3, 32));
+        let e = TrainConfig::from_toml_str("epochs = 3\nepoch = 4\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `epoch`") && e.contains("line 2"), "{e}");
+        let e = TrainConfig::from_toml_str("[fff]\ndepht = 4\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `depht`"), "{e}");
+    }
+
+    #[test]
+    fn width_maps_to_each_layer() {
+        let mut c = TrainConfig { layer: LayerKind::Fff, ..Default::default() };
+        c.set_width(128).unwrap();
+        assert_eq!(c.fff.leaf, 8);
+        assert!(c.set_width(100).is_err());
+        c.layer = LayerKind::Ufff;
+        c.set_width(255).unwrap();
+        assert_eq!(c.ufff.depth, 7);
+        assert!(c.set_width(256).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Interop with reference implementations' checkpoints.
+
+pub mod fastfeedforward;

@@ -1,0 +1,257 @@
+//! Strided f32 matrix multiply on top of the `gemm` crate (packed, SIMD micro-kernels,
+//! rayon threads). Views carry row and column strides, so transposes cost nothing.
+
+use gemm::Parallelism;
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// A mutable strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows × cols` matrix at the start of `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A view with explicit strides; panics if it would read past `data`.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(span(rows, cols, rs, cs) <= data.len(), "MatRef {rows}x{cols} (rs {rs}, cs {cs}) exceeds {} values", data.len());
+        MatRef { data, rows, cols, rs, cs }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl<'a> MatMut<'a> {
+    /// A contiguous row-major `rows × cols` matrix at the start of `data`.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A view with explicit strides; panics if it would write past `data`.
+    /// Strides must not make two elements alias (not checked beyond the bound).
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(span(rows, cols, rs, cs) <= data.len(), "MatMut {rows}x{cols} (rs {rs}, cs {cs}) exceeds {} values", data.len());
+        MatMut { data, rows, cols, rs, cs }
+    }
+}
+
+/// Products smaller than this many multiply-adds run on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// `c = a · b` (or `c += a · b` when `accumulate`).
+///
+/// Shapes: `a` is `m × k`, `b` is `k × n`, `c` is `m × n`; panics on mismatch (a programming
+/// error: public layer APIs check user shapes before they reach here). Uses all threads of the
+/// current rayon pool for large products and stays on the calling thread for small ones.
+pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
+    assert_eq!((c.rows, c.cols), (m, n), "matmul: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[i * c.rs + j * c.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let par = if m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the three views were bound-checked at construction against their slices, the
+    // output is borrowed mutably (so it cannot alias the inputs), and dimensions agree.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr(),
+            c.cs as isize,
+            c.rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `y[i] += alpha * x[i]`.
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+/// Dot product with eight independent accumulators (lets the compiler vectorise).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s = 0.0;
+    for i in chunks * 8..n {
+        s += a[i] * b[i];
+    }
+    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Adds `bias` (length `cols`) to every row of the `rows × cols` matrix `y`.
+pub fn add_row_bias(y: &mut [f32], bias: &[f32]) {
+    if bias.is_empty() {
+        return;
+    }
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// `out[j] = Σ_i x[i, j]` over the rows of a `rows × cols` matrix (a bias gradient).
+pub fn sum_rows(x: &[f32], cols: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    if cols == 0 {
+        return;
+    }
+    for row in x.chunks_exact(cols) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Rng;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn literal_2x3_times_3x2() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let mut c = [0.0; 4];
+        matmul(MatMut::new(&mut c, 2, 2), MatRef::new(&a, 2, 3), MatRef::new(&b, 3, 2), false);
+        assert_eq!(c, [58.0, 64.0, 139.0, 154.0]);
+        // accumulate adds on top
+        matmul(MatMut::new(&mut c, 2, 2), MatRef::new(&a, 2, 3), MatRef::new(&b, 3, 2), true);
+        assert_eq!(c, [116.0, 128.0, 278.0, 308.0]);
+    }
+
+    #[test]
+    fn transposed_and_strided_views_match_naive() {
+        let mut rng = Rng::new(3);
+        for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (64, 300, 33), (130, 70, 257)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let want = naive(&a, &b, m, k, n);
+            // a stored transposed (k × m), b stored transposed (n × k)
+            let mut at = vec![0.0; m * k];
+            for i in 0..m {
+                for p in 0..k {
+                    at[p * m + i] = a[i * k + p];
+                }
+            }
+            let mut bt = vec![0.0; k * n];
+            for p in 0..k {
+                for j in 0..n {
+                    bt[j * k + p] = b[p * n + j];
+                }
+            }
+            let mut c = vec![0.0; m * n];
+            matmul(MatMut::new(&mut c, m, n), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{k}x{n}: {x} vs {y}");
+            }
+            // write into the right half of a wider buffer (row stride 2n)
+            let mut wide = vec![0.0; m * 2 * n];
+            matmul(MatMut::strided(&mut wide[n..], m, n, 2 * n, 1), MatRef::new(&a, m, k), MatRef::new(&b, k, n), false);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(wide[i * 2 * n + j], 0.0);
+                    let y = want[i * n + j];
+                    assert!((wide[i * 2 * n + n + j] - y).abs() <= 1e-4 * (1.0 + y.abs()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_matches_sum() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.1).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - want).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,14 @@
+//! The compute core: tensors and parameters, GEMM, element-wise kernels, the loss, and the RNG.
+//! Everything here works on row-major `f32` slices and never allocates on its own.
+
+pub mod activation;
+pub mod gemm;
+pub mod loss;
+pub mod param;
+pub mod rng;
+pub mod tensor;
+
+pub use activation::Activation;
+pub use param::Param;
+pub use rng::Rng;
+pub use tensor::Tensor;

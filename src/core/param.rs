@@ -1,0 +1,50 @@
+//! A trainable parameter: its safetensors key, shape, value and gradient.
+
+use crate::core::Rng;
+
+/// One trainable tensor. `name` is its safetensors key inside the owning layer.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// Key in checkpoints (the layer's prefix is added by the model).
+    pub name: String,
+    /// Shape as stored in checkpoints (row-major).
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub value: Vec<f32>,
+    /// Gradient of the loss, same layout as `value`; overwritten by each backward.
+    pub grad: Vec<f32>,
+    /// Whether decoupled weight decay applies (weights yes, biases and gates' biases no).
+    pub decay: bool,
+}
+
+impl Param {
+    /// A zero parameter.
+    pub fn zeros(name: &str, shape: &[usize], decay: bool) -> Self {
+        let n = shape.iter().product();
+        Param { name: name.to_string(), shape: shape.to_vec(), value: vec![0.0; n], grad: vec![0.0; n], decay }
+    }
+
+    /// A parameter drawn uniformly from `[-bound, bound]`.
+    pub fn uniform(name: &str, shape: &[usize], bound: f32, decay: bool, rng: &mut Rng) -> Self {
+        let mut p = Param::zeros(name, shape, decay);
+        for v in &mut p.value {
+            *v = rng.uniform_range(-bound, bound);
+        }
+        p
+    }
+
+    /// Number of scalars.
+    pub fn len(&self) -> usize {
+        self.value.len()
+    }
+
+    /// True if the parameter holds no scalar.
+    pub fn is_empty(&self) -> bool {
+        self.value.is_empty()
+    }
+
+    /// Sets the gradient to zero.
+    pub fn zero_grad(&mut self) {
+        self.grad.fill(0.0);
+    }
+}

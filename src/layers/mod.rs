@@ -1,0 +1,102 @@
+//! Feedforward layers. One file, one struct each, all behind the [`Layer`] trait:
+//! explicit training forward, explicit backward, and a separate inference path.
+//!
+//! Shapes are row-major: `x` is `batch × in_features`, `y` is `batch × out_features`.
+
+pub mod dense;
+pub mod fff;
+pub mod linear;
+pub mod ufff;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Param, Rng};
+use crate::error::{Error, Result};
+
+pub use dense::{Dense, DenseConfig};
+pub use fff::{Fff, FffConfig};
+pub use linear::Linear;
+pub use ufff::{Ufff, UfffConfig};
+
+/// A trainable feedforward layer with hand-written forward and backward passes.
+///
+/// Buffers for the training pass live inside the layer and grow only when the batch grows,
+/// so a training step at a fixed batch size allocates nothing.
+pub trait Layer: Send + Sync {
+    /// Short kind name (`dense`, `fff`, `ufff`).
+    fn kind(&self) -> &'static str;
+    /// Width of the input.
+    fn in_features(&self) -> usize;
+    /// Width of the output.
+    fn out_features(&self) -> usize;
+    /// Training-mode forward (soft routing for trees). `x`: `batch × in`, writes `y`: `batch × out`.
+    /// Caches what [`Layer::backward`] needs; `rng` drives stochastic parts (region leak).
+    fn forward_train(&mut self, x: &[f32], batch: usize, y: &mut [f32], rng: &mut Rng) -> Result<()>;
+    /// Backward of the last `forward_train` on the same `x`. `dy`: `batch × out` is dL/dy.
+    /// Overwrites every parameter gradient (adding the gradient of [`Layer::aux_loss`]) and,
+    /// when given, writes dL/dx into `dx`: `batch × in`.
+    fn backward(&mut self, x: &[f32], batch: usize, dy: &[f32], dx: Option<&mut [f32]>) -> Result<()>;
+    /// Auxiliary loss of the last `forward_train` (hardening, load balancing), already weighted.
+    fn aux_loss(&self) -> f32 {
+        0.0
+    }
+    /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
+    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()>;
+    /// The parameters in a fixed order; names are their safetensors keys within the layer.
+    fn params(&self) -> Vec<&Param>;
+    /// Visits the parameters mutably in the same order as [`Layer::params`] (no allocation).
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+    /// Hidden neurons one sample evaluates at inference.
+    fn neurons_per_inference(&self) -> usize;
+    /// The configuration that rebuilds this layer (with the same in/out widths).
+    fn config(&self) -> LayerConfig;
+}
+
+/// Configuration of any layer kind, as stored in checkpoint metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LayerConfig {
+    /// Linear → activation → … → Linear.
+    Dense(DenseConfig),
+    /// Fast feedforward network (Belcak & Wattenhofer 2023).
+    Fff(FffConfig),
+    /// UltraFastBERT tree of single neurons.
+    Ufff(UfffConfig),
+}
+
+impl LayerConfig {
+    /// Builds a freshly initialised layer `in_features → out_features`.
+    pub fn build(&self, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<Box<dyn Layer>> {
+        if in_features == 0 || out_features == 0 {
+            return Err(Error::Config(format!(
+                "layer needs positive widths, got in_features {in_features}, out_features {out_features}"
+            )));
+        }
+        Ok(match self {
+            LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
+        })
+    }
+
+    /// Kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerConfig::Dense(_) => "dense",
+            LayerConfig::Fff(_) => "fff",
+            LayerConfig::Ufff(_) => "ufff",
+        }
+    }
+}
+
+/// Grows `buf` to at least `n` values (allocates only when the batch grows).
+pub(crate) fn ensure_len(buf: &mut Vec<f32>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+}
+
+/// Counts the scalars of a layer's parameters.
+pub fn param_count(layer: &dyn Layer) -> usize {
+    layer.params().iter().map(|p| p.len()).sum()
+}

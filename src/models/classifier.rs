@@ -1,0 +1,134 @@
+//! A classifier: one feedforward layer from the input features to the class logits, then
+//! softmax cross-entropy. Trees (`fff`, `ufff`) train soft and predict with hard routing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::loss::{argmax_rows, softmax_cross_entropy};
+use crate::core::{Param, Rng};
+use crate::data::Dataset;
+use crate::error::{check_dim, check_matrix, Error, Result};
+use crate::layers::{param_count, Layer, LayerConfig};
+
+/// Everything needed to rebuild a classifier (stored in checkpoint metadata).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Input features.
+    pub in_features: usize,
+    /// Output classes.
+    pub n_classes: usize,
+    /// The feedforward layer between them.
+    pub layer: LayerConfig,
+}
+
+/// Loss terms and accuracy of one training step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Auxiliary loss of the layer (hardening, load balancing).
+    pub aux: f32,
+    /// Samples whose training-mode (soft) argmax equals the label.
+    pub correct: usize,
+}
+
+/// `x → layer → logits → softmax`.
+pub struct Classifier {
+    cfg: ModelConfig,
+    layer: Box<dyn Layer>,
+    logits: Vec<f32>,
+    dlogits: Vec<f32>,
+}
+
+/// Prefix of the layer's parameters in checkpoints.
+pub const LAYER_PREFIX: &str = "ffn.";
+
+impl Classifier {
+    /// A freshly initialised classifier; `seed` fixes the initial weights.
+    pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed).fork(0x1a7e);
+        let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
+        Ok(Classifier { cfg, layer, logits: Vec::new(), dlogits: Vec::new() })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The feedforward layer.
+    pub fn layer(&self) -> &dyn Layer {
+        self.layer.as_ref()
+    }
+
+    /// The feedforward layer, mutably.
+    pub fn layer_mut(&mut self) -> &mut dyn Layer {
+        self.layer.as_mut()
+    }
+
+    /// Number of trainable scalars.
+    pub fn param_count(&self) -> usize {
+        param_count(self.layer.as_ref())
+    }
+
+    /// Parameters with their checkpoint names (`ffn.` + the layer's name).
+    pub fn named_params(&self) -> Vec<(String, &Param)> {
+        self.layer.params().into_iter().map(|p| (format!("{LAYER_PREFIX}{}", p.name), p)).collect()
+    }
+
+    /// Visits the parameters mutably (for optimizers and loaders).
+    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.layer.visit_params_mut(f)
+    }
+
+    /// Forward and backward on one batch: `x` is `batch × in_features`, `labels` has `batch`
+    /// entries. Leaves the gradient of (mean cross-entropy + auxiliary loss) in the parameters.
+    pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], rng: &mut Rng) -> Result<StepStats> {
+        let batch = labels.len();
+        let c = self.cfg.n_classes;
+        check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= c) {
+            return Err(Error::Invalid(format!("label {bad} out of range for {c} classes")));
+        }
+        crate::layers::ensure_len(&mut self.logits, batch * c);
+        crate::layers::ensure_len(&mut self.dlogits, batch * c);
+        let logits = &mut self.logits[..batch * c];
+        self.layer.forward_train(x, batch, logits, rng)?;
+        let dlogits = &mut self.dlogits[..batch * c];
+        let (loss, correct) = softmax_cross_entropy(logits, labels, c, dlogits);
+        self.layer.backward(x, batch, dlogits, None)?;
+        Ok(StepStats { loss, aux: self.layer.aux_loss(), correct })
+    }
+
+    /// Inference logits: `x` (`batch × in_features`) → `batch × n_classes`.
+    pub fn logits(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
+        let mut y = vec![0.0; batch * self.cfg.n_classes];
+        self.layer.infer(x, batch, &mut y)?;
+        Ok(y)
+    }
+
+    /// Predicted class of each row of `x` (`batch × in_features`).
+    pub fn predict(&self, x: &[f32], batch: usize) -> Result<Vec<u32>> {
+        let y = self.logits(x, batch)?;
+        let mut out = vec![0; batch];
+        argmax_rows(&y, self.cfg.n_classes, &mut out);
+        Ok(out)
+    }
+
+    /// Inference accuracy on a data set (hard routing for trees).
+    pub fn accuracy(&self, data: &Dataset) -> Result<f32> {
+        check_dim("data set", "features", self.cfg.in_features, data.dim)?;
+        if data.is_empty() {
+            return Err(Error::Invalid("cannot evaluate on an empty data set".into()));
+        }
+        const CHUNK: usize = 4096;
+        let mut correct = 0usize;
+        for start in (0..data.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(data.len());
+            let pred = self.predict(&data.x[start * data.dim..end * data.dim], end - start)?;
+            correct += pred.iter().zip(&data.y[start..end]).filter(|(p, y)| p == y).count();
+        }
+        Ok(correct as f32 / data.len() as f32)
+    }
+}

@@ -1,0 +1,51 @@
+//! Optimizers (fused, in place, allocation-free after the first step), gradient clipping and
+//! learning-rate schedules.
+
+pub mod adamw;
+pub mod schedule;
+pub mod sgd;
+
+pub use adamw::AdamW;
+pub use schedule::Schedule;
+pub use sgd::Sgd;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::Param;
+
+/// Which optimizer to use, with its hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay).
+    Adamw,
+    /// SGD with (heavy-ball) momentum.
+    Sgd,
+}
+
+/// An optimizer that updates parameters from their gradients.
+pub trait Optimizer: Send {
+    /// One update with learning rate `lr`; gradients are first multiplied by `grad_scale`
+    /// (the clipping factor), fused into the same pass.
+    fn step(&mut self, params: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), lr: f32, grad_scale: f32);
+    /// Optimizer state tensors (for checkpoints), in parameter order.
+    fn state(&self) -> Vec<(&'static str, &[f32])>;
+}
+
+/// Global L2 norm of all gradients (sum in f64, in parameter order: deterministic).
+pub fn grad_norm(visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> f32 {
+    let mut s = 0.0f64;
+    visit(&mut |p: &mut Param| {
+        s += p.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+    });
+    s.sqrt() as f32
+}
+
+/// The factor that scales gradients of norm `norm` down to at most `max_norm` (1 if off).
+pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / norm
+    } else {
+        1.0
+    }
+}

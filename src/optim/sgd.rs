@@ -1,0 +1,62 @@
+//! SGD with heavy-ball momentum and decoupled weight decay.
+
+use super::Optimizer;
+use crate::core::Param;
+
+/// `v = μ·v + g; w = w·(1 − lr·λ) − lr·v` (PyTorch's SGD with momentum, dampening 0).
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    /// Momentum μ (0 = plain SGD).
+    pub momentum: f32,
+    /// Weight decay λ.
+    pub weight_decay: f32,
+    v: Vec<Vec<f32>>,
+}
+
+impl Sgd {
+    /// New optimizer.
+    pub fn new(momentum: f32, weight_decay: f32) -> Self {
+        Sgd { momentum, weight_decay, v: Vec::new() }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), lr: f32, grad_scale: f32) {
+        let (mu, wd) = (self.momentum, self.weight_decay);
+        let vs = &mut self.v;
+        let mut idx = 0;
+        params(&mut |p: &mut Param| {
+            if vs.len() <= idx {
+                vs.push(vec![0.0; p.len()]);
+            }
+            let v = &mut vs[idx];
+            let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
+            for ((w, &g), vi) in p.value.iter_mut().zip(&p.grad).zip(v.iter_mut()) {
+                *vi = mu * *vi + g * grad_scale;
+                *w = *w * decay - lr * *vi;
+            }
+            idx += 1;
+        });
+    }
+
+    fn state(&self) -> Vec<(&'static str, &[f32])> {
+        self.v.iter().map(|v| ("momentum", v.as_slice())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn momentum_literal_steps() {
+        let mut p = Param::zeros("w", &[1], false);
+        let mut opt = Sgd::new(0.9, 0.0);
+        p.grad[0] = 1.0;
+        opt.step(&mut |f| f(&mut p), 0.1, 1.0);
+        assert!((p.value[0] + 0.1).abs() < 1e-7);
+        opt.step(&mut |f| f(&mut p), 0.1, 1.0);
+        // v = 0.9 + 1 = 1.9 → w = -0.1 - 0.19
+        assert!((p.value[0] + 0.29).abs() < 1e-6);
+    }
+}

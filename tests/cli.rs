@@ -1,0 +1,217 @@
+//! End-to-end tests of the `ffwd` binary: train/save/eval/predict, checkpoint round trip,
+//! and every user-facing error (one line, exit code 1, no panic, no partial checkpoint).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use ffwd::checkpoint::{load_classifier, save_classifier};
+use ffwd::data::digits;
+use safetensors::SafeTensors;
+
+fn ffwd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ffwd")).args(args).output().unwrap()
+}
+
+fn ffwd_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ffwd")).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Asserts a clean failure and returns its stderr.
+fn fails(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "error should be one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn train_save_eval_predict_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    let metrics = dir.path().join("m.json");
+    let out = ok(&ffwd(&["train", "-q", "--layer", "fff", "--depth", "2", "--leaf", "8", "--epochs", "4", "--save", p(&model), "--metrics", p(&metrics)]));
+    assert!(out.contains("test accuracy"), "{out}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    for key in ["test_accuracy", "train_accuracy", "epochs", "train_seconds", "params", "neurons_per_inference"] {
+        assert!(m.get(key).is_some(), "metrics lack {key}: {m}");
+    }
+    assert_eq!(m["epochs"], 4);
+    assert_eq!(m["neurons_per_inference"], 2 + 8);
+    let acc = m["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.3, "{acc}");
+    // eval reproduces the training run's final test accuracy
+    let out = ok(&ffwd(&["eval", "--model", p(&model), "--data", "digits"]));
+    assert!(out.contains(&format!("test accuracy {acc:.4}")), "{out} vs {acc}");
+    // predict: one line per sample, same as the library
+    let split = digits::split().unwrap();
+    let rows: Vec<String> = (0..5).map(|i| split.test.row(i).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")).collect();
+    let out = ok(&ffwd_stdin(&["predict", "--model", p(&model)], &rows.join("\n")));
+    let loaded = load_classifier(&model).unwrap();
+    let want = loaded.predict(&split.test.x[..5 * 64], 5).unwrap();
+    let got: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn checkpoint_round_trip_is_exact_for_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = digits::split().unwrap();
+    for layer in ["dense", "fff", "ufff"] {
+        let path = dir.path().join(format!("{layer}.safetensors"));
+        ok(&ffwd(&["train", "-q", "--layer", layer, "--epochs", "1", "--master-leaf", "3", "--save", p(&path)]));
+        let a = load_classifier(&path).unwrap();
+        let again = dir.path().join("again.safetensors");
+        save_classifier(&a, &again).unwrap();
+        let (b1, b2) = (std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
+        let (s1, s2) = (SafeTensors::deserialize(&b1).unwrap(), SafeTensors::deserialize(&b2).unwrap());
+        assert_eq!(SafeTensors::read_metadata(&b1).unwrap().1.metadata(), SafeTensors::read_metadata(&b2).unwrap().1.metadata());
+        let mut names = s1.names();
+        names.sort();
+        assert!(!names.is_empty());
+        for n in names {
+            let (t1, t2) = (s1.tensor(n).unwrap(), s2.tensor(n).unwrap());
+            assert!(t1.shape() == t2.shape() && t1.data() == t2.data(), "{layer}: tensor {n} differs after re-save");
+        }
+        let b = load_classifier(&again).unwrap();
+        assert_eq!(a.logits(&split.test.x, split.test.len()).unwrap(), b.logits(&split.test.x, split.test.len()).unwrap());
+        assert_eq!(a.config(), b.config());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn config_file_and_flag_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, "layer = \"ufff\"\nepochs = 2\n[ufff]\ndepth = 3\n").unwrap();
+    let metrics = dir.path().join("m.json");
+    ok(&ffwd(&["train", "-q", "--config", p(&cfg), "--depth", "4", "--metrics", p(&metrics)]));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(m["epochs"], 2);
+    assert_eq!(m["neurons_per_inference"], 5); // flag depth 4 wins over the file's 3
+    assert_eq!(m["layer"]["kind"], "ufff");
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "epochs = 2\n[fff]\nleaves = 4\n").unwrap();
+    let err = fails(&ffwd(&["train", "--config", p(&cfg)]));
+    assert!(err.contains("bad.toml") && err.contains("unknown field `leaves`") && err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn missing_files_are_named() {
+    let err = fails(&ffwd(&["train", "--data", "idx:/no/such/dir"]));
+    assert!(err.contains("/no/such/dir"), "{err}");
+    let err = fails(&ffwd(&["train", "--data", "csv:/no/such.csv"]));
+    assert!(err.contains("/no/such.csv") && err.contains("No such file"), "{err}");
+    let err = fails(&ffwd(&["eval", "--model", "/no/model.safetensors"]));
+    assert!(err.contains("/no/model.safetensors"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("train-images-idx3-ubyte"), [0u8, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]).unwrap();
+    let err = fails(&ffwd(&["train", "--data", &format!("idx:{}", p(dir.path()))]));
+    assert!(err.contains("train-labels-idx1-ubyte"), "{err}");
+}
+
+fn idx_dir(images_magic: u32, truncate: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 4u32;
+    let mut img = images_magic.to_be_bytes().to_vec();
+    for d in [n, 2, 2] {
+        img.extend_from_slice(&d.to_be_bytes());
+    }
+    img.extend((0..n * 4).map(|i| (i * 13 % 256) as u8));
+    if truncate {
+        img.truncate(img.len() - 3);
+    }
+    let mut lab = 0x0801u32.to_be_bytes().to_vec();
+    lab.extend_from_slice(&n.to_be_bytes());
+    lab.extend([0u8, 1, 0, 1]);
+    for prefix in ["train", "t10k"] {
+        std::fs::write(dir.path().join(format!("{prefix}-images-idx3-ubyte")), &img).unwrap();
+        std::fs::write(dir.path().join(format!("{prefix}-labels-idx1-ubyte")), &lab).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn idx_bad_magic_and_truncation() {
+    let good = idx_dir(0x0803, false);
+    ok(&ffwd(&["train", "-q", "--epochs", "1", "--data", &format!("idx:{}", p(good.path()))]));
+    let bad = idx_dir(0x0903, false);
+    let err = fails(&ffwd(&["train", "--data", &format!("idx:{}", p(bad.path()))]));
+    assert!(err.contains("train-images-idx3-ubyte") && err.contains("bad IDX magic 0x00000903"), "{err}");
+    let short = idx_dir(0x0803, true);
+    let err = fails(&ffwd(&["train", "--data", &format!("idx:{}", p(short.path()))]));
+    assert!(err.contains("train-images-idx3-ubyte") && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn csv_nan_and_shape_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan = dir.path().join("nan.csv");
+    std::fs::write(&nan, "y,a,b\n0,1,2\n1,inf,3\n").unwrap();
+    let err = fails(&ffwd(&["train", "--data", &format!("csv:{}", p(&nan))]));
+    assert!(err.contains("nan.csv") && err.contains("non-finite value at row 3, column 2"), "{err}");
+    // a digits model evaluated on 2-feature data
+    let csv = dir.path().join("two.csv");
+    std::fs::write(&csv, (0..20).map(|i| format!("{},{},{}\n", i % 2, i, -i)).collect::<String>()).unwrap();
+    let model = dir.path().join("m.safetensors");
+    ok(&ffwd(&["train", "-q", "--epochs", "1", "--save", p(&model)]));
+    let err = fails(&ffwd(&["eval", "--model", p(&model), "--data", &format!("csv:{}", p(&csv))]));
+    assert!(err.contains("axis `features` expected 64, got 2"), "{err}");
+    let err = fails(&ffwd_stdin(&["predict", "--model", p(&model)], "1,2,3\n"));
+    assert!(err.contains("line 1: 3 features, the model expects 64"), "{err}");
+    // and the CSV trains fine on its own
+    ok(&ffwd(&["train", "-q", "--epochs", "2", "--data", &format!("csv:{}", p(&csv))]));
+}
+
+#[test]
+fn failed_save_leaves_no_partial_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // the target is an existing directory: the rename fails after the temp file was written
+    let target = dir.path().join("taken");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep"), "x").unwrap();
+    let err = fails(&ffwd(&["train", "-q", "--epochs", "1", "--save", p(&target)]));
+    assert!(err.contains("taken"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert_eq!(names, vec!["taken".to_string()], "temp file left behind");
+    // a directory that does not exist
+    let err = fails(&ffwd(&["train", "-q", "--epochs", "1", "--save", p(&dir.path().join("nope/m.safetensors"))]));
+    assert!(err.contains("nope"), "{err}");
+    // a file that is not a checkpoint
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, "not a checkpoint").unwrap();
+    let err = fails(&ffwd(&["eval", "--model", p(&junk)]));
+    assert!(err.contains("junk.safetensors") && err.contains("not a safetensors file"), "{err}");
+}
+
+#[test]
+fn bad_flags_are_clean_errors() {
+    let err = fails(&ffwd(&["train", "--data", "mnist"]));
+    assert!(err.contains("unknown data spec `mnist`"), "{err}");
+    let err = fails(&ffwd(&["train", "--layer", "fff", "--width", "100"]));
+    assert!(err.contains("not a positive multiple"), "{err}");
+    let err = fails(&ffwd(&["train", "--depth", "3"]));
+    assert!(err.contains("--depth applies to"), "{err}");
+    let help = ok(&ffwd(&["train", "--help"]));
+    assert!(help.contains("--hardening") && help.contains("idx:DIR"), "{help}");
+}

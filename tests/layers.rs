@@ -1,0 +1,219 @@
+//! Behaviour of the layers beyond gradients: routing rules, hard vs soft agreement,
+//! inference vs training forward, and reproducibility of training.
+
+use ffwd::core::{Activation, Rng};
+use ffwd::data::digits;
+use ffwd::layers::{Dense, DenseConfig, Fff, FffConfig, Layer, LayerConfig, Ufff, UfffConfig};
+use ffwd::models::{Classifier, ModelConfig};
+use ffwd::optim::OptimizerKind;
+use ffwd::train::{train, TrainOptions};
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+fn fff(depth: usize, leaf: usize, ni: usize, no: usize, seed: u64) -> Fff {
+    Fff::new(FffConfig { depth, leaf, activation: Activation::Relu, ..Default::default() }, ni, no, &mut Rng::new(seed)).unwrap()
+}
+
+/// Multiplies the node routers by `s` (makes every decision confident for large `s`).
+fn scale_nodes(f: &mut Fff, s: f32) {
+    f.visit_params_mut(&mut |p| {
+        if p.name.starts_with("node_") {
+            p.value.iter_mut().for_each(|v| *v *= s);
+        }
+    });
+}
+
+#[test]
+fn soft_mixture_rows_sum_to_one() {
+    let f = fff(4, 2, 7, 3, 1);
+    let x = randn(20 * 7, 2);
+    let m = f.soft_mixture(&x, 20).unwrap();
+    for row in m.chunks(16) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(row.iter().all(|&v| v >= 0.0));
+    }
+}
+
+#[test]
+fn hard_leaf_is_argmax_of_soft_weights_when_confident() {
+    for depth in 1..=5 {
+        let mut f = fff(depth, 2, 9, 3, depth as u64);
+        scale_nodes(&mut f, 200.0);
+        let batch = 64;
+        let x = randn(batch * 9, 10 + depth as u64);
+        let hard = f.hard_leaves(&x, batch).unwrap();
+        let soft = f.soft_mixture(&x, batch).unwrap();
+        let leaves = 1 << depth;
+        for b in 0..batch {
+            let row = &soft[b * leaves..(b + 1) * leaves];
+            let arg = (0..leaves).fold(0, |best, l| if row[l] > row[best] { l } else { best });
+            assert_eq!(hard[b], arg, "depth {depth} sample {b}: {row:?}");
+        }
+        // and for samples whose path weight is ~1, the hard output equals the soft training output
+        let mut ys = vec![0.0; batch * 3];
+        let mut yh = vec![0.0; batch * 3];
+        f.forward_train(&x, batch, &mut ys, &mut Rng::new(0)).unwrap();
+        f.infer(&x, batch, &mut yh).unwrap();
+        let mut compared = 0;
+        for b in 0..batch {
+            if soft[b * leaves + hard[b]] > 0.99999 {
+                compared += 1;
+                for j in 0..3 {
+                    assert!((ys[b * 3 + j] - yh[b * 3 + j]).abs() < 1e-3, "depth {depth} sample {b}");
+                }
+            }
+        }
+        assert!(compared > batch / 2, "depth {depth}: only {compared} confident samples");
+    }
+}
+
+#[test]
+fn greedy_descent_can_differ_from_soft_argmax_on_soft_trees() {
+    // Documented: root barely right (p = 0.51), right subtree undecided, left subtree sure.
+    let mut f = fff(2, 1, 1, 1, 0);
+    f.visit_params_mut(&mut |p| match p.name.as_str() {
+        "node_weights" => p.value.fill(0.0),
+        // logits: root +0.04 (right), left child +5 (its right leaf 1 ≈ 0.49), right child 0
+        "node_biases" => p.value.copy_from_slice(&[0.04, 5.0, 0.0]),
+        _ => {}
+    });
+    let x = [1.0f32];
+    // greedy: right at the root, then right again on the exact tie → leaf 3
+    assert_eq!(f.hard_leaves(&x, 1).unwrap(), vec![3]);
+    let m = f.soft_mixture(&x, 1).unwrap();
+    assert!(m[1] > m[2] && m[1] > m[3], "{m:?}");
+}
+
+#[test]
+fn tie_rules() {
+    // FFF: logit exactly 0 goes right (paper, Algorithm 1).
+    let mut f = fff(1, 2, 3, 2, 0);
+    f.visit_params_mut(&mut |p| {
+        if p.name.starts_with("node_") {
+            p.value.fill(0.0);
+        }
+    });
+    assert_eq!(f.hard_leaves(&[0.3, -1.0, 2.0], 1).unwrap(), vec![1]);
+    // UFFF: z exactly 0 goes left (UltraFastBERT's `z > 0`).
+    let mut u = Ufff::new(UfffConfig { depth: 1, activation: Activation::Gelu }, 2, 2, &mut Rng::new(0)).unwrap();
+    u.visit_params_mut(&mut |p| {
+        if p.name.starts_with("in_") {
+            p.value.fill(0.0);
+        }
+    });
+    assert_eq!(u.paths(&[1.0, 2.0], 1).unwrap(), vec![0, 1]);
+}
+
+#[test]
+fn ufff_equals_dense_compute_with_path_mask() {
+    // The reference computes every neuron and masks to the path: do that naively and compare.
+    let (ni, no, depth, batch) = (11, 5, 4, 33);
+    let mut u = Ufff::new(UfffConfig { depth, activation: Activation::Gelu }, ni, no, &mut Rng::new(3)).unwrap();
+    let x = randn(batch * ni, 4);
+    let p = u.params();
+    let (w_in, b_in, w_out) = (p[0].value.clone(), p[1].value.clone(), p[2].value.clone());
+    let n = b_in.len();
+    assert_eq!(n, (1 << (depth + 1)) - 1);
+    let mut want = vec![0.0f32; batch * no];
+    for b in 0..batch {
+        let xb = &x[b * ni..(b + 1) * ni];
+        let z: Vec<f32> = (0..n).map(|i| (0..ni).map(|k| w_in[i * ni + k] * xb[k]).sum::<f32>() + b_in[i]).collect();
+        let mut node = 0;
+        for _ in 0..=depth {
+            let a = Activation::Gelu.apply(z[node]);
+            for j in 0..no {
+                want[b * no + j] += a * w_out[node * no + j];
+            }
+            node = 2 * node + 1 + usize::from(z[node] > 0.0);
+        }
+    }
+    let mut y1 = vec![0.0; batch * no];
+    let mut y2 = vec![0.0; batch * no];
+    u.infer(&x, batch, &mut y1).unwrap();
+    u.forward_train(&x, batch, &mut y2, &mut Rng::new(0)).unwrap();
+    for k in 0..want.len() {
+        assert!((y1[k] - want[k]).abs() < 1e-4 * (1.0 + want[k].abs()));
+        assert_eq!(y1[k], y2[k]);
+    }
+    assert_eq!(u.neurons_per_inference(), depth + 1);
+}
+
+#[test]
+fn dense_and_depth0_fff_infer_equals_training_forward() {
+    let batch = 300; // more than one inference chunk
+    let x = randn(batch * 13, 5);
+    for mut layer in [
+        Box::new(Dense::new(DenseConfig { width: 17, layers: 3, activation: Activation::Silu }, 13, 6, &mut Rng::new(1)).unwrap()) as Box<dyn Layer>,
+        Box::new(fff(0, 9, 13, 6, 2)),
+    ] {
+        let mut a = vec![0.0; batch * 6];
+        let mut b = vec![0.0; batch * 6];
+        layer.forward_train(&x, batch, &mut a, &mut Rng::new(0)).unwrap();
+        layer.infer(&x, batch, &mut b).unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{}: {p} vs {q}", layer.kind());
+        }
+    }
+}
+
+#[test]
+fn neurons_per_inference() {
+    let mut rng = Rng::new(0);
+    let d = LayerConfig::Dense(DenseConfig { width: 128, layers: 3, activation: Activation::Relu }).build(8, 2, &mut rng).unwrap();
+    assert_eq!(d.neurons_per_inference(), 256);
+    let f = LayerConfig::Fff(FffConfig { depth: 4, leaf: 8, ..Default::default() }).build(8, 2, &mut rng).unwrap();
+    assert_eq!(f.neurons_per_inference(), 12);
+    let f = LayerConfig::Fff(FffConfig { depth: 4, leaf: 8, master_leaf: 8, ..Default::default() }).build(8, 2, &mut rng).unwrap();
+    assert_eq!(f.neurons_per_inference(), 21);
+}
+
+#[test]
+fn wrong_shapes_are_errors_naming_the_axis() {
+    let mut f = fff(2, 3, 4, 2, 0);
+    let e = f.forward_train(&[0.0; 10], 2, &mut [0.0; 4], &mut Rng::new(0)).unwrap_err().to_string();
+    assert!(e.contains("fff input x") && e.contains("axis `cols` expected 4"), "{e}");
+    let e = f.infer(&[0.0; 8], 2, &mut [0.0; 6]).unwrap_err().to_string();
+    assert!(e.contains("fff output y") && e.contains("axis `rows` expected 2, got 3"), "{e}");
+    let e = f.infer(&[], 0, &mut []).unwrap_err().to_string();
+    assert!(e.contains("empty batch"), "{e}");
+}
+
+fn quick_run(layer: LayerConfig, seed: u64) -> (Vec<f32>, f32) {
+    let split = digits::split().unwrap();
+    let mut m = Classifier::new(ModelConfig { in_features: 64, n_classes: 10, layer }, seed).unwrap();
+    let opts = TrainOptions {
+        epochs: 3,
+        batch: 32,
+        lr: 3e-3,
+        warmup: 10,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.01,
+        optimizer: OptimizerKind::Adamw,
+        momentum: 0.9,
+        clip: 1.0,
+        seed,
+    };
+    let r = train(&mut m, &split, &opts, &mut ffwd::train::backprop::Silent).unwrap();
+    (r.history.iter().map(|e| e.train_loss).collect(), r.test_accuracy)
+}
+
+#[test]
+fn same_seed_same_run_and_training_learns() {
+    for layer in [
+        LayerConfig::Dense(DenseConfig::default()),
+        LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, load_balance: 0.01, master_leaf: 4, ..Default::default() }),
+        LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu }),
+    ] {
+        let (l1, a1) = quick_run(layer.clone(), 7);
+        let (l2, a2) = quick_run(layer.clone(), 7);
+        assert_eq!(l1, l2, "{layer:?}");
+        assert_eq!(a1, a2);
+        let (l3, _) = quick_run(layer.clone(), 8);
+        assert_ne!(l1, l3, "different seeds should differ");
+        assert!(l1[2] < l1[0], "{layer:?} loss did not fall: {l1:?}");
+        assert!(a1 > 0.3, "{layer:?} accuracy {a1} after 3 epochs (chance is 0.1)");
+    }
+}
