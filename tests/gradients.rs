@@ -164,12 +164,12 @@ fn fff_hardening_term_alone() {
 }
 
 #[test]
-fn fff_load_balance_master_leaf_and_region_leak() {
+fn fff_load_balance_master_leaf_region_leak_and_dropout() {
     // Load balancing: the hard leaf shares are piecewise constant (no gradient), so coordinates
     // whose perturbation moves a sample to another leaf are skipped. Region-leak flips are
     // fixed by the forward's seed.
-    for (lb, master, leak) in [(0.5, 0, 0.0), (0.0, 4, 0.0), (0.3, 3, 0.25)] {
-        let cfg = FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, region_leak: leak, load_balance: lb, master_leaf: master };
+    for (lb, master, leak, dropout) in [(0.5, 0, 0.0, 0.0), (0.0, 4, 0.0, 0.3), (0.3, 3, 0.25, 0.1)] {
+        let cfg = FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, region_leak: leak, dropout, load_balance: lb, master_leaf: master };
         let mut fff = Fff::new(cfg, 6, 4, &mut Rng::new(3)).unwrap();
         let (_, x, _) = inputs(21, 8, 6, 4);
         let base = fff.hard_leaves(&x, 8).unwrap();
@@ -180,7 +180,7 @@ fn fff_load_balance_master_leaf_and_region_leak() {
 
 #[test]
 fn ufff_conditional_backward() {
-    let cfg = UfffConfig { depth: 3, activation: Activation::Gelu };
+    let cfg = UfffConfig { depth: 3, activation: Activation::Gelu, ..Default::default() };
     let mut u = Ufff::new(cfg, 6, 4, &mut Rng::new(9)).unwrap();
     let (_, x, _) = inputs(4, 10, 6, 4);
     let base = u.paths(&x, 10).unwrap();
@@ -194,7 +194,7 @@ fn classifier_loss_gradient_includes_aux_terms() {
     let cfg = ModelConfig {
         in_features: 5,
         n_classes: 3,
-        layer: LayerConfig::Fff(FffConfig { depth: 2, leaf: 4, activation: Activation::Gelu, hardening: 1.0, load_balance: 0.0, master_leaf: 3, region_leak: 0.0 }),
+        layer: LayerConfig::Fff(FffConfig { depth: 2, leaf: 4, activation: Activation::Gelu, hardening: 1.0, load_balance: 0.0, master_leaf: 3, region_leak: 0.0, dropout: 0.0 }),
     };
     let mut m = Classifier::new(cfg, 1).unwrap();
     let mut rng = Rng::new(2);

@@ -98,7 +98,7 @@ fn tie_rules() {
     });
     assert_eq!(f.hard_leaves(&[0.3, -1.0, 2.0], 1).unwrap(), vec![1]);
     // UFFF: z exactly 0 goes left (UltraFastBERT's `z > 0`).
-    let mut u = Ufff::new(UfffConfig { depth: 1, activation: Activation::Gelu }, 2, 2, &mut Rng::new(0)).unwrap();
+    let mut u = Ufff::new(UfffConfig { depth: 1, activation: Activation::Gelu, ..Default::default() }, 2, 2, &mut Rng::new(0)).unwrap();
     u.visit_params_mut(&mut |p| {
         if p.name.starts_with("in_") {
             p.value.fill(0.0);
@@ -111,7 +111,7 @@ fn tie_rules() {
 fn ufff_equals_dense_compute_with_path_mask() {
     // The reference computes every neuron and masks to the path: do that naively and compare.
     let (ni, no, depth, batch) = (11, 5, 4, 33);
-    let mut u = Ufff::new(UfffConfig { depth, activation: Activation::Gelu }, ni, no, &mut Rng::new(3)).unwrap();
+    let mut u = Ufff::new(UfffConfig { depth, activation: Activation::Gelu, ..Default::default() }, ni, no, &mut Rng::new(3)).unwrap();
     let x = randn(batch * ni, 4);
     let p = u.params();
     let (w_in, b_in, w_out) = (p[0].value.clone(), p[1].value.clone(), p[2].value.clone());
@@ -205,7 +205,7 @@ fn same_seed_same_run_and_training_learns() {
     for layer in [
         LayerConfig::Dense(DenseConfig::default()),
         LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, load_balance: 0.01, master_leaf: 4, ..Default::default() }),
-        LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu }),
+        LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu, ..Default::default() }),
     ] {
         let (l1, a1) = quick_run(layer.clone(), 7);
         let (l2, a2) = quick_run(layer.clone(), 7);
@@ -215,5 +215,48 @@ fn same_seed_same_run_and_training_learns() {
         assert_ne!(l1, l3, "different seeds should differ");
         assert!(l1[2] < l1[0], "{layer:?} loss did not fall: {l1:?}");
         assert!(a1 > 0.3, "{layer:?} accuracy {a1} after 3 epochs (chance is 0.1)");
+    }
+}
+
+#[test]
+fn ufff_sparse_update_touches_only_visited_neurons() {
+    use ffwd::optim::{AdamW, Optimizer};
+    let (ni, no, batch) = (9, 4, 3);
+    let mut u = Ufff::new(UfffConfig { depth: 6, ..Default::default() }, ni, no, &mut Rng::new(1)).unwrap();
+    let n = u.n_neurons();
+    let mut opt = AdamW::new(0.1);
+    let mut prev_touched: Vec<u32> = Vec::new();
+    for step in 0..3 {
+        let x = randn(batch * ni, 100 + step);
+        let before: Vec<Vec<f32>> = u.params().iter().map(|p| p.value.clone()).collect();
+        let mut y = vec![0.0; batch * no];
+        u.forward_train(&x, batch, &mut y, &mut Rng::new(0)).unwrap();
+        u.backward(&x, batch, &randn(batch * no, 7), None).unwrap();
+        let touched: Vec<u32> = u.touched().to_vec();
+        assert!(!touched.is_empty() && touched.len() <= batch * 7);
+        let mut want: Vec<u32> = u.paths(&x, batch).unwrap();
+        want.sort();
+        want.dedup();
+        let mut got = touched.clone();
+        got.sort();
+        assert_eq!(got, want);
+        // gradients vanish outside the visited rows, including rows visited by the previous step
+        for p in u.params() {
+            let w = p.len() / n;
+            for r in 0..n {
+                if !touched.contains(&(r as u32)) {
+                    assert!(p.grad[r * w..(r + 1) * w].iter().all(|&g| g == 0.0), "{} row {r} (prev {:?})", p.name, prev_touched.contains(&(r as u32)));
+                }
+            }
+        }
+        opt.step(&mut |f| u.visit_params_mut(f), 1e-2, 1.0);
+        for (p, old) in u.params().iter().zip(&before) {
+            let w = p.len() / n;
+            for r in 0..n {
+                let same = p.value[r * w..(r + 1) * w] == old[r * w..(r + 1) * w];
+                assert_eq!(same, !touched.contains(&(r as u32)), "{} row {r}", p.name);
+            }
+        }
+        prev_touched = touched;
     }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 /// ffwd: feedforward networks and their conditional-computation variants (dense FFNs,
 /// Fast Feedforward Networks, UltraFastBERT trees), trained and served on CPUs.
 #[derive(Parser, Debug)]
-#[command(name = "ffwd", version, about, long_about = None)]
+#[command(name = "ffwd", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// fff region-leak probability during training [default: 0].
     #[arg(long)]
     region_leak: Option<f32>,
+    /// fff dropout on the leaves' hidden units during training [default: 0].
+    #[arg(long)]
+    dropout: Option<f32>,
     /// fff leaf load-balancing weight α (0 = off).
     #[arg(long)]
     load_balance: Option<f32>,
@@ -152,6 +155,9 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(v) = a.region_leak {
         c.fff.region_leak = v;
     }
+    if let Some(v) = a.dropout {
+        c.fff.dropout = v;
+    }
     if let Some(v) = a.load_balance {
         c.fff.load_balance = v;
     }
@@ -179,7 +185,7 @@ impl Progress for Bar {
             return;
         }
         let line = format!(
-            "epoch {:>3}  loss {:.4}  aux {:.4}  train(soft) {:.4}  test {:.4}  lr {:.2e}  {:.1}s",
+            "epoch {:>3}  loss {:.4}  aux {:.4}  train(running) {:.4}  test {:.4}  lr {:.2e}  {:.1}s",
             r.epoch, r.train_loss, r.aux_loss, r.train_accuracy_soft, r.test_accuracy, r.lr, r.seconds
         );
         if self.pb.is_hidden() {

@@ -48,7 +48,7 @@ pub fn load_fff(path: &Path, activation: Activation) -> Result<Fff> {
             return Err(Error::Checkpoint { path: file, msg: format!("`depth` is {stored} but w1s has {leaves} leaves (depth {depth})") });
         }
     }
-    let cfg = FffConfig { depth, leaf, activation, hardening: 0.0, region_leak: 0.0, load_balance: 0.0, master_leaf: 0 };
+    let cfg = FffConfig { depth, leaf, activation, hardening: 0.0, region_leak: 0.0, dropout: 0.0, load_balance: 0.0, master_leaf: 0 };
     let mut fff = Fff::new(cfg, in_features, out_features, &mut Rng::new(0))?;
     fill_params(&mut |f| fff.visit_params_mut(f), &st, "", &file)?;
     Ok(fff)

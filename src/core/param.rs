@@ -15,13 +15,17 @@ pub struct Param {
     pub grad: Vec<f32>,
     /// Whether decoupled weight decay applies (weights yes, biases and gates' biases no).
     pub decay: bool,
+    /// Sparse gradient: when `Some`, only these rows (first axis) have a non-zero gradient and
+    /// optimizers update only them (lazy update: other rows' moments and decay are left as
+    /// they are). Set by conditional layers (`ufff`) after each backward.
+    pub touched_rows: Option<Vec<u32>>,
 }
 
 impl Param {
     /// A zero parameter.
     pub fn zeros(name: &str, shape: &[usize], decay: bool) -> Self {
         let n = shape.iter().product();
-        Param { name: name.to_string(), shape: shape.to_vec(), value: vec![0.0; n], grad: vec![0.0; n], decay }
+        Param { name: name.to_string(), shape: shape.to_vec(), value: vec![0.0; n], grad: vec![0.0; n], decay, touched_rows: None }
     }
 
     /// A parameter drawn uniformly from `[-bound, bound]`.
@@ -46,5 +50,24 @@ impl Param {
     /// Sets the gradient to zero.
     pub fn zero_grad(&mut self) {
         self.grad.fill(0.0);
+    }
+
+    /// Scalars per row (product of all axes but the first; 1 for a vector).
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// The ranges of `value`/`grad` an optimizer must visit: the touched rows, or everything.
+    pub fn for_each_active_range(&self, mut f: impl FnMut(std::ops::Range<usize>)) {
+        match &self.touched_rows {
+            None => f(0..self.value.len()),
+            Some(rows) => {
+                let w = self.row_len();
+                for &r in rows {
+                    let r = r as usize;
+                    f(r * w..(r + 1) * w);
+                }
+            }
+        }
     }
 }

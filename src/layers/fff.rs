@@ -13,6 +13,8 @@
 //! * **Hardening**: `h · mean over (batch, nodes) of H(p)`, H the Bernoulli entropy of the
 //!   decision with `p` clamped to `[1e-6, 1 − 1e-6]` (as the reference package).
 //! * **Region leak** `r`: with probability `r` per node and sample, `p ↦ 1 − p` (training only).
+//! * **Leaf dropout** `δ`: inverted dropout on the leaves' hidden activations (training only),
+//!   as the reference package's `dropout` argument.
 //! * **Inference** (hard): descend one path and evaluate one leaf. **Tie rule**: go right iff
 //!   the node logit is `≥ 0` (σ ≥ ½, the paper's Algorithm 1). The reference package's
 //!   `torch.round(p)` sends exactly ½ left; the two differ only on exact zeros of the logit.
@@ -56,6 +58,8 @@ pub struct FffConfig {
     pub hardening: f32,
     /// Probability of flipping a node decision during training.
     pub region_leak: f32,
+    /// Dropout probability on the leaves' hidden activations during training.
+    pub dropout: f32,
     /// Weight α of the leaf load-balancing term (0 = off).
     pub load_balance: f32,
     /// Hidden width of the always-on master leaf (0 = off; 8 in the paper's code).
@@ -65,7 +69,7 @@ pub struct FffConfig {
 impl Default for FffConfig {
     fn default() -> Self {
         // depth 4 × leaf 8 = width 128, the FFF paper's Table 1 setting; h = 3 as in its tables.
-        FffConfig { depth: 4, leaf: 8, activation: Activation::Relu, hardening: 3.0, region_leak: 0.0, load_balance: 0.0, master_leaf: 0 }
+        FffConfig { depth: 4, leaf: 8, activation: Activation::Relu, hardening: 3.0, region_leak: 0.0, dropout: 0.0, load_balance: 0.0, master_leaf: 0 }
     }
 }
 
@@ -109,6 +113,8 @@ pub struct Fff {
     /// Leaf pre-activations and activations, `batch × (leaves·leaf)`.
     pre1: Vec<f32>,
     h: Vec<f32>,
+    /// Dropout scale of each leaf activation (0 or 1/(1−δ)), `batch × (leaves·leaf)`.
+    drop: Vec<f32>,
     /// Leaf outputs with bias, `batch × (leaves·out)`.
     o: Vec<f32>,
     /// Tree output before the master blend, `batch × out`.
@@ -138,6 +144,9 @@ impl Fff {
         }
         if !(0.0..=1.0).contains(&cfg.region_leak) {
             return Err(Error::Config(format!("fff.region_leak must be in [0, 1], got {}", cfg.region_leak)));
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(Error::Config(format!("fff.dropout must be in [0, 1), got {}", cfg.dropout)));
         }
         if cfg.hardening < 0.0 || cfg.load_balance < 0.0 {
             return Err(Error::Config("fff.hardening and fff.load_balance must be non-negative".into()));
@@ -186,6 +195,7 @@ impl Fff {
             reach: Vec::new(),
             pre1: Vec::new(),
             h: Vec::new(),
+            drop: Vec::new(),
             o: Vec::new(),
             tree_y: Vec::new(),
             hard_leaf: Vec::new(),
@@ -302,6 +312,9 @@ impl Fff {
         ensure_len(&mut self.s, batch * (2 * leaves - 1));
         ensure_len(&mut self.pre1, batch * leaves * lw);
         ensure_len(&mut self.h, batch * leaves * lw);
+        if self.cfg.dropout > 0.0 {
+            ensure_len(&mut self.drop, batch * leaves * lw);
+        }
         ensure_len(&mut self.dh, batch * leaves * lw);
         ensure_len(&mut self.o, batch * leaves * no);
         ensure_len(&mut self.do_, batch * leaves * no);
@@ -410,6 +423,13 @@ impl Layer for Fff {
             );
         }
         self.cfg.activation.forward(pre1, &mut self.h[..batch * lh]);
+        if self.cfg.dropout > 0.0 {
+            let (p, keep_scale) = (self.cfg.dropout, 1.0 / (1.0 - self.cfg.dropout));
+            for (h, d) in self.h[..batch * lh].iter_mut().zip(&mut self.drop[..batch * lh]) {
+                *d = if rng.uniform() < p { 0.0 } else { keep_scale };
+                *h *= *d;
+            }
+        }
         let o = &mut self.o[..batch * lo];
         o.fill(0.0);
         add_row_bias(o, &self.b2s.value);
@@ -538,6 +558,11 @@ impl Layer for Fff {
             );
         }
         sum_rows(do_, lo, &mut self.b2s.grad);
+        if self.cfg.dropout > 0.0 {
+            for (g, d) in self.dh[..batch * lh].iter_mut().zip(&self.drop[..batch * lh]) {
+                *g *= d;
+            }
+        }
         self.cfg.activation.backward_inplace(&self.pre1[..batch * lh], &mut self.dh[..batch * lh]);
         let dpre1 = &self.dh[..batch * lh];
         sum_rows(dpre1, lh, &mut self.b1s.grad);

@@ -9,7 +9,10 @@
 //! Training is conditional as well: only the neurons on each sample's path are computed and
 //! receive gradient (the sign routing itself has no gradient, as in the reference), so the
 //! forward and backward cost O(batch · depth · (in + out)), not O(batch · width · (in + out)).
-//! The reference instead computes all neurons and masks.
+//! The reference instead computes all neurons and masks. With `sparse_update` (default), the
+//! gradient is also stored sparsely (only the touched rows are zeroed and filled) and the
+//! optimizers update only the neurons this batch visited (lazy AdamW/SGD, as PyTorch's
+//! SparseAdam): the whole step is then independent of the tree's width.
 //!
 //! Parameters (our layout, rows are neurons): `in_weight` (neurons × in), `in_bias`
 //! (neurons), `out_weight` (neurons × out). UltraFastBERT's `linear_out.weight` is the
@@ -32,12 +35,14 @@ pub struct UfffConfig {
     pub depth: usize,
     /// Neuron nonlinearity (UltraFastBERT: exact GELU).
     pub activation: Activation,
+    /// Update only the neurons visited by the batch (lazy optimizer step; see module docs).
+    pub sparse_update: bool,
 }
 
 impl Default for UfffConfig {
     fn default() -> Self {
         // depth 7 → 255 neurons, 8 per sample: the classifier setting of the foundation issue.
-        UfffConfig { depth: 7, activation: Activation::Gelu }
+        UfffConfig { depth: 7, activation: Activation::Gelu, sparse_update: true }
     }
 }
 
@@ -56,6 +61,9 @@ pub struct Ufff {
     z: Vec<f32>,
     /// dL/dz at each level, `batch × (D+1)`.
     dz: Vec<f32>,
+    /// Neurons visited by the last batch, in first-visit order, and a membership mask.
+    touched: Vec<u32>,
+    seen: Vec<bool>,
     last_batch: usize,
 }
 
@@ -78,6 +86,8 @@ impl Ufff {
             path: Vec::new(),
             z: Vec::new(),
             dz: Vec::new(),
+            touched: Vec::new(),
+            seen: vec![false; n],
             last_batch: 0,
         })
     }
@@ -106,6 +116,11 @@ impl Ufff {
             z[lvl] = zv;
             node = 2 * node + 1 + usize::from(zv > 0.0);
         }
+    }
+
+    /// Neurons visited by the last training batch (first-visit order).
+    pub fn touched(&self) -> &[u32] {
+        &self.touched
     }
 
     /// Neurons visited by each sample. `x`: `batch × in` → `batch × (D+1)` neuron indices.
@@ -189,17 +204,45 @@ impl Layer for Ufff {
         }
         // Parameter gradients: only path rows are touched; accumulated in sample order so the
         // result does not depend on the thread count.
-        self.in_weight.zero_grad();
-        self.in_bias.zero_grad();
-        self.out_weight.zero_grad();
+        if self.cfg.sparse_update {
+            for &node in &self.touched {
+                let node = node as usize;
+                self.in_weight.grad[node * ni..(node + 1) * ni].fill(0.0);
+                self.in_bias.grad[node] = 0.0;
+                self.out_weight.grad[node * no..(node + 1) * no].fill(0.0);
+            }
+        } else {
+            self.in_weight.zero_grad();
+            self.in_bias.zero_grad();
+            self.out_weight.zero_grad();
+        }
+        self.touched.clear();
         for b in 0..batch {
             let (xb, dyb) = (&x[b * ni..(b + 1) * ni], &dy[b * no..(b + 1) * no]);
             for l in 0..lv {
                 let node = self.path[b * lv + l] as usize;
+                if !self.seen[node] {
+                    self.seen[node] = true;
+                    self.touched.push(node as u32);
+                }
                 let (zv, d) = (self.z[b * lv + l], self.dz[b * lv + l]);
                 axpy(act.apply(zv), dyb, &mut self.out_weight.grad[node * no..(node + 1) * no]);
                 axpy(d, xb, &mut self.in_weight.grad[node * ni..(node + 1) * ni]);
                 self.in_bias.grad[node] += d;
+            }
+        }
+        for &node in &self.touched {
+            self.seen[node as usize] = false;
+        }
+        for p in [&mut self.in_weight, &mut self.in_bias, &mut self.out_weight] {
+            if self.cfg.sparse_update {
+                // reuse the row list's buffer: no allocation once it has grown
+                let mut rows = p.touched_rows.take().unwrap_or_default();
+                rows.clear();
+                rows.extend_from_slice(&self.touched);
+                p.touched_rows = Some(rows);
+            } else {
+                p.touched_rows = None;
             }
         }
         Ok(())

@@ -36,18 +36,30 @@ impl AdamW {
     }
 }
 
+/// Moments below this are flushed to zero: parameters whose gradient stays zero (dead ReLU
+/// rows) would otherwise decay into subnormal floats, which are ~100x slower to compute with.
+const FLUSH: f32 = 1e-30;
+
 #[inline]
 #[allow(clippy::too_many_arguments)]
 fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, decay: f32, gs: f32) {
     let step = lr / bc1;
     let inv_bc2 = 1.0 / bc2;
-    for i in 0..w.len() {
-        let gi = g[i] * gs;
-        let mi = b1 * m[i] + (1.0 - b1) * gi;
-        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = w[i] * decay - step * mi / ((vi * inv_bc2).sqrt() + eps);
+    let n = w.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for (((wi, &gi), mi), vi) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let gi = gi * gs;
+        let mut mn = b1 * *mi + (1.0 - b1) * gi;
+        let mut vn = b2 * *vi + (1.0 - b2) * gi * gi;
+        if mn.abs() < FLUSH {
+            mn = 0.0;
+        }
+        if vn < FLUSH {
+            vn = 0.0;
+        }
+        *mi = mn;
+        *vi = vn;
+        *wi = *wi * decay - step * mn / ((vn * inv_bc2).sqrt() + eps);
     }
 }
 
@@ -68,7 +80,13 @@ impl Optimizer for AdamW {
             }
             let (m, v) = (&mut ms[idx], &mut vs[idx]);
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
-            if p.len() >= 2 * PAR_CHUNK {
+            if let Some(rows) = &p.touched_rows {
+                let w = p.row_len();
+                for &r in rows {
+                    let r = r as usize * w..(r as usize + 1) * w;
+                    update(&mut p.value[r.clone()], &p.grad[r.clone()], &mut m[r.clone()], &mut v[r], lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
+                }
+            } else if p.len() >= 2 * PAR_CHUNK {
                 p.value
                     .par_chunks_mut(PAR_CHUNK)
                     .zip(p.grad.par_chunks(PAR_CHUNK))

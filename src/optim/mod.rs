@@ -36,7 +36,7 @@ pub trait Optimizer: Send {
 pub fn grad_norm(visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> f32 {
     let mut s = 0.0f64;
     visit(&mut |p: &mut Param| {
-        s += p.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+        p.for_each_active_range(|r| s += p.grad[r].iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>());
     });
     s.sqrt() as f32
 }

@@ -31,9 +31,21 @@ impl Optimizer for Sgd {
             }
             let v = &mut vs[idx];
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
-            for ((w, &g), vi) in p.value.iter_mut().zip(&p.grad).zip(v.iter_mut()) {
-                *vi = mu * *vi + g * grad_scale;
-                *w = *w * decay - lr * *vi;
+            let (n, row) = (p.value.len(), p.row_len());
+            let (value, grad) = (&mut p.value, &p.grad);
+            let mut apply = |r: std::ops::Range<usize>| {
+                for ((w, &g), vi) in value[r.clone()].iter_mut().zip(&grad[r.clone()]).zip(v[r].iter_mut()) {
+                    *vi = mu * *vi + g * grad_scale;
+                    *w = *w * decay - lr * *vi;
+                }
+            };
+            match &p.touched_rows {
+                None => apply(0..n),
+                Some(rows) => {
+                    for &r in rows {
+                        apply(r as usize * row..(r as usize + 1) * row);
+                    }
+                }
             }
             idx += 1;
         });

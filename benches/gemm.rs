@@ -1,0 +1,54 @@
+//! f32 GEMM throughput of the compute core (`ffwd::core::gemm::matmul`) on square and
+//! training-step shapes. `cargo bench --bench gemm [-- --json]`.
+
+use std::time::Instant;
+
+use ffwd::core::gemm::{matmul, MatMut, MatRef};
+use ffwd::core::Rng;
+
+fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
+    let mut rng = Rng::new(0);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let mut c = vec![0.0f32; m * n];
+    let av = if ta { MatRef::new(&a, k, m).t() } else { MatRef::new(&a, m, k) };
+    let bv = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
+    let flops = 2.0 * (m * n * k) as f64;
+    let reps = ((2e10 / flops) as usize).clamp(5, 2000);
+    for _ in 0..reps.min(20) {
+        matmul(MatMut::new(&mut c, m, n), av, bv, false);
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        matmul(MatMut::new(&mut c, m, n), av, bv, false);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let med = times[reps / 2];
+    let gflops = flops / med / 1e9;
+    let label = format!("{m}x{k}{}·{k}x{n}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
+    if json {
+        println!("{{\"bench\":\"gemm\",\"shape\":\"{label}\",\"threads\":{},\"median_us\":{:.1},\"gflops\":{gflops:.1}}}", rayon::current_num_threads(), med * 1e6);
+    } else {
+        println!("{label:>24}  {:>9.1} µs  {gflops:>7.1} GFLOP/s", med * 1e6);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    if let Some(t) = args.iter().position(|a| a == "--threads").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()) {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().expect("pool");
+    }
+    if !json {
+        println!("f32 GEMM, {} threads (median)", rayon::current_num_threads());
+    }
+    bench(1024, 1024, 1024, false, false, json);
+    // the 784-256-10 MLP step at batch 128: forward, weight gradient, input gradient
+    bench(128, 784, 256, false, true, json);
+    bench(128, 784, 256, false, false, json);
+    bench(256, 784, 128, false, true, json);
+    bench(256, 128, 784, true, false, json);
+    bench(128, 256, 784, false, false, json);
+}
