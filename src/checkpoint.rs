@@ -10,7 +10,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::core::Param;
+use crate::core::{Param, ParamVisitor};
 use crate::error::{Error, Result};
 use crate::models::{Classifier, ModelConfig};
 
@@ -93,7 +93,7 @@ pub fn load_classifier(path: &Path) -> Result<Classifier> {
 }
 
 /// Sets every visited parameter from the tensor `{prefix}{name}` of `st`, checking shapes.
-pub fn fill_params(visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), st: &SafeTensors<'_>, prefix: &str, file: &str) -> Result<()> {
+pub fn fill_params(visit: &mut ParamVisitor<'_>, st: &SafeTensors<'_>, prefix: &str, file: &str) -> Result<()> {
     let mut err = None;
     visit(&mut |p: &mut Param| {
         if err.is_none() {

@@ -83,6 +83,8 @@ pub struct TrainConfig {
     pub clip: f32,
     /// Seed of initialisation, shuffling and stochastic layers.
     pub seed: u64,
+    /// Inverted dropout on the input features during training (0 = off).
+    pub input_dropout: f32,
     /// Worker threads (0 = all cores).
     pub threads: usize,
     /// Where to save the checkpoint (`.safetensors`).
@@ -112,6 +114,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             clip: 0.0,
             seed: 0,
+            input_dropout: 0.0,
             threads: 0,
             save: None,
             metrics: None,
@@ -150,7 +153,7 @@ impl TrainConfig {
             LayerKind::Dense => self.dense.width = width,
             LayerKind::Fff => {
                 let leaves = 1usize << self.fff.depth;
-                if width == 0 || width % leaves != 0 {
+                if width == 0 || !width.is_multiple_of(leaves) {
                     return Err(Error::Config(format!("fff width {width} is not a positive multiple of 2^depth = {leaves}")));
                 }
                 self.fff.leaf = width / leaves;
@@ -179,6 +182,7 @@ impl TrainConfig {
             momentum: self.momentum,
             clip: self.clip,
             seed: self.seed,
+            input_dropout: self.input_dropout,
         }
     }
 }

@@ -70,7 +70,7 @@ pub fn check_matrix(what: &str, len: usize, rows: usize, cols: usize) -> Result<
     if len == rows * cols {
         return Ok(());
     }
-    if len % cols == 0 {
+    if len.is_multiple_of(cols) {
         Err(Error::Shape { what: what.to_string(), axis: "rows", expected: rows, got: len / cols })
     } else {
         Err(Error::Shape { what: what.to_string(), axis: "cols", expected: cols, got: len / rows.max(1) })

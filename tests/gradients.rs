@@ -142,10 +142,10 @@ fn fff_hardening_term_alone() {
     let g = l.params()[0].grad.clone();
     assert!(g.iter().any(|v| v.abs() > 1e-4), "entropy gradient missing");
     let aux = |l: &mut Box<dyn Layer>| {
-        l.forward_train(&x, 5, &mut vec![0.0; 15], &mut Rng::new(0)).unwrap();
+        l.forward_train(&x, 5, &mut [0.0; 15], &mut Rng::new(0)).unwrap();
         l.aux_loss() as f64
     };
-    for k in 0..g.len() {
+    for (k, &gk) in g.iter().enumerate() {
         let set = |l: &mut Box<dyn Layer>, d: f32| {
             l.visit_params_mut(&mut |p| {
                 if p.name == "node_weights" {
@@ -159,7 +159,7 @@ fn fff_hardening_term_alone() {
         let am = aux(&mut l);
         set(&mut l, 1e-3);
         let num = (ap - am) / 2e-3;
-        assert!((num - g[k] as f64).abs() < 2e-3 + 2e-2 * num.abs(), "node_weights[{k}]: {} vs {num}", g[k]);
+        assert!((num - gk as f64).abs() < 2e-3 + 2e-2 * num.abs(), "node_weights[{k}]: {gk} vs {num}");
     }
 }
 

@@ -195,6 +195,7 @@ fn quick_run(layer: LayerConfig, seed: u64) -> (Vec<f32>, f32) {
         momentum: 0.9,
         clip: 1.0,
         seed,
+        input_dropout: 0.0,
     };
     let r = train(&mut m, &split, &opts, &mut ffwd::train::backprop::Silent).unwrap();
     (r.history.iter().map(|e| e.train_loss).collect(), r.test_accuracy)

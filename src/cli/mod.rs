@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a classifier (default: dense FFN on the embedded UCI digits) and optionally save it.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a saved classifier on a data set (train and test accuracy).
     Eval(eval::EvalArgs),
     /// Predict classes for feature rows read from a file or stdin, one per line.
@@ -29,7 +29,7 @@ enum Command {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
     }

@@ -81,6 +81,9 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value (0 = off).
     #[arg(long)]
     clip: Option<f32>,
+    /// Inverted dropout on the input features during training, any layer [default: 0].
+    #[arg(long)]
+    input_dropout: Option<f32>,
     /// Seed of initialisation, shuffling and region leak [default: 0].
     #[arg(long)]
     seed: Option<u64>,
@@ -119,7 +122,7 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { c.$field = v; } )* };
     }
-    set!(data, holdout, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, threads);
+    set!(data, holdout, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
     if let Some(v) = a.save.clone() {
         c.save = Some(v);
     }
@@ -175,7 +178,7 @@ struct Bar {
 impl Progress for Bar {
     fn step(&mut self, epoch: usize, step: usize, steps: usize, loss: f32, acc: f32) {
         self.pb.inc(1);
-        if step % 16 == 0 || step == steps {
+        if step.is_multiple_of(16) || step == steps {
             self.pb.set_message(format!("epoch {epoch} loss {loss:.4} acc {acc:.4}"));
         }
     }

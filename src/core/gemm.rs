@@ -130,32 +130,7 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     }
 }
 
-/// `y[i] += alpha * x[i]`.
-#[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
-/// Dot product with eight independent accumulators (lets the compiler vectorise).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s = 0.0;
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
+pub use super::simd::{axpy, dot};
 
 /// Adds `bias` (length `cols`) to every row of the `rows × cols` matrix `y`.
 pub fn add_row_bias(y: &mut [f32], bias: &[f32]) {
@@ -245,13 +220,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn dot_matches_sum() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.1).collect();
-        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - want).abs() < 1e-3);
     }
 }

@@ -6,9 +6,10 @@ pub mod gemm;
 pub mod loss;
 pub mod param;
 pub mod rng;
+pub mod simd;
 pub mod tensor;
 
 pub use activation::Activation;
-pub use param::Param;
+pub use param::{Param, ParamVisitor};
 pub use rng::Rng;
 pub use tensor::Tensor;

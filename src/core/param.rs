@@ -2,6 +2,10 @@
 
 use crate::core::Rng;
 
+/// Something that visits parameters: called with a callback, it calls the callback once per
+/// parameter, in a fixed order (models and layers implement it with `visit_params_mut`).
+pub type ParamVisitor<'a> = dyn FnMut(&mut dyn FnMut(&mut Param)) + 'a;
+
 /// One trainable tensor. `name` is its safetensors key inside the owning layer.
 #[derive(Clone, Debug)]
 pub struct Param {

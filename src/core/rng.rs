@@ -64,7 +64,7 @@ impl Rng {
     /// Uniform integer in `[0, n)`; `n` must be positive.
     #[inline]
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Fisher–Yates shuffle in place.

@@ -447,8 +447,8 @@ impl Layer for Fff {
         for b in 0..batch {
             let m = &self.reach[b * tw + nodes..(b + 1) * tw];
             let yb = &mut tree_y[b * no..(b + 1) * no];
-            for l in 0..leaves {
-                axpy(m[l], &self.o[b * lo + l * no..b * lo + (l + 1) * no], yb);
+            for (&ml, ol) in m.iter().zip(self.o[b * lo..(b + 1) * lo].chunks_exact(no)) {
+                axpy(ml, ol, yb);
             }
         }
 
@@ -595,7 +595,7 @@ impl Layer for Fff {
             let dz = &self.dz[..batch * nodes];
             matmul(MatMut::new(&mut self.node_weights.grad, nodes, ni), MatRef::new(dz, batch, nodes).t(), MatRef::new(x, batch, ni), false);
             sum_rows(dz, nodes, &mut self.node_biases.grad);
-            if let Some(d) = dx.as_deref_mut() {
+            if let Some(d) = dx {
                 matmul(MatMut::new(d, batch, ni), MatRef::new(dz, batch, nodes), MatRef::new(&self.node_weights.value, nodes, ni), dx_written);
             }
         }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::Optimizer;
-use crate::core::Param;
+use crate::core::{Param, ParamVisitor};
 
 /// Parameters at least this long are updated in parallel chunks.
 const PAR_CHUNK: usize = 1 << 15;
@@ -64,7 +64,7 @@ fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, params: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), lr: f32, grad_scale: f32) {
+    fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32) {
         self.t += 1;
         let t = self.t as i32;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);

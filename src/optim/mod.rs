@@ -11,7 +11,7 @@ pub use sgd::Sgd;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::Param;
+use crate::core::{Param, ParamVisitor};
 
 /// Which optimizer to use, with its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,13 +27,13 @@ pub enum OptimizerKind {
 pub trait Optimizer: Send {
     /// One update with learning rate `lr`; gradients are first multiplied by `grad_scale`
     /// (the clipping factor), fused into the same pass.
-    fn step(&mut self, params: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), lr: f32, grad_scale: f32);
+    fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32);
     /// Optimizer state tensors (for checkpoints), in parameter order.
     fn state(&self) -> Vec<(&'static str, &[f32])>;
 }
 
 /// Global L2 norm of all gradients (sum in f64, in parameter order: deterministic).
-pub fn grad_norm(visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> f32 {
+pub fn grad_norm(visit: &mut ParamVisitor<'_>) -> f32 {
     let mut s = 0.0f64;
     visit(&mut |p: &mut Param| {
         p.for_each_active_range(|r| s += p.grad[r].iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>());

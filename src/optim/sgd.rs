@@ -1,7 +1,7 @@
 //! SGD with heavy-ball momentum and decoupled weight decay.
 
 use super::Optimizer;
-use crate::core::Param;
+use crate::core::{Param, ParamVisitor};
 
 /// `v = μ·v + g; w = w·(1 − lr·λ) − lr·v` (PyTorch's SGD with momentum, dampening 0).
 #[derive(Clone, Debug)]
@@ -21,7 +21,7 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, params: &mut dyn FnMut(&mut dyn FnMut(&mut Param)), lr: f32, grad_scale: f32) {
+    fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32) {
         let (mu, wd) = (self.momentum, self.weight_decay);
         let vs = &mut self.v;
         let mut idx = 0;
