@@ -1,6 +1,8 @@
 //! Strided f32 matrix multiply on top of the `gemm` crate (packed, SIMD micro-kernels,
 //! rayon threads). Views carry row and column strides, so transposes cost nothing.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use gemm::Parallelism;
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
@@ -73,6 +75,16 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Number of products handed to the GEMM library so far (for tests and profiling: the `gemm`
+/// crate allocates its packing buffers inside each call, so allocation-free claims are made
+/// per GEMM call).
+static GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many products [`matmul`] has handed to the GEMM library in this process.
+pub fn gemm_calls() -> usize {
+    GEMM_CALLS.load(Ordering::Relaxed)
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -103,6 +115,7 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     } else {
         Parallelism::None
     };
+    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the three views were bound-checked at construction against their slices, the
     // output is borrowed mutably (so it cannot alias the inputs), and dimensions agree.
     unsafe {
