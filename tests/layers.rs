@@ -176,7 +176,7 @@ fn wrong_shapes_are_errors_naming_the_axis() {
     let e = f.forward_train(&[0.0; 10], 2, &mut [0.0; 4], &mut Rng::new(0)).unwrap_err().to_string();
     assert!(e.contains("fff input x") && e.contains("axis `cols` expected 4"), "{e}");
     let e = f.infer(&[0.0; 8], 2, &mut [0.0; 6]).unwrap_err().to_string();
-    assert!(e.contains("fff output y") && e.contains("axis `rows` expected 2, got 3"), "{e}");
+    assert!(e.contains("fff kernel output y") && e.contains("axis `rows` expected 2, got 3"), "{e}");
     let e = f.infer(&[], 0, &mut []).unwrap_err().to_string();
     assert!(e.contains("empty batch"), "{e}");
 }

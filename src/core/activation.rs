@@ -18,14 +18,51 @@ pub enum Activation {
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// e^x with a Cody–Waite reduction and a degree-6 polynomial (relative error < 2e-7 over the
+/// f32 range), written in plain arithmetic so that loops over it vectorise.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting rounds to an integer
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// erf(x), vectorisable: its Maclaurin series for |x| < 0.5 (where the tail formula loses
+/// digits to cancellation), Abramowitz & Stegun 7.1.26 above. Absolute error < 2e-7.
+#[inline(always)]
+pub fn erf_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let tail = (1.0 - poly * exp_approx(-a * a)).copysign(x);
+    let x2 = x * x;
+    // 2/√π · (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360)
+    let series = 1.128_379_2
+        * x
+        * (1.0 + x2 * (-1.0 / 3.0 + x2 * (0.1 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 * (1.0 / 9360.0)))))));
+    if a < 0.5 {
+        series
+    } else {
+        tail
+    }
+}
+
 /// Logistic sigmoid, stable for large |x|.
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
+    // exp of −|x| never overflows; pick the stable form for each sign
+    let e = exp_approx(-x.abs());
+    let s = 1.0 / (1.0 + e);
     if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
+        s
     } else {
-        let e = x.exp();
-        e / (1.0 + e)
+        e * s
     }
 }
 
@@ -45,7 +82,7 @@ impl Activation {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Activation::Relu => x.max(0.0),
-            Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
+            Activation::Gelu => 0.5 * x * (1.0 + erf_approx(x * FRAC_1_SQRT_2)),
             Activation::Silu => x * sigmoid(x),
         }
     }
@@ -62,7 +99,7 @@ impl Activation {
                 }
             }
             Activation::Gelu => {
-                0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+                0.5 * (1.0 + erf_approx(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x)
             }
             Activation::Silu => {
                 let s = sigmoid(x);
@@ -71,38 +108,91 @@ impl Activation {
         }
     }
 
-    /// `out[i] = f(pre[i])`.
+    /// `out[i] = f(pre[i])`, vectorised for the running CPU.
     pub fn forward(self, pre: &[f32], out: &mut [f32]) {
-        match self {
-            Activation::Relu => {
-                for (o, &x) in out.iter_mut().zip(pre) {
-                    *o = x.max(0.0);
-                }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { simd_x86::forward_avx512(self, pre, out) };
             }
-            _ => {
-                for (o, &x) in out.iter_mut().zip(pre) {
-                    *o = self.apply(x);
-                }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { simd_x86::forward_avx2(self, pre, out) };
             }
         }
+        forward_impl(self, pre, out)
     }
 
     /// In place: `g[i] *= f'(pre[i])` (turns dL/d(activation) into dL/d(pre-activation)).
     pub fn backward_inplace(self, pre: &[f32], g: &mut [f32]) {
-        match self {
-            Activation::Relu => {
-                for (gi, &x) in g.iter_mut().zip(pre) {
-                    if x <= 0.0 {
-                        *gi = 0.0;
-                    }
-                }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { simd_x86::backward_avx512(self, pre, g) };
             }
-            _ => {
-                for (gi, &x) in g.iter_mut().zip(pre) {
-                    *gi *= self.derivative(x);
-                }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { simd_x86::backward_avx2(self, pre, g) };
             }
         }
+        backward_impl(self, pre, g)
+    }
+
+    /// In place: `x[i] = f(x[i])`.
+    pub fn apply_inplace(self, x: &mut [f32]) {
+        // forward reads and writes element by element, so aliasing through a copy of the
+        // pointer is not needed: run it chunk-wise through a small stack buffer.
+        let mut buf = [0.0f32; 256];
+        for c in x.chunks_mut(256) {
+            let n = c.len();
+            buf[..n].copy_from_slice(c);
+            self.forward(&buf[..n], c);
+        }
+    }
+}
+
+#[inline(always)]
+fn forward_impl(act: Activation, pre: &[f32], out: &mut [f32]) {
+    match act {
+        Activation::Relu => out.iter_mut().zip(pre).for_each(|(o, &x)| *o = x.max(0.0)),
+        Activation::Gelu => out.iter_mut().zip(pre).for_each(|(o, &x)| *o = Activation::Gelu.apply(x)),
+        Activation::Silu => out.iter_mut().zip(pre).for_each(|(o, &x)| *o = Activation::Silu.apply(x)),
+    }
+}
+
+#[inline(always)]
+fn backward_impl(act: Activation, pre: &[f32], g: &mut [f32]) {
+    match act {
+        Activation::Relu => g.iter_mut().zip(pre).for_each(|(gi, &x)| *gi = if x > 0.0 { *gi } else { 0.0 }),
+        Activation::Gelu => g.iter_mut().zip(pre).for_each(|(gi, &x)| *gi *= Activation::Gelu.derivative(x)),
+        Activation::Silu => g.iter_mut().zip(pre).for_each(|(gi, &x)| *gi *= Activation::Silu.derivative(x)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd_x86 {
+    use super::{backward_impl, forward_impl, Activation};
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn forward_avx512(act: Activation, pre: &[f32], out: &mut [f32]) {
+        forward_impl(act, pre, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_avx2(act: Activation, pre: &[f32], out: &mut [f32]) {
+        forward_impl(act, pre, out)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn backward_avx512(act: Activation, pre: &[f32], g: &mut [f32]) {
+        backward_impl(act, pre, g)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn backward_avx2(act: Activation, pre: &[f32], g: &mut [f32]) {
+        backward_impl(act, pre, g)
     }
 }
 
@@ -120,6 +210,26 @@ mod tests {
         // silu(1) = 1/(1+e^-1) = 0.7310586
         assert!((Activation::Silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!((sigmoid(-100.0)).abs() < 1e-30 && (sigmoid(100.0) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn approximations_match_libm() {
+        let mut x = -30.0f32;
+        while x < 30.0 {
+            let (e, want) = (exp_approx(x), (x as f64).exp());
+            assert!(((e as f64 - want) / want).abs() < 3e-7, "exp({x}) = {e} vs {want}");
+            let erf = erf_approx(x);
+            assert!((erf - libm::erff(x)).abs() < 3e-7, "erf({x}) = {erf} vs {}", libm::erff(x));
+            let s = sigmoid(x) as f64;
+            assert!((s - 1.0 / (1.0 + (-x as f64).exp())).abs() < 3e-7, "sigmoid({x})");
+            x += 0.0137;
+        }
+        let mut buf: Vec<f32> = (0..1000).map(|i| i as f32 * 0.01 - 5.0).collect();
+        let pre = buf.clone();
+        Activation::Gelu.apply_inplace(&mut buf);
+        for (b, p) in buf.iter().zip(&pre) {
+            assert_eq!(*b, Activation::Gelu.apply(*p));
+        }
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! variant of "Attention Is Not All You Need: The Importance of Feedforward Networks in
 //! Transformer Models" (Linear → act → Linear → act → Linear). Every hidden layer has `width` units.
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Layer, LayerConfig, Linear};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
+use crate::kernels::{DenseKernel, InferKernel};
 
 /// Configuration of [`Dense`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,31 +122,8 @@ impl Layer for Dense {
         Ok(())
     }
 
-    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {
-        check_matrix("dense input x", x.len(), batch, self.in_features())?;
-        check_matrix("dense output y", y.len(), batch, self.out_features())?;
-        // Chunks of rows keep the temporaries small and let rayon split the batch.
-        const CHUNK: usize = 256;
-        let (i, o, w) = (self.in_features(), self.out_features(), self.cfg.width);
-        x.par_chunks(CHUNK * i).zip(y.par_chunks_mut(CHUNK * o)).for_each(|(xc, yc)| {
-            let rows = xc.len() / i;
-            let mut a = vec![0.0f32; rows * w];
-            let mut b = vec![0.0f32; rows * w];
-            let last = self.linears.len() - 1;
-            self.linears[0].forward(xc, rows, &mut a);
-            for h in 1..=last {
-                for v in a.iter_mut() {
-                    *v = self.cfg.activation.apply(*v);
-                }
-                if h == last {
-                    self.linears[h].forward(&a, rows, yc);
-                } else {
-                    self.linears[h].forward(&a, rows, &mut b);
-                    std::mem::swap(&mut a, &mut b);
-                }
-            }
-        });
-        Ok(())
+    fn kernel(&self) -> Box<dyn InferKernel> {
+        Box::new(DenseKernel::new(&self.linears, self.cfg.activation))
     }
 
     fn params(&self) -> Vec<&Param> {

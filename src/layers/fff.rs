@@ -40,6 +40,8 @@ use crate::core::activation::sigmoid;
 use crate::core::gemm::{add_row_bias, axpy, dot, matmul, sum_rows, MatMut, MatRef};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
+use crate::kernels::fff::MasterWeights;
+use crate::kernels::{FffKernel, InferKernel};
 
 /// Clamp of the node probabilities inside the entropy, as in the reference package.
 const ENTROPY_EPS: f32 = 1e-6;
@@ -265,40 +267,6 @@ impl Fff {
     /// Share of the last training batch routed (hard) to each leaf.
     pub fn leaf_share(&self) -> &[f32] {
         &self.leaf_share
-    }
-
-    /// Single-sample inference into `y` (length `out`) with scratch `hid` (length ≥ max(leaf, master)).
-    fn infer_one(&self, x: &[f32], y: &mut [f32], hid: &mut [f32]) {
-        let (ni, no, lw) = (self.in_features, self.out_features, self.cfg.leaf);
-        let leaf = self.descend(x);
-        let hid_l = &mut hid[..lw];
-        hid_l.copy_from_slice(&self.b1s.value[leaf * lw..(leaf + 1) * lw]);
-        let w1 = &self.w1s.value[leaf * ni * lw..(leaf + 1) * ni * lw];
-        for (i, &xi) in x.iter().enumerate() {
-            if xi != 0.0 {
-                axpy(xi, &w1[i * lw..(i + 1) * lw], hid_l);
-            }
-        }
-        y.copy_from_slice(&self.b2s.value[leaf * no..(leaf + 1) * no]);
-        let w2 = &self.w2s.value[leaf * lw * no..(leaf + 1) * lw * no];
-        for (j, hj) in hid_l.iter().enumerate() {
-            let a = self.cfg.activation.apply(*hj);
-            if a != 0.0 {
-                axpy(a, &w2[j * no..(j + 1) * no], y);
-            }
-        }
-        if let Some(m) = &self.master {
-            let mw = self.cfg.master_leaf;
-            let g = sigmoid(dot(&m.gate.weight.value, x) + m.gate.bias.value[0]);
-            let hid_m = &mut hid[..mw];
-            for (k, h) in hid_m.iter_mut().enumerate() {
-                *h = self.cfg.activation.apply(dot(&m.fc1.weight.value[k * ni..(k + 1) * ni], x) + m.fc1.bias.value[k]);
-            }
-            for (j, yj) in y.iter_mut().enumerate() {
-                let mo = dot(&m.fc2.weight.value[j * mw..(j + 1) * mw], hid_m) + m.fc2.bias.value[j];
-                *yj = (1.0 - g) * *yj + g * mo;
-            }
-        }
     }
 
     fn ensure_buffers(&mut self, batch: usize) {
@@ -606,18 +574,29 @@ impl Layer for Fff {
         self.aux
     }
 
-    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {
-        let (ni, no) = (self.in_features, self.out_features);
-        check_matrix("fff input x", x.len(), batch, ni)?;
-        check_matrix("fff output y", y.len(), batch, no)?;
-        let scratch = self.cfg.leaf.max(self.cfg.master_leaf);
-        x.par_chunks(64 * ni).zip(y.par_chunks_mut(64 * no)).for_each(|(xc, yc)| {
-            let mut hid = vec![0.0f32; scratch];
-            for (xi, yi) in xc.chunks(ni).zip(yc.chunks_mut(no)) {
-                self.infer_one(xi, yi, &mut hid);
-            }
+    fn kernel(&self) -> Box<dyn InferKernel> {
+        let master = self.master.as_ref().map(|m| MasterWeights {
+            w1: m.fc1.weight.value.clone(),
+            b1: m.fc1.bias.value.clone(),
+            w2: m.fc2.weight.value.clone(),
+            b2: m.fc2.bias.value.clone(),
+            gate_w: m.gate.weight.value.clone(),
+            gate_b: m.gate.bias.value[0],
         });
-        Ok(())
+        Box::new(FffKernel::new(
+            self.node_weights.value.clone(),
+            self.node_biases.value.clone(),
+            &self.w1s.value,
+            self.b1s.value.clone(),
+            self.w2s.value.clone(),
+            self.b2s.value.clone(),
+            self.in_features,
+            self.out_features,
+            self.cfg.depth,
+            self.cfg.leaf,
+            self.cfg.activation,
+            master,
+        ))
     }
 
     fn params(&self) -> Vec<&Param> {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{Param, Rng};
 use crate::error::{Error, Result};
+use crate::kernels::{InferKernel, Workspace};
 
 pub use dense::{Dense, DenseConfig};
 pub use fff::{Fff, FffConfig};
@@ -40,8 +41,14 @@ pub trait Layer: Send + Sync {
     fn aux_loss(&self) -> f32 {
         0.0
     }
+    /// The inference kernel of this layer (a copy of the weights in the layout it reads
+    /// fastest); build once, call many times with a reused [`Workspace`].
+    fn kernel(&self) -> Box<dyn InferKernel>;
     /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
-    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()>;
+    /// Convenience: builds the kernel and a workspace on every call.
+    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {
+        self.kernel().forward(x, batch, y, &mut Workspace::new())
+    }
     /// The parameters in a fixed order; names are their safetensors keys within the layer.
     fn params(&self) -> Vec<&Param>;
     /// Visits the parameters mutably in the same order as [`Layer::params`] (no allocation).

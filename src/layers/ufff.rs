@@ -26,6 +26,7 @@ use super::{ensure_len, Layer, LayerConfig};
 use crate::core::gemm::{axpy, dot};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
+use crate::kernels::{InferKernel, UfffKernel};
 
 /// Configuration of [`Ufff`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,18 +249,16 @@ impl Layer for Ufff {
         Ok(())
     }
 
-    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {
-        let (ni, no, lv) = (self.in_features, self.out_features, self.levels());
-        check_matrix("ufff input x", x.len(), batch, ni)?;
-        check_matrix("ufff output y", y.len(), batch, no)?;
-        x.par_chunks(64 * ni).zip(y.par_chunks_mut(64 * no)).for_each(|(xc, yc)| {
-            let mut path = vec![0u32; lv];
-            let mut z = vec![0.0f32; lv];
-            for (xi, yi) in xc.chunks(ni).zip(yc.chunks_mut(no)) {
-                self.walk(xi, yi, &mut path, &mut z);
-            }
-        });
-        Ok(())
+    fn kernel(&self) -> Box<dyn InferKernel> {
+        Box::new(UfffKernel::new(
+            self.in_weight.value.clone(),
+            self.in_bias.value.clone(),
+            self.out_weight.value.clone(),
+            self.in_features,
+            self.out_features,
+            self.levels(),
+            self.cfg.activation,
+        ))
     }
 
     fn params(&self) -> Vec<&Param> {

@@ -7,6 +7,7 @@ use crate::core::loss::{argmax_rows, softmax_cross_entropy};
 use crate::core::{Param, Rng};
 use crate::data::Dataset;
 use crate::error::{check_dim, check_matrix, Error, Result};
+use crate::kernels::Workspace;
 use crate::layers::{param_count, Layer, LayerConfig};
 
 /// Everything needed to rebuild a classifier (stored in checkpoint metadata).
@@ -104,7 +105,7 @@ impl Classifier {
     pub fn logits(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
         let mut y = vec![0.0; batch * self.cfg.n_classes];
-        self.layer.infer(x, batch, &mut y)?;
+        self.layer.kernel().forward(x, batch, &mut y, &mut Workspace::new())?;
         Ok(y)
     }
 
@@ -116,18 +117,22 @@ impl Classifier {
         Ok(out)
     }
 
-    /// Inference accuracy on a data set (hard routing for trees).
+    /// Inference accuracy on a data set (hard routing for trees), through the layer's kernel.
     pub fn accuracy(&self, data: &Dataset) -> Result<f32> {
         check_dim("data set", "features", self.cfg.in_features, data.dim)?;
         if data.is_empty() {
             return Err(Error::Invalid("cannot evaluate on an empty data set".into()));
         }
-        const CHUNK: usize = 4096;
+        const CHUNK: usize = 1024;
+        let (kernel, mut ws, c) = (self.layer.kernel(), Workspace::new(), self.cfg.n_classes);
+        let mut y = vec![0.0; CHUNK * c];
+        let mut pred = vec![0u32; CHUNK];
         let mut correct = 0usize;
         for start in (0..data.len()).step_by(CHUNK) {
-            let end = (start + CHUNK).min(data.len());
-            let pred = self.predict(&data.x[start * data.dim..end * data.dim], end - start)?;
-            correct += pred.iter().zip(&data.y[start..end]).filter(|(p, y)| p == y).count();
+            let n = (start + CHUNK).min(data.len()) - start;
+            kernel.forward(&data.x[start * data.dim..(start + n) * data.dim], n, &mut y[..n * c], &mut ws)?;
+            argmax_rows(&y[..n * c], c, &mut pred[..n]);
+            correct += pred[..n].iter().zip(&data.y[start..start + n]).filter(|(p, y)| p == y).count();
         }
         Ok(correct as f32 / data.len() as f32)
     }
