@@ -157,10 +157,10 @@ impl FffKernel {
         }
     }
 
-    fn grouped(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
-        let (ni, no, hw) = (self.in_features, self.out_features, self.scratch());
-        let leaves = 1usize << self.depth;
-        let ([h, _, _, _], [nodes, order, counts, _]) = ws.take([batch * hw, 0, 0, 0], [batch, batch, leaves + 1, 0]);
+    /// Level-wise grouped descent: leaves `nodes[s]` at sample s's leaf position (heap index).
+    fn descend_grouped(&self, x: &[f32], nodes: &mut [u32], order: &mut [u32], counts: &mut [u32]) {
+        let ni = self.in_features;
+        let batch = nodes.len();
         nodes.fill(0);
         let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
         let np = SyncPtr(nodes.as_mut_ptr());
@@ -175,13 +175,30 @@ impl FffKernel {
                 }
             });
         }
+    }
+
+    /// Leaves reached by the batched (level-grouped) descent. `x`: `batch × in`.
+    pub fn leaves_grouped(&self, x: &[f32], batch: usize, ws: &mut Workspace) -> Result<Vec<usize>> {
+        crate::error::check_matrix("fff kernel input x", x.len(), batch, self.in_features)?;
+        let ([..], [nodes, order, counts, _]) = ws.take([0; 4], [batch, batch, (1 << self.depth) + 1, 0]);
+        self.descend_grouped(x, nodes, order, counts);
+        Ok(nodes.iter().map(|&n| n as usize - self.nodes()).collect())
+    }
+
+    fn grouped(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
+        let (ni, no, hw) = (self.in_features, self.out_features, self.scratch());
+        let leaves = 1usize << self.depth;
+        let ([h, _, _, _], [nodes, order, counts, _]) = ws.take([batch * hw, 0, 0, 0], [batch, batch, leaves + 1, 0]);
+        self.descend_grouped(x, nodes, order, counts);
         counting_sort(nodes, self.nodes() as u32, leaves, counts, order);
+        let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
         let (yp, hp) = (SyncPtr(y.as_mut_ptr()), SyncPtr(h.as_mut_ptr()));
         let nodes = &*nodes;
         order.par_chunks(chunk).for_each(|run| {
             for &s in run {
                 let s = s as usize;
-                // SAFETY: as above, each sample's rows of y and h belong to one run.
+                // SAFETY: `order` is a permutation of 0..batch: each sample's rows of y and h
+                // belong to exactly one run.
                 let (ys, hs) = unsafe { (yp.slice(s * no, no), hp.slice(s * hw, hw)) };
                 self.leaf_forward(nodes[s] as usize - self.nodes(), &x[s * ni..(s + 1) * ni], ys, hs);
             }

@@ -40,8 +40,14 @@ pub trait InferKernel: Send + Sync {
 
 /// Checks the shapes of a kernel call.
 pub(crate) fn check_io(k: &dyn InferKernel, x: &[f32], batch: usize, y: &[f32]) -> Result<()> {
-    check_matrix(&format!("{} kernel input x", k.kind()), x.len(), batch, k.in_features())?;
-    check_matrix(&format!("{} kernel output y", k.kind()), y.len(), batch, k.out_features())
+    // format the names only on failure: the happy path must not allocate
+    if batch == 0 || x.len() != batch * k.in_features() {
+        check_matrix(&format!("{} kernel input x", k.kind()), x.len(), batch, k.in_features())?;
+    }
+    if y.len() != batch * k.out_features() {
+        check_matrix(&format!("{} kernel output y", k.kind()), y.len(), batch, k.out_features())?;
+    }
+    Ok(())
 }
 
 /// Scratch buffers reused across kernel calls; they only grow.
