@@ -87,8 +87,8 @@ fn ufff_kernels_match_naive_and_each_other() {
             close(&y, &want, &format!("ufff case {case} {s:?}"));
             outs.push(y);
         }
-        // the grouped walk visits the same neurons in the same order: bit-identical outputs
-        assert_eq!(outs[0], outs[1], "case {case}");
+        // both walks visit the same neurons (outputs agree to rounding of the dot products)
+        close(&outs[1], &outs[0], &format!("ufff case {case}: grouped vs per sample"));
     }
 }
 
@@ -141,7 +141,7 @@ fn fff_kernels_match_naive_and_pick_the_same_leaves() {
             let mut yb = vec![0.0; batch * no];
             a.forward(&x, batch, &mut ya, &mut ws).unwrap();
             b.forward(&x, batch, &mut yb, &mut ws).unwrap();
-            assert_eq!(ya, yb, "case {case}");
+            close(&yb, &ya, &format!("fff case {case}: grouped vs per sample"));
             assert_eq!(b.leaves_grouped(&x, batch, &mut ws).unwrap(), leaves_ref, "case {case}");
             assert_eq!(a.leaves(&x, batch), leaves_ref, "case {case}");
         }

@@ -1,5 +1,6 @@
 //! Subcommands of the `ffwd` binary.
 
+mod bench;
 mod eval;
 mod predict;
 mod train;
@@ -23,6 +24,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Predict classes for feature rows read from a file or stdin, one per line.
     Predict(predict::PredictArgs),
+    /// Benchmark the inference kernels (fff, ufff) against dense layers of equal width, or a
+    /// trained checkpoint end to end (--model).
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -32,6 +36,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

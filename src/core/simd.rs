@@ -42,6 +42,76 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y += a[0]·r[0] + a[1]·r[1] + a[2]·r[2] + a[3]·r[3]` (four rows in one pass over `y`: a
+/// quarter of the loads and stores of four `axpy` calls). Rows must be at least `y.len()` long.
+#[inline]
+pub fn axpy4(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
+    let n = y.len();
+    let r = [&r[0][..n], &r[1][..n], &r[2][..n], &r[3][..n]];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; every row has n values.
+            return unsafe { x86::axpy4_avx512(a, r, y) };
+        }
+    }
+    for i in 0..n {
+        y[i] += a[0] * r[0][i] + a[1] * r[1][i] + a[2] * r[2][i] + a[3] * r[3][i];
+    }
+}
+
+/// Four independent dot products `a[k]·b[k]` in one interleaved pass (all slices of one
+/// length): four memory streams in flight instead of one.
+#[inline]
+pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a[0].len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if n >= 16 && a.iter().chain(&b).all(|s| s.len() == n) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; all eight slices have n values.
+            return unsafe { x86::dot4_avx512(a, b) };
+        }
+    }
+    [dot(a[0], b[0]), dot(a[1], b[1]), dot(a[2], b[2]), dot(a[3], b[3])]
+}
+
+/// `row · x[k]` for four vectors at once (the row is loaded once for all four).
+/// All slices must have the same length.
+#[inline]
+pub fn dot_1x4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let n = row.len();
+    let x = [&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; all slices have n values.
+            return unsafe { x86::dot_1x4_avx512(row, x) };
+        }
+    }
+    [dot(row, x[0]), dot(row, x[1]), dot(row, x[2]), dot(row, x[3])]
+}
+
+/// Four rows of a small product: `y[k] = bias + Σ_j h[k][j] · w[j, :]` with `w` row-major
+/// (`h[k].len() × y[k].len()`). Each row of `w` is loaded once for the four outputs.
+#[inline]
+pub fn gemm_4xn(h: [&[f32]; 4], w: &[f32], bias: &[f32], y: [&mut [f32]; 4]) {
+    let (k, n) = (h[0].len(), bias.len());
+    assert!(w.len() >= k * n && h.iter().all(|r| r.len() == k) && y.iter().all(|r| r.len() == n));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; shapes checked above.
+            return unsafe { x86::gemm_4xn_avx512(h, w, bias, y) };
+        }
+    }
+    for (hk, yk) in h.iter().zip(y) {
+        yk.copy_from_slice(bias);
+        for (j, &hj) in hk.iter().enumerate() {
+            axpy(hj, &w[j * n..(j + 1) * n], yk);
+        }
+    }
+}
+
 /// Portable dot product with eight independent accumulators.
 #[inline]
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -96,6 +166,100 @@ mod x86 {
         if i < n {
             let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
             let v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
+            _mm512_mask_storeu_ps(py.add(i), m, v);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_avx512(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+        let n = a[0].len();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a[k].as_ptr().add(i)), _mm512_loadu_ps(b[k].as_ptr().add(i)), acc[k]);
+            }
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[k].as_ptr().add(i)), _mm512_maskz_loadu_ps(m, b[k].as_ptr().add(i)), acc[k]);
+            }
+        }
+        acc.map(|v| _mm512_reduce_add_ps(v))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_1x4_avx512(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = row.len();
+        let pr = row.as_ptr();
+        let px = x.map(|s| s.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            let r = _mm512_loadu_ps(pr.add(i));
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(r, _mm512_loadu_ps(px[k].add(i)), acc[k]);
+            }
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let r = _mm512_maskz_loadu_ps(m, pr.add(i));
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, px[k].add(i)), acc[k]);
+            }
+        }
+        acc.map(|a| _mm512_reduce_add_ps(a))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm_4xn_avx512(h: [&[f32]; 4], w: &[f32], bias: &[f32], y: [&mut [f32]; 4]) {
+        let (kk, n) = (h[0].len(), bias.len());
+        let (pw, pb) = (w.as_ptr(), bias.as_ptr());
+        let py = y.map(|s| s.as_mut_ptr());
+        let mut c = 0;
+        while c < n {
+            let m: __mmask16 = if c + 16 <= n { 0xffff } else { ((1u32 << (n - c)) - 1) as u16 };
+            let b = _mm512_maskz_loadu_ps(m, pb.add(c));
+            let mut acc = [b; 4];
+            for j in 0..kk {
+                let wr = _mm512_maskz_loadu_ps(m, pw.add(j * n + c));
+                for k in 0..4 {
+                    acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(*h[k].get_unchecked(j)), wr, acc[k]);
+                }
+            }
+            for k in 0..4 {
+                _mm512_mask_storeu_ps(py[k].add(c), m, acc[k]);
+            }
+            c += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy4_avx512(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
+        let n = y.len();
+        let py = y.as_mut_ptr();
+        let (p0, p1, p2, p3) = (r[0].as_ptr(), r[1].as_ptr(), r[2].as_ptr(), r[3].as_ptr());
+        let (a0, a1, a2, a3) = (_mm512_set1_ps(a[0]), _mm512_set1_ps(a[1]), _mm512_set1_ps(a[2]), _mm512_set1_ps(a[3]));
+        let mut i = 0;
+        while i + 16 <= n {
+            let mut v = _mm512_loadu_ps(py.add(i));
+            v = _mm512_fmadd_ps(a0, _mm512_loadu_ps(p0.add(i)), v);
+            v = _mm512_fmadd_ps(a1, _mm512_loadu_ps(p1.add(i)), v);
+            v = _mm512_fmadd_ps(a2, _mm512_loadu_ps(p2.add(i)), v);
+            v = _mm512_fmadd_ps(a3, _mm512_loadu_ps(p3.add(i)), v);
+            _mm512_storeu_ps(py.add(i), v);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let mut v = _mm512_maskz_loadu_ps(m, py.add(i));
+            v = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m, p0.add(i)), v);
+            v = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m, p1.add(i)), v);
+            v = _mm512_fmadd_ps(a2, _mm512_maskz_loadu_ps(m, p2.add(i)), v);
+            v = _mm512_fmadd_ps(a3, _mm512_maskz_loadu_ps(m, p3.add(i)), v);
             _mm512_mask_storeu_ps(py.add(i), m, v);
         }
     }
@@ -160,6 +324,39 @@ mod tests {
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "dot n={n}");
             assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+            let d4 = dot4([&a, &b, &a, &b], [&b, &a, &a, &b]);
+            let (wa, wb): (f64, f64) = (a.iter().map(|x| (*x as f64).powi(2)).sum(), b.iter().map(|x| (*x as f64).powi(2)).sum());
+            for (got, w) in d4.iter().zip([want, want, wa, wb]) {
+                assert!((*got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot4 n={n}");
+            }
+            if n > 0 {
+                let c = [&a[..], &b[..], &a[..], &b[..]];
+                let d = dot_1x4(&a, c);
+                for (k, ck) in c.iter().enumerate() {
+                    let w: f64 = a.iter().zip(ck.iter()).map(|(p, q)| *p as f64 * *q as f64).sum();
+                    assert!((d[k] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot_1x4 n={n}");
+                }
+                // gemm_4xn with k = 3 rows of width n
+                let w: Vec<f32> = (0..3 * n).map(|i| (i % 7) as f32 - 3.0).collect();
+                let hs = [[1.0f32, 2.0, 3.0], [0.5, 0.0, -1.0], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.25]];
+                let mut ys = vec![vec![0.0f32; n]; 4];
+                {
+                    let [y0, y1, y2, y3] = &mut ys[..] else { unreachable!() };
+                    gemm_4xn([&hs[0], &hs[1], &hs[2], &hs[3]], &w, &b, [y0, y1, y2, y3]);
+                }
+                for k in 0..4 {
+                    for i in 0..n {
+                        let want = b[i] + (0..3).map(|j| hs[k][j] * w[j * n + i]).sum::<f32>();
+                        assert!((ys[k][i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_4xn n={n}");
+                    }
+                }
+            }
+            let mut y4 = b.clone();
+            axpy4([0.5, -1.0, 2.0, 0.25], [&a, &b, &a, &b], &mut y4);
+            for i in 0..n {
+                let want = b[i] + 0.5 * a[i] - b[i] + 2.0 * a[i] + 0.25 * b[i];
+                assert!((y4[i] - want).abs() < 1e-5, "axpy4 n={n} i={i}");
+            }
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
             for i in 0..n {

@@ -3,17 +3,20 @@
 use rayon::prelude::*;
 
 use super::{check_io, InferKernel, Workspace};
-use crate::core::gemm::{add_row_bias, dot, matmul, MatMut, MatRef};
+use crate::core::gemm::{add_row_bias, axpy, matmul, MatMut, MatRef};
+use crate::core::simd::axpy4;
 use crate::core::Activation;
 use crate::error::Result;
 use crate::layers::Linear;
 
-/// Rows per rayon task in the batch-1 GEMV.
-const GEMV_ROWS: usize = 64;
+/// Output columns per rayon task in the batch-1 GEMV.
+const GEMV_COLS: usize = 512;
 
-/// Dense inference: GEMV at batch 1, GEMM above.
+/// Dense inference: GEMV at batch 1, GEMM above. Weights are stored transposed (`in × out`),
+/// the layout in which the GEMM reads both operands row-major (measured ~1.5x faster than
+/// multiplying by a transposed view) and the batch-1 GEMV streams rows.
 pub struct DenseKernel {
-    /// `(weight out × in, bias out)` per Linear map.
+    /// `(weightᵀ in × out, bias out, out, in)` per Linear map.
     linears: Vec<(Vec<f32>, Vec<f32>, usize, usize)>,
     activation: Activation,
 }
@@ -22,7 +25,19 @@ impl DenseKernel {
     /// From Linear maps (first to last) and the activation applied between them.
     pub fn new(linears: &[Linear], activation: Activation) -> Self {
         DenseKernel {
-            linears: linears.iter().map(|l| (l.weight.value.clone(), l.bias.value.clone(), l.out_features(), l.in_features())).collect(),
+            linears: linears
+                .iter()
+                .map(|l| {
+                    let (o, n) = (l.out_features(), l.in_features());
+                    let mut wt = vec![0.0; o * n];
+                    for j in 0..o {
+                        for i in 0..n {
+                            wt[i * o + j] = l.weight.value[j * n + i];
+                        }
+                    }
+                    (wt, l.bias.value.clone(), o, n)
+                })
+                .collect(),
             activation,
         }
     }
@@ -32,19 +47,27 @@ impl DenseKernel {
     }
 }
 
-/// `y = W·x + b` for one sample, rows split across threads when the matrix is large.
-fn gemv(w: &[f32], b: &[f32], x: &[f32], y: &mut [f32]) {
-    let n_in = x.len();
-    let rows = |(c, yc): (usize, &mut [f32])| {
-        for (r, yr) in yc.iter_mut().enumerate() {
-            let j = c * GEMV_ROWS + r;
-            *yr = dot(&w[j * n_in..(j + 1) * n_in], x) + b[j];
+/// `y = Wᵀᵀ·x + b` for one sample from `wt` (`in × out`): `y = b + Σ_i x_i · wt[i, :]`, the
+/// output columns split across threads when the matrix is large.
+fn gemv(wt: &[f32], b: &[f32], x: &[f32], y: &mut [f32]) {
+    let o = y.len();
+    let cols = |(c, yc): (usize, &mut [f32])| {
+        let c0 = c * GEMV_COLS;
+        let w = yc.len();
+        yc.copy_from_slice(&b[c0..c0 + w]);
+        let row = |i: usize| &wt[i * o + c0..i * o + c0 + w];
+        let quads = x.len() / 4 * 4;
+        for i in (0..quads).step_by(4) {
+            axpy4([x[i], x[i + 1], x[i + 2], x[i + 3]], [row(i), row(i + 1), row(i + 2), row(i + 3)], yc);
+        }
+        for i in quads..x.len() {
+            axpy(x[i], row(i), yc);
         }
     };
-    if y.len() * n_in >= 1 << 16 {
-        y.par_chunks_mut(GEMV_ROWS).enumerate().for_each(rows);
+    if o * x.len() >= 1 << 16 {
+        y.par_chunks_mut(GEMV_COLS).enumerate().for_each(cols);
     } else {
-        y.chunks_mut(GEMV_ROWS).enumerate().for_each(rows);
+        y.chunks_mut(GEMV_COLS).enumerate().for_each(cols);
     }
 }
 
@@ -75,13 +98,12 @@ impl InferKernel for DenseKernel {
             } else {
                 out.fill(0.0);
                 add_row_bias(out, bias);
-                matmul(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *o, *n).t(), true);
+                matmul(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *n, *o), true);
             }
             if i == last {
                 break;
             }
-            let act = self.activation;
-            out.iter_mut().for_each(|v| *v = act.apply(*v));
+            self.activation.apply_inplace(out);
             std::mem::swap(&mut cur, &mut next);
             input = &next[..batch * o];
         }

@@ -7,6 +7,7 @@ use super::ufff::TreeStrategy;
 use super::{check_io, counting_sort, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::{axpy, dot};
+use crate::core::simd::{dot_1x4, gemm_4xn};
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -136,6 +137,24 @@ impl FffKernel {
         }
     }
 
+    /// Leaf MLP of four samples that reached the same leaf (no master leaf): each weight row
+    /// is loaded once for the four.
+    fn leaf_forward4(&self, leaf: usize, x: [&[f32]; 4], y: [&mut [f32]; 4], h: [&mut [f32]; 4]) {
+        let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
+        let w1 = &self.w1t[leaf * lw * ni..(leaf + 1) * lw * ni];
+        let b1 = &self.b1[leaf * lw..(leaf + 1) * lw];
+        let [h0, h1, h2, h3] = h;
+        for j in 0..lw {
+            let d = dot_1x4(&w1[j * ni..(j + 1) * ni], x);
+            h0[j] = self.activation.apply(d[0] + b1[j]);
+            h1[j] = self.activation.apply(d[1] + b1[j]);
+            h2[j] = self.activation.apply(d[2] + b1[j]);
+            h3[j] = self.activation.apply(d[3] + b1[j]);
+        }
+        let w2 = &self.w2[leaf * lw * no..(leaf + 1) * lw * no];
+        gemm_4xn([&h0[..lw], &h1[..lw], &h2[..lw], &h3[..lw]], w2, &self.b2[leaf * no..(leaf + 1) * no], y);
+    }
+
     fn scratch(&self) -> usize {
         self.leaf.max(self.master.as_ref().map_or(0, |m| m.b1.len()))
     }
@@ -194,13 +213,25 @@ impl FffKernel {
         let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
         let (yp, hp) = (SyncPtr(y.as_mut_ptr()), SyncPtr(h.as_mut_ptr()));
         let nodes = &*nodes;
+        let leaf_of = |s: u32| nodes[s as usize] as usize - self.nodes();
         order.par_chunks(chunk).for_each(|run| {
-            for &s in run {
-                let s = s as usize;
-                // SAFETY: `order` is a permutation of 0..batch: each sample's rows of y and h
-                // belong to exactly one run.
-                let (ys, hs) = unsafe { (yp.slice(s * no, no), hp.slice(s * hw, hw)) };
-                self.leaf_forward(nodes[s] as usize - self.nodes(), &x[s * ni..(s + 1) * ni], ys, hs);
+            // runs are sorted by leaf: take four samples of one leaf together when we can
+            let mut i = 0;
+            while i < run.len() {
+                let leaf = leaf_of(run[i]);
+                // SAFETY (both branches): `order` is a permutation of 0..batch, so each
+                // sample's rows of y and h belong to exactly one run and one call here.
+                if self.master.is_none() && i + 4 <= run.len() && leaf_of(run[i + 3]) == leaf {
+                    let s = [run[i] as usize, run[i + 1] as usize, run[i + 2] as usize, run[i + 3] as usize];
+                    let (ys, hs) = unsafe { (s.map(|s| yp.slice(s * no, no)), s.map(|s| hp.slice(s * hw, hw))) };
+                    self.leaf_forward4(leaf, s.map(|s| &x[s * ni..(s + 1) * ni]), ys, hs);
+                    i += 4;
+                } else {
+                    let s = run[i] as usize;
+                    let (ys, hs) = unsafe { (yp.slice(s * no, no), hp.slice(s * hw, hw)) };
+                    self.leaf_forward(leaf, &x[s * ni..(s + 1) * ni], ys, hs);
+                    i += 1;
+                }
             }
         });
     }

@@ -4,9 +4,10 @@
 //!
 //! * [`DenseKernel`]: the baseline. Batch 1 is a threaded SIMD GEMV; larger batches use the
 //!   best GEMM we have (`core::gemm`).
-//! * [`UfffKernel`]: UltraFastBERT trees. Batch 1 walks the path with fused dot → activation →
-//!   axpy; batches go level by level, samples sorted by node so that each node's weight rows
-//!   are read once per group (the "conditional matrix multiplication"), threads over groups.
+//! * [`UfffKernel`]: UltraFastBERT trees. Each sample walks its path with fused dot →
+//!   activation → axpy, threads over samples. A level-major variant that sorts samples by node
+//!   at every level (the "conditional matrix multiplication") is kept as
+//!   [`ufff::TreeStrategy::Grouped`]; on this machine it is slower (see `UfffKernel::forward`).
 //! * [`FffKernel`]: fast feedforward networks. Level-wise grouped descent, then samples sorted
 //!   by leaf and each leaf's MLP applied to its group with a register-blocked kernel.
 //!

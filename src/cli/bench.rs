@@ -1,0 +1,162 @@
+//! `ffwd bench`: inference kernels of the conditional layers against the dense layer of equal
+//! hidden width, measured in the same run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+
+use ffwd::checkpoint::load_classifier;
+use ffwd::core::{Activation, Rng};
+use ffwd::kernels::{InferKernel, Workspace};
+use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
+
+/// Options of `ffwd bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A seconds-long subset of the suite.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per line instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Measure a trained checkpoint end to end instead of the suite.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
+    #[arg(long, default_value_t = 400)]
+    budget_ms: u64,
+}
+
+/// Median and 90th percentile of a call's duration in µs.
+fn time_it(budget_ms: u64, mut f: impl FnMut()) -> (f64, f64) {
+    f(); // warm-up: sizes the workspace, faults the weights in
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < 5 || (start.elapsed().as_millis() < budget_ms as u128 && times.len() < 10_000) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], times[(times.len() * 9 / 10).min(times.len() - 1)])
+}
+
+fn kernel(cfg: LayerConfig, ni: usize, no: usize, seed: u64) -> anyhow::Result<Box<dyn InferKernel>> {
+    Ok(cfg.build(ni, no, &mut Rng::new(seed))?.kernel())
+}
+
+struct Case {
+    name: String,
+    shape: String,
+    tree: Box<dyn InferKernel>,
+    dense: Box<dyn InferKernel>,
+    batches: Vec<usize>,
+}
+
+fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
+    let (d, batches) = (768, if quick { vec![1, 256] } else { vec![1, 16, 256, 4096] });
+    let mut cases = Vec::new();
+    // UltraFastBERT: depth 11 → 4095 GELU neurons, 12 per token; dense twin 768-4095-768 GELU.
+    cases.push(Case {
+        name: "ufff".into(),
+        shape: "768-[4095 tree, depth 11]-768".into(),
+        tree: kernel(LayerConfig::Ufff(UfffConfig { depth: 11, activation: Activation::Gelu, ..Default::default() }), d, d, 1)?,
+        dense: kernel(LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu }), d, d, 2)?,
+        batches: batches.clone(),
+    });
+    // FFF paper shape: leaf 32, depth 1..11; dense twin of width 2^d · 32 (ReLU both).
+    let depths: Vec<usize> = if quick { vec![4, 8] } else { (1..=11).collect() };
+    for depth in depths {
+        let width = 32usize << depth;
+        cases.push(Case {
+            name: "fff".into(),
+            shape: format!("768-[{} leaves x 32, depth {depth}]-768", 1 << depth),
+            tree: kernel(LayerConfig::Fff(FffConfig { depth, leaf: 32, ..Default::default() }), d, d, 3)?,
+            dense: kernel(LayerConfig::Dense(DenseConfig { width, layers: 2, activation: Activation::Relu }), d, d, 4)?,
+            batches: batches.clone(),
+        });
+    }
+    Ok(cases)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let threads = super::init_threads(a.threads)?;
+    if let Some(path) = &a.model {
+        return bench_model(path, threads, &a);
+    }
+    if !a.json {
+        println!("ffwd bench: inference, {threads} threads, median of repeated calls (µs per batch)");
+        println!("{:<5} {:<34} {:>6} {:>12} {:>12} {:>12} {:>9} {:>9}", "layer", "shape", "batch", "median_us", "p90_us", "dense_us", "speedup", "flop_ratio");
+    }
+    let mut rng = Rng::new(7);
+    let mut ws = Workspace::new();
+    for case in suite(a.quick)? {
+        let flop_ratio = case.dense.macs_per_sample() as f64 / case.tree.macs_per_sample() as f64;
+        for &batch in &case.batches {
+            // Consecutive calls get different inputs (up to 64 sets, 4096 samples): repeating one
+            // input would keep a tree's few weight rows cache-hot and flatter it.
+            let sets = (4096 / batch).clamp(1, 64);
+            let x: Vec<f32> = (0..sets * batch * 768).map(|_| rng.normal()).collect();
+            let xs: Vec<&[f32]> = x.chunks(batch * 768).collect();
+            let mut y = vec![0.0f32; batch * 768];
+            let mut i = 0;
+            let (dense_med, dense_p90) = time_it(a.budget_ms, || {
+                i += 1;
+                case.dense.forward(xs[i % sets], batch, &mut y, &mut ws).expect("dense")
+            });
+            let (med, p90) = time_it(a.budget_ms, || {
+                i += 1;
+                case.tree.forward(xs[i % sets], batch, &mut y, &mut ws).expect("tree")
+            });
+            let speedup = dense_med / med;
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"layer": case.name, "shape": case.shape, "batch": batch, "threads": threads, "median_us": med, "p90_us": p90,
+                           "dense_median_us": dense_med, "dense_p90_us": dense_p90, "speedup_vs_dense": speedup, "flop_ratio": flop_ratio})
+                );
+            } else {
+                println!("{:<5} {:<34} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>8.1}x {:>8.1}x", case.name, case.shape, batch, med, p90, dense_med, speedup, flop_ratio);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_model(path: &PathBuf, threads: usize, a: &BenchArgs) -> anyhow::Result<()> {
+    let model = load_classifier(path)?;
+    let k = model.layer().kernel();
+    let (ni, no) = (k.in_features(), k.out_features());
+    let mut rng = Rng::new(3);
+    let mut ws = Workspace::new();
+    let big = 1024;
+    let x: Vec<f32> = (0..big * ni).map(|_| rng.uniform()).collect();
+    let mut y = vec![0.0f32; big * no];
+    let mut i = 0;
+    let (lat, lat90) = time_it(a.budget_ms, || {
+        i = (i + 1) % big; // a different sample each call
+        k.forward(&x[i * ni..(i + 1) * ni], 1, &mut y[..no], &mut ws).expect("forward")
+    });
+    let (bt, _) = time_it(a.budget_ms, || k.forward(&x, big, &mut y, &mut ws).expect("forward"));
+    let sps = big as f64 / (bt * 1e-6);
+    if a.json {
+        println!(
+            "{}",
+            json!({"model": path.display().to_string(), "layer": k.kind(), "threads": threads, "latency_us_batch1": lat, "latency_p90_us_batch1": lat90,
+                   "samples_per_s_batch1024": sps, "neurons_per_inference": k.neurons_per_inference()})
+        );
+    } else {
+        println!(
+            "{}: {} layer {ni}→{no}, {} neurons per inference, {threads} threads\n  batch 1: median {lat:.2} µs (p90 {lat90:.2})\n  batch {big}: {sps:.0} samples/s",
+            path.display(),
+            k.kind(),
+            k.neurons_per_inference()
+        );
+    }
+    Ok(())
+}
