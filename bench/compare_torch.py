@@ -50,6 +50,16 @@ def main():
     except ImportError:
         FFF = None
     fff_batches = {int(b) for b in a.fff_batches.split(",")}
+    # Dense GEMM quality: f32 1024³ through ffwd's core (gemm crate, AVX-512) vs torch.matmul.
+    g = [json.loads(l) for l in subprocess.run(["cargo", "bench", "-q", "--bench", "gemm", "--", "--json", "--threads", str(a.threads)], cwd=ROOT, check=True,
+                                               capture_output=True, text=True).stdout.splitlines() if l.startswith("{")]
+    ours = next(r["gflops"] for r in g if r["shape"].startswith("1024x1024"))
+    if torch is not None:
+        p, q = torch.rand(1024, 1024), torch.rand(1024, 1024)
+        theirs = 2 * 1024 ** 3 / (median_us(lambda: p @ q, budget_s=1.0) * 1e-6) / 1e9
+        print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s, torch {theirs:.0f} GFLOP/s, ratio {ours / theirs:.2f}")
+    else:
+        print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s")
     print(f"{'layer':<5} {'shape':<34} {'batch':>5} {'ffwd tree':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch/ffwd':>10} {'fastff/ffwd':>11}")
     for r in rows:
         d, batch, layer = 768, r["batch"], r["layer"]

@@ -215,3 +215,15 @@ fn bad_flags_are_clean_errors() {
     let help = ok(&ffwd(&["train", "--help"]));
     assert!(help.contains("--hardening") && help.contains("idx:DIR"), "{help}");
 }
+
+#[test]
+fn bench_a_saved_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("u.safetensors");
+    ok(&ffwd(&["train", "-q", "--layer", "ufff", "--depth", "5", "--epochs", "1", "--save", p(&model)]));
+    let out = ok(&ffwd(&["bench", "--model", p(&model), "--json", "--budget-ms", "20"]));
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["layer"], "ufff");
+    assert_eq!(m["neurons_per_inference"], 6);
+    assert!(m["latency_us_batch1"].as_f64().unwrap() > 0.0 && m["samples_per_s_batch1024"].as_f64().unwrap() > 0.0, "{m}");
+}
