@@ -86,7 +86,7 @@ fn training_steps_do_not_allocate() {
 fn inference_kernels_do_not_allocate_after_warm_up() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use ffwd::kernels::Workspace;
-    use ffwd::layers::{Dense, Fff, Layer, Ufff};
+    use ffwd::layers::{Dense, Fff, Ufff};
     let mut r = Rng::new(3);
     let (ni, no) = (48, 20);
     let layers: Vec<Box<dyn ffwd::layers::Layer>> = vec![

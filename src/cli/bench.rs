@@ -128,7 +128,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_model(path: &PathBuf, threads: usize, a: &BenchArgs) -> anyhow::Result<()> {
+fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow::Result<()> {
     let model = load_classifier(path)?;
     let k = model.layer().kernel();
     let (ni, no) = (k.in_features(), k.out_features());

@@ -43,7 +43,7 @@ pub fn erf_approx(x: f32) -> f32 {
     let tail = (1.0 - poly * exp_approx(-a * a)).copysign(x);
     let x2 = x * x;
     // 2/√π · (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360)
-    let series = 1.128_379_2
+    let series = std::f32::consts::FRAC_2_SQRT_PI
         * x
         * (1.0 + x2 * (-1.0 / 3.0 + x2 * (0.1 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 * (1.0 / 9360.0)))))));
     if a < 0.5 {

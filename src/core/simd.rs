@@ -75,33 +75,19 @@ pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
     [dot(a[0], b[0]), dot(a[1], b[1]), dot(a[2], b[2]), dot(a[3], b[3])]
 }
 
-/// `row · x[k]` for four vectors at once (the row is loaded once for all four).
-/// All slices must have the same length.
+/// `R` rows of a small product: `y[k] = bias + Σ_j h[k][j] · w[j, :]`, `w` row-major
+/// (`h[k].len() × y[k].len()`). Each row of `w` is loaded once for all `R` outputs and the
+/// accumulators stay in registers (32 columns at a time): the leaf MLPs of FFF use it with
+/// R = 1 (one sample) and R = 4 (four samples that reached the same leaf).
 #[inline]
-pub fn dot_1x4(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    let n = row.len();
-    let x = [&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F; all slices have n values.
-            return unsafe { x86::dot_1x4_avx512(row, x) };
-        }
-    }
-    [dot(row, x[0]), dot(row, x[1]), dot(row, x[2]), dot(row, x[3])]
-}
-
-/// Four rows of a small product: `y[k] = bias + Σ_j h[k][j] · w[j, :]` with `w` row-major
-/// (`h[k].len() × y[k].len()`). Each row of `w` is loaded once for the four outputs.
-#[inline]
-pub fn gemm_4xn(h: [&[f32]; 4], w: &[f32], bias: &[f32], y: [&mut [f32]; 4]) {
+pub fn gemm_rows<const R: usize>(h: [&[f32]; R], w: &[f32], bias: &[f32], y: [&mut [f32]; R]) {
     let (k, n) = (h[0].len(), bias.len());
     assert!(w.len() >= k * n && h.iter().all(|r| r.len() == k) && y.iter().all(|r| r.len() == n));
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F; shapes checked above.
-            return unsafe { x86::gemm_4xn_avx512(h, w, bias, y) };
+            return unsafe { x86::gemm_rows_avx512(h, w, bias, y) };
         }
     }
     for (hk, yk) in h.iter().zip(y) {
@@ -127,6 +113,8 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     tail + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+// Index loops over register arrays read closer to the intrinsics they stand for.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -191,47 +179,78 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_1x4_avx512(row: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-        let n = row.len();
-        let pr = row.as_ptr();
-        let px = x.map(|s| s.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 16 <= n {
-            let r = _mm512_loadu_ps(pr.add(i));
-            for k in 0..4 {
-                acc[k] = _mm512_fmadd_ps(r, _mm512_loadu_ps(px[k].add(i)), acc[k]);
-            }
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-            let r = _mm512_maskz_loadu_ps(m, pr.add(i));
-            for k in 0..4 {
-                acc[k] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(m, px[k].add(i)), acc[k]);
-            }
-        }
-        acc.map(|a| _mm512_reduce_add_ps(a))
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm_4xn_avx512(h: [&[f32]; 4], w: &[f32], bias: &[f32], y: [&mut [f32]; 4]) {
+    pub unsafe fn gemm_rows_avx512<const R: usize>(h: [&[f32]; R], w: &[f32], bias: &[f32], y: [&mut [f32]; R]) {
         let (kk, n) = (h[0].len(), bias.len());
         let (pw, pb) = (w.as_ptr(), bias.as_ptr());
+        let ph = h.map(|s| s.as_ptr());
         let py = y.map(|s| s.as_mut_ptr());
         let mut c = 0;
+        // 64 columns at a time when R ≤ 2 or the output is wide: four accumulators per row, one
+        // broadcast feeds four FMAs (fewer loads per FMA, more independent FMA chains)
+        if R <= 2 || n >= 128 {
+            while c + 64 <= n {
+                let mut a = [[_mm512_setzero_ps(); 4]; R];
+                for k in 0..R {
+                    for q in 0..4 {
+                        a[k][q] = _mm512_loadu_ps(pb.add(c + 16 * q));
+                    }
+                }
+                for j in 0..kk {
+                    let wr = [0, 1, 2, 3].map(|q| _mm512_loadu_ps(pw.add(j * n + c + 16 * q)));
+                    for k in 0..R {
+                        let hv = _mm512_set1_ps(*ph[k].add(j));
+                        for q in 0..4 {
+                            a[k][q] = _mm512_fmadd_ps(hv, wr[q], a[k][q]);
+                        }
+                    }
+                }
+                for k in 0..R {
+                    for q in 0..4 {
+                        _mm512_storeu_ps(py[k].add(c + 16 * q), a[k][q]);
+                    }
+                }
+                c += 64;
+            }
+        }
+        // one row, 32 columns: four partial sums over j so that four FMA chains run at once
+        // (a single chain waits on the FMA latency at every step)
+        if R == 1 {
+            while c + 32 <= n {
+                let mut a = [[_mm512_setzero_ps(); 2]; 4];
+                let mut j = 0;
+                while j + 4 <= kk {
+                    for u in 0..4 {
+                        let hv = _mm512_set1_ps(*ph[0].add(j + u));
+                        a[u][0] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add((j + u) * n + c)), a[u][0]);
+                        a[u][1] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add((j + u) * n + c + 16)), a[u][1]);
+                    }
+                    j += 4;
+                }
+                while j < kk {
+                    let hv = _mm512_set1_ps(*ph[0].add(j));
+                    a[0][0] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add(j * n + c)), a[0][0]);
+                    a[0][1] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add(j * n + c + 16)), a[0][1]);
+                    j += 1;
+                }
+                for q in 0..2 {
+                    let sum = _mm512_add_ps(_mm512_add_ps(a[0][q], a[1][q]), _mm512_add_ps(a[2][q], a[3][q]));
+                    _mm512_storeu_ps(py[0].add(c + 16 * q), _mm512_add_ps(sum, _mm512_loadu_ps(pb.add(c + 16 * q))));
+                }
+                c += 32;
+            }
+        }
+        // 32 columns at a time: two accumulators per row, one broadcast feeds two FMAs
         while c < n {
             let m: __mmask16 = if c + 16 <= n { 0xffff } else { ((1u32 << (n - c)) - 1) as u16 };
-            let b = _mm512_maskz_loadu_ps(m, pb.add(c));
-            let mut acc = [b; 4];
+            let mut a0 = [_mm512_maskz_loadu_ps(m, pb.add(c)); R];
             for j in 0..kk {
-                let wr = _mm512_maskz_loadu_ps(m, pw.add(j * n + c));
-                for k in 0..4 {
-                    acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(*h[k].get_unchecked(j)), wr, acc[k]);
+                let w0 = _mm512_maskz_loadu_ps(m, pw.add(j * n + c));
+                for k in 0..R {
+                    a0[k] = _mm512_fmadd_ps(_mm512_set1_ps(*ph[k].add(j)), w0, a0[k]);
                 }
             }
-            for k in 0..4 {
-                _mm512_mask_storeu_ps(py[k].add(c), m, acc[k]);
+            for k in 0..R {
+                _mm512_mask_storeu_ps(py[k].add(c), m, a0[k]);
             }
             c += 16;
         }
@@ -316,6 +335,36 @@ mod tests {
     use crate::core::Rng;
 
     #[test]
+    fn gemm_rows_matches_naive_on_every_column_path() {
+        let mut r = Rng::new(9);
+        for &k in &[1usize, 3, 4, 5, 9, 33] {
+            for &n in &[1usize, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 130, 200] {
+                let w: Vec<f32> = (0..k * n).map(|_| r.normal()).collect();
+                let bias: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+                let h: Vec<Vec<f32>> = (0..4).map(|_| (0..k).map(|_| r.normal()).collect()).collect();
+                let want = |row: &[f32]| -> Vec<f64> { (0..n).map(|c| bias[c] as f64 + (0..k).map(|j| row[j] as f64 * w[j * n + c] as f64).sum::<f64>()).collect() };
+                let mut y4 = vec![vec![0.0f32; n]; 4];
+                {
+                    let [a, b, c, d] = &mut y4[..] else { unreachable!() };
+                    gemm_rows([&h[0][..], &h[1], &h[2], &h[3]], &w, &bias, [a, b, c, d]);
+                }
+                let mut y1 = vec![0.0f32; n];
+                gemm_rows([&h[2][..]], &w, &bias, [&mut y1]);
+                let mut y2 = vec![vec![0.0f32; n]; 2];
+                {
+                    let [a, b] = &mut y2[..] else { unreachable!() };
+                    gemm_rows([&h[0][..], &h[1]], &w, &bias, [a, b]);
+                }
+                for (got, row) in y4.iter().zip(&h).chain([(&y1, &h[2])]).chain(y2.iter().zip(&h)) {
+                    for (g, w) in got.iter().zip(want(row)) {
+                        assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "k={k} n={n}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dispatched_kernels_match_naive_for_every_length() {
         let mut r = Rng::new(5);
         for n in 0..80 {
@@ -330,24 +379,23 @@ mod tests {
                 assert!((*got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot4 n={n}");
             }
             if n > 0 {
-                let c = [&a[..], &b[..], &a[..], &b[..]];
-                let d = dot_1x4(&a, c);
-                for (k, ck) in c.iter().enumerate() {
-                    let w: f64 = a.iter().zip(ck.iter()).map(|(p, q)| *p as f64 * *q as f64).sum();
-                    assert!((d[k] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot_1x4 n={n}");
-                }
-                // gemm_4xn with k = 3 rows of width n
+                // gemm_rows with k = 3 rows of width n, R = 4 and R = 1
                 let w: Vec<f32> = (0..3 * n).map(|i| (i % 7) as f32 - 3.0).collect();
                 let hs = [[1.0f32, 2.0, 3.0], [0.5, 0.0, -1.0], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.25]];
                 let mut ys = vec![vec![0.0f32; n]; 4];
                 {
                     let [y0, y1, y2, y3] = &mut ys[..] else { unreachable!() };
-                    gemm_4xn([&hs[0], &hs[1], &hs[2], &hs[3]], &w, &b, [y0, y1, y2, y3]);
+                    gemm_rows([&hs[0], &hs[1], &hs[2], &hs[3]], &w, &b, [y0, y1, y2, y3]);
                 }
+                let mut y1 = vec![0.0f32; n];
+                gemm_rows([&hs[3]], &w, &b, [&mut y1]);
                 for k in 0..4 {
                     for i in 0..n {
                         let want = b[i] + (0..3).map(|j| hs[k][j] * w[j * n + i]).sum::<f32>();
-                        assert!((ys[k][i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_4xn n={n}");
+                        assert!((ys[k][i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_rows n={n}");
+                        if k == 3 {
+                            assert!((y1[i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_rows R=1 n={n}");
+                        }
                     }
                 }
             }

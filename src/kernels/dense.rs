@@ -60,8 +60,8 @@ fn gemv(wt: &[f32], b: &[f32], x: &[f32], y: &mut [f32]) {
         for i in (0..quads).step_by(4) {
             axpy4([x[i], x[i + 1], x[i + 2], x[i + 3]], [row(i), row(i + 1), row(i + 2), row(i + 3)], yc);
         }
-        for i in quads..x.len() {
-            axpy(x[i], row(i), yc);
+        for (i, &xi) in x.iter().enumerate().skip(quads) {
+            axpy(xi, row(i), yc);
         }
     };
     if o * x.len() >= 1 << 16 {

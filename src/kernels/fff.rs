@@ -6,8 +6,8 @@ use rayon::prelude::*;
 use super::ufff::TreeStrategy;
 use super::{check_io, counting_sort, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
-use crate::core::gemm::{axpy, dot};
-use crate::core::simd::{dot_1x4, gemm_4xn};
+use crate::core::gemm::dot;
+use crate::core::simd::gemm_rows;
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -27,8 +27,8 @@ pub struct MasterWeights {
     pub gate_b: f32,
 }
 
-/// Inference copy of an [`crate::layers::Fff`], with the first leaf layer transposed to
-/// `leaves × leaf × in` so that every hidden unit is one contiguous dot product.
+/// Inference copy of an [`crate::layers::Fff`]. Both leaf layers are applied with
+/// [`gemm_rows`]: register-blocked, each weight row read once per one or four samples.
 pub struct FffKernel {
     in_features: usize,
     out_features: usize,
@@ -37,7 +37,7 @@ pub struct FffKernel {
     activation: Activation,
     node_w: Vec<f32>,
     node_b: Vec<f32>,
-    w1t: Vec<f32>,
+    w1: Vec<f32>,
     b1: Vec<f32>,
     w2: Vec<f32>,
     b2: Vec<f32>,
@@ -64,17 +64,7 @@ impl FffKernel {
         activation: Activation,
         master: Option<MasterWeights>,
     ) -> Self {
-        let leaves = 1usize << depth;
-        let mut w1t = vec![0.0; w1s.len()];
-        for l in 0..leaves {
-            let (src, dst) = (&w1s[l * in_features * leaf..], &mut w1t[l * in_features * leaf..(l + 1) * in_features * leaf]);
-            for i in 0..in_features {
-                for j in 0..leaf {
-                    dst[j * in_features + i] = src[i * leaf + j];
-                }
-            }
-        }
-        FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1t, b1, w2, b2, master, strategy: TreeStrategy::Auto }
+        FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1: w1s.to_vec(), b1, w2, b2, master, strategy: TreeStrategy::Auto }
     }
 
     /// Forces a strategy (for tests and benchmarks).
@@ -112,23 +102,15 @@ impl FffKernel {
     #[inline]
     fn leaf_forward(&self, leaf: usize, x: &[f32], y: &mut [f32], h: &mut [f32]) {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
-        let w1 = &self.w1t[leaf * lw * ni..(leaf + 1) * lw * ni];
-        let b1 = &self.b1[leaf * lw..(leaf + 1) * lw];
-        for j in 0..lw {
-            h[j] = self.activation.apply(dot(&w1[j * ni..(j + 1) * ni], x) + b1[j]);
-        }
-        y.copy_from_slice(&self.b2[leaf * no..(leaf + 1) * no]);
-        let w2 = &self.w2[leaf * lw * no..(leaf + 1) * lw * no];
-        for (j, &hj) in h[..lw].iter().enumerate() {
-            if hj != 0.0 {
-                axpy(hj, &w2[j * no..(j + 1) * no], y);
-            }
-        }
+        let hl = &mut h[..lw];
+        gemm_rows([x], &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.b1[leaf * lw..(leaf + 1) * lw], [&mut *hl]);
+        self.activation.apply_inplace(hl);
+        gemm_rows([&*hl], &self.w2[leaf * lw * no..(leaf + 1) * lw * no], &self.b2[leaf * no..(leaf + 1) * no], [y]);
         if let Some(m) = &self.master {
             let mw = m.b1.len();
             let g = sigmoid(dot(&m.gate_w, x) + m.gate_b);
-            for k in 0..mw {
-                h[k] = self.activation.apply(dot(&m.w1[k * ni..(k + 1) * ni], x) + m.b1[k]);
+            for (k, hk) in h[..mw].iter_mut().enumerate() {
+                *hk = self.activation.apply(dot(&m.w1[k * ni..(k + 1) * ni], x) + m.b1[k]);
             }
             for (j, yj) in y.iter_mut().enumerate() {
                 let mo = dot(&m.w2[j * mw..(j + 1) * mw], &h[..mw]) + m.b2[j];
@@ -137,22 +119,17 @@ impl FffKernel {
         }
     }
 
-    /// Leaf MLP of four samples that reached the same leaf (no master leaf): each weight row
-    /// is loaded once for the four.
+    /// Leaf MLP of four samples that reached the same leaf (no master leaf).
     fn leaf_forward4(&self, leaf: usize, x: [&[f32]; 4], y: [&mut [f32]; 4], h: [&mut [f32]; 4]) {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
-        let w1 = &self.w1t[leaf * lw * ni..(leaf + 1) * lw * ni];
-        let b1 = &self.b1[leaf * lw..(leaf + 1) * lw];
         let [h0, h1, h2, h3] = h;
-        for j in 0..lw {
-            let d = dot_1x4(&w1[j * ni..(j + 1) * ni], x);
-            h0[j] = self.activation.apply(d[0] + b1[j]);
-            h1[j] = self.activation.apply(d[1] + b1[j]);
-            h2[j] = self.activation.apply(d[2] + b1[j]);
-            h3[j] = self.activation.apply(d[3] + b1[j]);
+        let hs = [&mut h0[..lw], &mut h1[..lw], &mut h2[..lw], &mut h3[..lw]];
+        gemm_rows(x, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.b1[leaf * lw..(leaf + 1) * lw], hs);
+        for hk in [&mut h0[..lw], &mut h1[..lw], &mut h2[..lw], &mut h3[..lw]] {
+            self.activation.apply_inplace(hk);
         }
         let w2 = &self.w2[leaf * lw * no..(leaf + 1) * lw * no];
-        gemm_4xn([&h0[..lw], &h1[..lw], &h2[..lw], &h3[..lw]], w2, &self.b2[leaf * no..(leaf + 1) * no], y);
+        gemm_rows([&h0[..lw], &h1[..lw], &h2[..lw], &h3[..lw]], w2, &self.b2[leaf * no..(leaf + 1) * no], y);
     }
 
     fn scratch(&self) -> usize {
@@ -176,31 +153,27 @@ impl FffKernel {
         }
     }
 
-    /// Level-wise grouped descent: leaves `nodes[s]` at sample s's leaf position (heap index).
-    fn descend_grouped(&self, x: &[f32], nodes: &mut [u32], order: &mut [u32], counts: &mut [u32]) {
+    /// Batched descent: each sample walks down on its own (its x stays in L1 for all `depth`
+    /// dot products; the top levels' rows are shared and cache-resident), threads over
+    /// samples. Leaves `nodes[s]` at sample s's leaf position (heap index). A level-major
+    /// variant sorting samples by node at every level measured 3x slower here (x re-read per
+    /// level, one synchronisation per level).
+    fn descend_batch(&self, x: &[f32], nodes: &mut [u32]) {
         let ni = self.in_features;
-        let batch = nodes.len();
-        nodes.fill(0);
-        let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
-        let np = SyncPtr(nodes.as_mut_ptr());
-        for level in 0..self.depth {
-            counting_sort(nodes, (1u32 << level) - 1, 1 << level, counts, order);
-            order.par_chunks(chunk).for_each(|run| {
-                for &s in run {
-                    let s = s as usize;
-                    // SAFETY: `order` is a permutation of 0..batch: runs own disjoint entries.
-                    let node = unsafe { &mut np.slice(s, 1)[0] };
-                    *node = self.node_step(*node as usize, &x[s * ni..(s + 1) * ni]) as u32;
-                }
-            });
-        }
+        nodes.par_iter_mut().zip(x.par_chunks(ni)).with_min_len(8).for_each(|(node, xs)| {
+            let mut n = 0;
+            while n < self.nodes() {
+                n = self.node_step(n, xs);
+            }
+            *node = n as u32;
+        });
     }
 
-    /// Leaves reached by the batched (level-grouped) descent. `x`: `batch × in`.
+    /// Leaves reached by the batched descent. `x`: `batch × in`.
     pub fn leaves_grouped(&self, x: &[f32], batch: usize, ws: &mut Workspace) -> Result<Vec<usize>> {
         crate::error::check_matrix("fff kernel input x", x.len(), batch, self.in_features)?;
-        let ([..], [nodes, order, counts, _]) = ws.take([0; 4], [batch, batch, (1 << self.depth) + 1, 0]);
-        self.descend_grouped(x, nodes, order, counts);
+        let ([..], [nodes, _, _, _]) = ws.take([0; 4], [batch, 0, 0, 0]);
+        self.descend_batch(x, nodes);
         Ok(nodes.iter().map(|&n| n as usize - self.nodes()).collect())
     }
 
@@ -208,7 +181,7 @@ impl FffKernel {
         let (ni, no, hw) = (self.in_features, self.out_features, self.scratch());
         let leaves = 1usize << self.depth;
         let ([h, _, _, _], [nodes, order, counts, _]) = ws.take([batch * hw, 0, 0, 0], [batch, batch, leaves + 1, 0]);
-        self.descend_grouped(x, nodes, order, counts);
+        self.descend_batch(x, nodes);
         counting_sort(nodes, self.nodes() as u32, leaves, counts, order);
         let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
         let (yp, hp) = (SyncPtr(y.as_mut_ptr()), SyncPtr(h.as_mut_ptr()));
