@@ -51,4 +51,12 @@ fn main() {
     bench(256, 784, 128, false, true, json);
     bench(256, 128, 784, true, false, json);
     bench(128, 256, 784, false, false, json);
+    if args.iter().any(|a| a == "--ff") {
+        // Forward-Forward step shapes (batch 100, 784-1000)
+        bench(100, 784, 1000, false, false, json);
+        bench(100, 784, 1000, false, true, json);
+        bench(784, 200, 1000, true, false, json);
+        bench(1000, 200, 784, true, false, json);
+        bench(200, 1000, 1000, false, false, json);
+    }
 }

@@ -18,6 +18,7 @@ use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
 use crate::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
 use crate::optim::OptimizerKind;
+use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
 
 /// Which layer the classifier uses.
@@ -45,6 +46,28 @@ impl std::str::FromStr for LayerKind {
     }
 }
 
+/// Training algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Backpropagation.
+    #[default]
+    Bp,
+    /// Forward-Forward (dense ReLU MLP, layer-local objectives).
+    Ff,
+}
+
+impl std::str::FromStr for Algo {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bp" => Ok(Algo::Bp),
+            "ff" => Ok(Algo::Ff),
+            _ => Err(Error::Config(format!("unknown algorithm `{s}` (expected bp or ff)"))),
+        }
+    }
+}
+
 /// Everything `ffwd train` needs. Defaults train a dense classifier on the embedded digits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,6 +78,8 @@ pub struct TrainConfig {
     pub holdout: f32,
     /// Which CSV column is the label.
     pub csv_label: LabelColumn,
+    /// Training algorithm: `bp` (backpropagation) or `ff` (Forward-Forward, options in `[ff]`).
+    pub algo: Algo,
     /// Layer kind; its options come from the table of the same name.
     pub layer: LayerKind,
     /// Options of the dense layer.
@@ -63,6 +88,8 @@ pub struct TrainConfig {
     pub fff: FffConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
+    /// Options of Forward-Forward training (its own epochs, batch and learning rates).
+    pub ff: FfConfig,
     /// Passes over the training set.
     pub epochs: usize,
     /// Minibatch size.
@@ -99,10 +126,12 @@ impl Default for TrainConfig {
             data: "digits".into(),
             holdout: 0.2,
             csv_label: LabelColumn::First,
+            algo: Algo::Bp,
             layer: LayerKind::Dense,
             dense: DenseConfig::default(),
             fff: FffConfig::default(),
             ufff: UfffConfig::default(),
+            ff: FfConfig::default(),
             // 100 × 45 steps of 32 take under a second on digits; MNIST configs set their own.
             epochs: 100,
             batch: 32,

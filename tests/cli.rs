@@ -227,3 +227,28 @@ fn bench_a_saved_model() {
     assert_eq!(m["neurons_per_inference"], 6);
     assert!(m["latency_us_batch1"].as_f64().unwrap() > 0.0 && m["samples_per_s_batch1024"].as_f64().unwrap() > 0.0, "{m}");
 }
+
+#[test]
+fn forward_forward_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let metrics = dir.path().join(name);
+        ok(&ffwd(&["train", "-q", "--algo", "ff", "--ff-layers", "64,64", "--epochs", "4", "--batch", "50", "--lr", "0.01", "--metrics", p(&metrics)]));
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+        m
+    };
+    let (a, b) = (run("a.json"), run("b.json"));
+    assert_eq!(a["algo"], "ff");
+    assert_eq!(a["layers"].as_array().unwrap().len(), 2);
+    for l in a["layers"].as_array().unwrap() {
+        let (pos, neg) = (l["pos_goodness"].as_f64().unwrap(), l["neg_goodness"].as_f64().unwrap());
+        assert!(pos > neg, "positives should have more goodness: {l}");
+    }
+    assert!(a["test_accuracy"].as_f64().unwrap() > 0.6, "{a}");
+    assert!(a["test_accuracy_goodness"].as_f64().is_some());
+    // same seed, same result
+    assert_eq!(a["test_accuracy"], b["test_accuracy"]);
+    assert_eq!(a["layers"], b["layers"]);
+    let err = fails(&ffwd(&["train", "--algo", "ff", "--epochs", "1", "--save", p(&dir.path().join("x.safetensors"))]));
+    assert!(err.contains("not supported with --algo ff"), "{err}");
+}

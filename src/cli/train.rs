@@ -8,11 +8,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use ffwd::checkpoint::save_classifier;
-use ffwd::config::{LayerKind, TrainConfig};
+use ffwd::config::{Algo, LayerKind, TrainConfig};
 use ffwd::core::Activation;
 use ffwd::data::DataSpec;
 use ffwd::models::{Classifier, ModelConfig};
 use ffwd::optim::OptimizerKind;
+use ffwd::train::forward_forward::{train_ff, FfNet, Negatives};
 use ffwd::train::{train, EpochReport, Progress};
 
 /// Options of `ffwd train`. Flags override the values of `--config`.
@@ -27,6 +28,28 @@ pub struct TrainArgs {
     /// Fraction of a CSV file held out as the test set [default: 0.2].
     #[arg(long)]
     holdout: Option<f32>,
+    /// Training algorithm: bp (backpropagation) or ff (Forward-Forward; dense ReLU MLP with
+    /// the widths of --ff-layers; --epochs, --batch, --lr, --seed apply to it) [default: bp].
+    #[arg(long)]
+    algo: Option<Algo>,
+    /// Forward-Forward hidden widths, comma separated [default: 1000,1000,1000].
+    #[arg(long, value_name = "W,W,...", value_delimiter = ',')]
+    ff_layers: Option<Vec<usize>>,
+    /// Forward-Forward negatives: hard (from the model's own prediction) or random [default: hard].
+    #[arg(long, value_parser = parse_negatives)]
+    ff_negatives: Option<Negatives>,
+    /// Collaborative Forward-Forward (each layer's probability includes the others' goodness).
+    #[arg(long)]
+    ff_collaborative: bool,
+    /// Forward-Forward peer-normalisation strength [default: 0.03].
+    #[arg(long)]
+    ff_peer: Option<f32>,
+    /// Forward-Forward goodness threshold θ [default: the layer width].
+    #[arg(long)]
+    ff_theta: Option<f32>,
+    /// Evaluate the 10-pass goodness predictor every N epochs (and at the end) [default: 10].
+    #[arg(long, default_value_t = 10)]
+    ff_goodness_every: usize,
     /// Layer between the input and the softmax: dense, fff or ufff [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
@@ -105,6 +128,14 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation `{s}` (relu, gelu, silu)"))
 }
 
+fn parse_negatives(s: &str) -> Result<Negatives, String> {
+    match s {
+        "hard" => Ok(Negatives::Hard),
+        "random" => Ok(Negatives::Random),
+        _ => Err(format!("unknown negatives `{s}` (hard, random)")),
+    }
+}
+
 fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
     match s {
         "adamw" => Ok(OptimizerKind::Adamw),
@@ -122,7 +153,35 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { c.$field = v; } )* };
     }
-    set!(data, holdout, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
+    set!(data, holdout, algo, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
+    // Forward-Forward keeps its own schedule in [ff]; the generic flags override it when given
+    if let Some(v) = a.epochs {
+        c.ff.epochs = v;
+    }
+    if let Some(v) = a.batch {
+        c.ff.batch = v;
+    }
+    if let Some(v) = a.lr {
+        c.ff.lr = v;
+    }
+    if let Some(v) = a.seed {
+        c.ff.seed = v;
+    }
+    if let Some(v) = a.ff_layers.clone() {
+        c.ff.layers = v;
+    }
+    if let Some(v) = a.ff_negatives {
+        c.ff.negatives = v;
+    }
+    if a.ff_collaborative {
+        c.ff.collaborative = true;
+    }
+    if let Some(v) = a.ff_peer {
+        c.ff.peer = v;
+    }
+    if a.ff_theta.is_some() {
+        c.ff.theta = a.ff_theta;
+    }
     if let Some(v) = a.save.clone() {
         c.save = Some(v);
     }
@@ -204,6 +263,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let threads = super::init_threads(cfg.threads)?;
     let spec: DataSpec = cfg.data.parse()?;
     let split = spec.load(cfg.holdout, cfg.seed, cfg.csv_label)?;
+    if cfg.algo == Algo::Ff {
+        return run_ff(&a, &cfg, &split, threads);
+    }
     let model_cfg = ModelConfig { in_features: split.train.dim, n_classes: split.train.n_classes, layer: cfg.layer_config() };
     let mut model = Classifier::new(model_cfg, cfg.seed)?;
     if !a.quiet {
@@ -264,6 +326,86 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         });
         let text = serde_json::to_string_pretty(&metrics)?;
         ffwd::checkpoint::write_atomic(path.as_ref(), text.as_bytes()).with_context(|| "writing metrics")?;
+    }
+    Ok(())
+}
+
+fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: usize) -> anyhow::Result<()> {
+    if cfg.save.is_some() {
+        anyhow::bail!("--save is not supported with --algo ff yet (Forward-Forward checkpoints are not implemented)");
+    }
+    let mut net = FfNet::new(cfg.ff.clone(), split.train.dim, split.train.n_classes)?;
+    let params: usize = {
+        let mut fan_in = split.train.dim;
+        cfg.ff.layers.iter().map(|&w| {
+            let p = w * fan_in + w;
+            fan_in = w;
+            p
+        }).sum()
+    };
+    if !a.quiet {
+        eprintln!(
+            "data {}: {} train / {} test | Forward-Forward {:?} ({params} params, negatives {:?}{}) | {threads} threads",
+            cfg.data,
+            split.train.len(),
+            split.test.len(),
+            cfg.ff.layers,
+            cfg.ff.negatives,
+            if cfg.ff.collaborative { ", collaborative" } else { "" }
+        );
+    }
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(cfg.ff.epochs as u64) };
+    pb.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}").expect("static template").progress_chars("=> "));
+    let quiet = a.quiet;
+    let history = train_ff(&mut net, split, a.ff_goodness_every, &mut |e| {
+        pb.inc(1);
+        let layers: Vec<String> = e.layers.iter().map(|l| format!("{:.3}/{:.3}/{:.0}:{:.0}", l.loss, l.accuracy, l.pos_goodness, l.neg_goodness)).collect();
+        let line = format!(
+            "epoch {:>3}  layers loss/acc/G+:G- {}  head {:.4}  test softmax {:.4}{}  {:.1}s",
+            e.epoch,
+            layers.join(" "),
+            e.head_loss,
+            e.test_accuracy,
+            e.test_accuracy_goodness.map(|g| format!(" goodness {g:.4}")).unwrap_or_default(),
+            e.seconds
+        );
+        pb.set_message(format!("test {:.4}", e.test_accuracy));
+        if !quiet {
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
+        }
+    })?;
+    pb.finish_and_clear();
+    let last = history.last().ok_or_else(|| anyhow::anyhow!("no epoch ran"))?;
+    let train_seconds: f64 = history.iter().map(|e| e.seconds).sum();
+    let (train_acc, _) = net.accuracy(&split.train, false)?;
+    println!(
+        "test accuracy {:.4} (softmax), {} (goodness)  train accuracy {:.4}  ({} epochs, {:.1}s training, {params} params)",
+        last.test_accuracy,
+        last.test_accuracy_goodness.map(|g| format!("{g:.4}")).unwrap_or("-".into()),
+        train_acc,
+        history.len(),
+        train_seconds
+    );
+    if let Some(path) = &cfg.metrics {
+        let metrics = json!({
+            "algo": "ff",
+            "test_accuracy": last.test_accuracy,
+            "test_accuracy_goodness": last.test_accuracy_goodness,
+            "train_accuracy": train_acc,
+            "epochs": history.len(),
+            "train_seconds": train_seconds,
+            "params": params,
+            "neurons_per_inference": cfg.ff.layers.iter().sum::<usize>(),
+            "layers": last.layers,
+            "threads": threads,
+            "config": cfg,
+            "history": history,
+        });
+        ffwd::checkpoint::write_atomic(path.as_ref(), serde_json::to_string_pretty(&metrics)?.as_bytes()).with_context(|| "writing metrics")?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! Training algorithms. [`backprop`]: minibatch gradient descent with explicit backward.
+//! Training algorithms. [`backprop`]: minibatch gradient descent with explicit backward;
+//! [`forward_forward`]: Hinton's Forward-Forward, layer-local objectives without backprop.
 
 pub mod backprop;
+pub mod forward_forward;
 
 pub use backprop::{train, EpochReport, Progress, TrainOptions, TrainReport};
