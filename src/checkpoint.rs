@@ -74,6 +74,18 @@ pub fn read_f32(st: &SafeTensors<'_>, name: &str, shape: &[usize], file: &str) -
     }
 }
 
+/// Format tag of Forward-Forward checkpoints.
+pub const FF_FORMAT: &str = "ff/1";
+
+/// The format tag stored in a checkpoint's metadata (`classifier/1`, `ff/1`, …).
+pub fn format_of(path: &Path) -> Result<String> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    md.get(FORMAT_KEY).cloned().ok_or(Error::Checkpoint { path: file, msg: format!("metadata has no `{FORMAT_KEY}`") })
+}
+
 /// Loads a classifier saved by [`save_classifier`].
 pub fn load_classifier(path: &Path) -> Result<Classifier> {
     let file = path.display().to_string();

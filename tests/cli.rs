@@ -249,6 +249,29 @@ fn forward_forward_through_the_cli() {
     // same seed, same result
     assert_eq!(a["test_accuracy"], b["test_accuracy"]);
     assert_eq!(a["layers"], b["layers"]);
-    let err = fails(&ffwd(&["train", "--algo", "ff", "--epochs", "1", "--save", p(&dir.path().join("x.safetensors"))]));
-    assert!(err.contains("not supported with --algo ff"), "{err}");
+    // checkpoint: eval reproduces the softmax accuracy, predict answers one line per sample
+    let model = dir.path().join("ff.safetensors");
+    ok(&ffwd(&["train", "-q", "--algo", "ff", "--ff-layers", "64,64", "--epochs", "4", "--batch", "50", "--lr", "0.01", "--save", p(&model)]));
+    let out = ok(&ffwd(&["eval", "--model", p(&model)]));
+    let acc = a["test_accuracy"].as_f64().unwrap();
+    assert!(out.contains(&format!("test accuracy {acc:.4} (softmax)")), "{out} vs {acc}");
+    let split = digits::split().unwrap();
+    let rows: Vec<String> = (0..3).map(|i| split.test.row(i).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" ")).collect();
+    let out = ok(&ffwd_stdin(&["predict", "--model", p(&model)], &rows.join("\n")));
+    assert_eq!(out.lines().count(), 3);
+    assert!(out.lines().all(|l| l.parse::<u32>().is_ok_and(|c| c < 10)), "{out}");
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            ffwd::config::TrainConfig::from_toml_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "expected the shipped configs, found {n}");
 }

@@ -121,3 +121,29 @@ fn inference_kernels_do_not_allocate_after_warm_up() {
         });
     }
 }
+
+#[test]
+fn forward_forward_steps_do_not_allocate() {
+    use ffwd::data::Dataset;
+    use ffwd::train::forward_forward::{FfConfig, FfLayerStats, FfNet};
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    pool.install(|| {
+        let mut r = Rng::new(1);
+        let (n, dim) = (200, 40);
+        let data = Dataset { x: (0..n * dim).map(|_| r.uniform()).collect(), y: (0..n).map(|i| (i % 5) as u32).collect(), dim, n_classes: 5 };
+        let mut net = FfNet::new(FfConfig { layers: vec![32, 32], ..Default::default() }, dim, 5).unwrap();
+        let idx: Vec<usize> = (0..50).collect();
+        let mut stats = vec![FfLayerStats::default(); 2];
+        for _ in 0..3 {
+            net.step(&data, &idx, 1.0, &mut r, &mut stats).unwrap();
+        }
+        let (before, gemms) = (ALLOCS.load(Ordering::SeqCst), gemm_calls());
+        for _ in 0..20 {
+            net.step(&data, &idx, 1.0, &mut r, &mut stats).unwrap();
+        }
+        let (allocs, gemms) = (ALLOCS.load(Ordering::SeqCst) - before, gemm_calls() - gemms);
+        assert!(gemms > 0);
+        assert!(allocs <= 4 * gemms, "{allocs} allocations for {gemms} GEMM calls in 20 FF steps");
+    });
+}

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use ffwd::checkpoint::load_classifier;
+use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
+use ffwd::train::forward_forward::FfNet;
 use ffwd::data::csv::LabelColumn;
 use ffwd::data::DataSpec;
 
@@ -30,6 +31,20 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
+    if format_of(&a.model)? == FF_FORMAT {
+        let mut net = FfNet::load(&a.model)?;
+        let spec: DataSpec = a.data.parse()?;
+        let split = spec.load(a.holdout, a.seed, LabelColumn::First)?;
+        let (test, test_g) = net.accuracy(&split.test, true)?;
+        let (train, _) = net.accuracy(&split.train, false)?;
+        println!(
+            "test accuracy {test:.4} (softmax), {:.4} (goodness) ({} samples)  train accuracy {train:.4} ({} samples)",
+            test_g.unwrap_or(0.0),
+            split.test.len(),
+            split.train.len()
+        );
+        return Ok(());
+    }
     let model = load_classifier(&a.model)?;
     let spec: DataSpec = a.data.parse()?;
     let split = spec.load(a.holdout, a.seed, LabelColumn::First)?;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use ffwd::checkpoint::load_classifier;
+use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
+use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd predict`.
 #[derive(Args, Debug)]
@@ -21,7 +22,9 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
-    let model = load_classifier(&a.model)?;
+    // a Forward-Forward checkpoint predicts with its softmax head (one neutral-label pass)
+    let mut ff = if format_of(&a.model)? == FF_FORMAT { Some(FfNet::load(&a.model)?) } else { None };
+    let model = if ff.is_none() { Some(load_classifier(&a.model)?) } else { None };
     let (text, name) = match &a.input {
         Some(p) => (std::fs::read_to_string(p).with_context(|| p.display().to_string())?, p.display().to_string()),
         None => {
@@ -30,7 +33,11 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
             (s, "<stdin>".to_string())
         }
     };
-    let dim = model.config().in_features;
+    let dim = match (&ff, &model) {
+        (Some(f), _) => f.in_features(),
+        (None, Some(m)) => m.config().in_features,
+        (None, None) => unreachable!("one of the two loaded"),
+    };
     let mut x = Vec::new();
     let mut rows = 0;
     for (i, line) in text.lines().enumerate() {
@@ -54,7 +61,15 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if rows == 0 {
         bail!("{name}: no samples");
     }
-    let pred = model.predict(&x, rows)?;
+    let pred = match (&mut ff, &model) {
+        (Some(f), _) => {
+            let mut p = vec![0u32; rows];
+            f.predict_softmax(&x, rows, &mut p);
+            p
+        }
+        (None, Some(m)) => m.predict(&x, rows)?,
+        (None, None) => unreachable!("one of the two loaded"),
+    };
     let mut out = String::with_capacity(rows * 3);
     for p in pred {
         out.push_str(&p.to_string());

@@ -331,9 +331,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: usize) -> anyhow::Result<()> {
-    if cfg.save.is_some() {
-        anyhow::bail!("--save is not supported with --algo ff yet (Forward-Forward checkpoints are not implemented)");
-    }
     let mut net = FfNet::new(cfg.ff.clone(), split.train.dim, split.train.n_classes)?;
     let params: usize = {
         let mut fan_in = split.train.dim;
@@ -390,6 +387,10 @@ fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: 
         history.len(),
         train_seconds
     );
+    if let Some(path) = &cfg.save {
+        net.save(path.as_ref())?;
+        eprintln!("saved {path}");
+    }
     if let Some(path) = &cfg.metrics {
         let metrics = json!({
             "algo": "ff",

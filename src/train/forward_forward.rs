@@ -537,6 +537,74 @@ impl FfNet {
     }
 }
 
+/// Model description stored in a Forward-Forward checkpoint's metadata.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FfMeta {
+    n_in: usize,
+    classes: usize,
+    ff: FfConfig,
+}
+
+impl FfNet {
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.n_in
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Saves weights (`layers.{l}.weight` as `in × out`, `layers.{l}.bias`), the softmax head
+    /// (`head.{l}.weight`, `width × classes`, for hidden layers ≥ 1) and the configuration
+    /// (metadata `ffwd.format = ff/1`, `ffwd.config`) to one safetensors file, atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use crate::checkpoint::{to_safetensors_bytes, write_atomic, CONFIG_KEY, FF_FORMAT, FORMAT_KEY};
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            tensors.push((format!("layers.{l}.weight"), vec![layer.n_in, layer.n_out], &layer.w));
+            tensors.push((format!("layers.{l}.bias"), vec![layer.n_out], &layer.b));
+            if l > 0 {
+                tensors.push((format!("head.{l}.weight"), vec![layer.n_out, self.classes], &self.head[l]));
+            }
+        }
+        let meta = FfMeta { n_in: self.n_in, classes: self.classes, ff: self.cfg.clone() };
+        let mut md = std::collections::HashMap::new();
+        md.insert(FORMAT_KEY.to_string(), FF_FORMAT.to_string());
+        md.insert(CONFIG_KEY.to_string(), serde_json::to_string(&meta).map_err(|e| Error::Invalid(e.to_string()))?);
+        write_atomic(path, &to_safetensors_bytes(&tensors, md)?)
+    }
+
+    /// Loads a network saved by [`FfNet::save`].
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        use crate::checkpoint::{read_f32, CONFIG_KEY, FF_FORMAT, FORMAT_KEY};
+        use safetensors::SafeTensors;
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::Checkpoint { path: file.clone(), msg };
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        if md.get(FORMAT_KEY).map(String::as_str) != Some(FF_FORMAT) {
+            return Err(bad(format!("metadata `{FORMAT_KEY}` is not `{FF_FORMAT}`")));
+        }
+        let m: FfMeta = serde_json::from_str(md.get(CONFIG_KEY).ok_or_else(|| bad(format!("metadata has no `{CONFIG_KEY}`")))?)
+            .map_err(|e| bad(format!("bad `{CONFIG_KEY}`: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut net = FfNet::new(m.ff, m.n_in, m.classes)?;
+        for l in 0..net.layers.len() {
+            let (ni, no) = (net.layers[l].n_in, net.layers[l].n_out);
+            net.layers[l].w = read_f32(&st, &format!("layers.{l}.weight"), &[ni, no], &file)?;
+            net.layers[l].b = read_f32(&st, &format!("layers.{l}.bias"), &[no], &file)?;
+            if l > 0 {
+                net.head[l] = read_f32(&st, &format!("head.{l}.weight"), &[no, m.classes], &file)?;
+            }
+        }
+        Ok(net)
+    }
+}
+
 /// What a Forward-Forward run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct FfEpoch {
