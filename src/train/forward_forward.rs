@@ -684,6 +684,15 @@ pub fn train_ff(net: &mut FfNet, split: &Split, goodness_every: usize, on_epoch:
 mod tests {
     use super::*;
 
+    /// Weight `k` (or bias `k`) of layer `l`.
+    fn param(net: &mut FfNet, l: usize, bias: bool, k: usize) -> &mut f32 {
+        if bias {
+            &mut net.layers[l].b[k]
+        } else {
+            &mut net.layers[l].w[k]
+        }
+    }
+
     /// The local loss of a layer on fixed inputs, for finite differences.
     fn local_loss(net: &mut FfNet, l: usize, rows: usize, positive: bool) -> f64 {
         net.forward(0, rows);
@@ -711,25 +720,21 @@ mod tests {
                 let mut gw = vec![0.0; no * ni];
                 let mut gb = vec![0.0; no];
                 net.param_grads(l, rows, &mut gw, &mut gb);
-                for k in (0..no * ni).step_by(5) {
-                    let orig = net.layers[l].w[k];
-                    net.layers[l].w[k] = orig + 1e-3;
-                    let lp = local_loss(&mut net, l, rows, positive);
-                    net.layers[l].w[k] = orig - 1e-3;
-                    let lm = local_loss(&mut net, l, rows, positive);
-                    net.layers[l].w[k] = orig;
-                    let num = (lp - lm) / 2e-3;
-                    assert!((num - gw[k] as f64).abs() < 2e-3 + 2e-2 * num.abs(), "layer {l} pos {positive} w[{k}]: {} vs {num}", gw[k]);
-                }
-                for k in 0..no {
-                    let orig = net.layers[l].b[k];
-                    net.layers[l].b[k] = orig + 1e-3;
-                    let lp = local_loss(&mut net, l, rows, positive);
-                    net.layers[l].b[k] = orig - 1e-3;
-                    let lm = local_loss(&mut net, l, rows, positive);
-                    net.layers[l].b[k] = orig;
-                    let num = (lp - lm) / 2e-3;
-                    assert!((num - gb[k] as f64).abs() < 2e-3 + 2e-2 * num.abs(), "layer {l} b[{k}]: {} vs {num}", gb[k]);
+                // central difference of the local loss in one weight (bias when `bias`)
+                let fd = |net: &mut FfNet, bias: bool, k: usize| {
+                    let orig = *param(net, l, bias, k);
+                    *param(net, l, bias, k) = orig + 1e-3;
+                    let lp = local_loss(net, l, rows, positive);
+                    *param(net, l, bias, k) = orig - 1e-3;
+                    let lm = local_loss(net, l, rows, positive);
+                    *param(net, l, bias, k) = orig;
+                    (lp - lm) / 2e-3
+                };
+                for (bias, grads, step) in [(false, &gw, 5), (true, &gb, 1)] {
+                    for k in (0..grads.len()).step_by(step) {
+                        let num = fd(&mut net, bias, k);
+                        assert!((num - grads[k] as f64).abs() < 2e-3 + 2e-2 * num.abs(), "layer {l} pos {positive} bias {bias} [{k}]: {} vs {num}", grads[k]);
+                    }
                 }
             }
         }
