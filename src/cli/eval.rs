@@ -31,10 +31,11 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
-    if format_of(&a.model)? == FF_FORMAT {
+    let is_ff = format_of(&a.model)? == FF_FORMAT;
+    let spec: DataSpec = a.data.parse()?;
+    let split = spec.load(a.holdout, a.seed, LabelColumn::First)?;
+    if is_ff {
         let mut net = FfNet::load(&a.model)?;
-        let spec: DataSpec = a.data.parse()?;
-        let split = spec.load(a.holdout, a.seed, LabelColumn::First)?;
         let (test, test_g) = net.accuracy(&split.test, true)?;
         let (train, _) = net.accuracy(&split.train, false)?;
         println!(
@@ -46,8 +47,6 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let model = load_classifier(&a.model)?;
-    let spec: DataSpec = a.data.parse()?;
-    let split = spec.load(a.holdout, a.seed, LabelColumn::First)?;
     let t0 = std::time::Instant::now();
     let test = model.accuracy(&split.test)?;
     let secs = t0.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
+use ffwd::data::csv::split_fields;
 use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd predict`.
@@ -45,7 +46,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         if line.is_empty() {
             continue;
         }
-        let fields: Vec<&str> = if line.contains(',') { line.split(',').map(str::trim).collect() } else { line.split_whitespace().collect() };
+        let fields = split_fields(line);
         if fields.len() != dim {
             bail!("{name}: line {}: {} features, the model expects {dim}", i + 1, fields.len());
         }

@@ -20,7 +20,8 @@ pub enum LabelColumn {
     Last,
 }
 
-fn split_fields(line: &str) -> Vec<&str> {
+/// Splits a line into fields at commas (trimmed), or at whitespace when there is no comma.
+pub fn split_fields(line: &str) -> Vec<&str> {
     if line.contains(',') {
         line.split(',').map(str::trim).collect()
     } else {
