@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Conditional inference against PyTorch, in one run: `ffwd bench --json` (our tree kernels and
-our dense baseline), then, when installed, PyTorch's dense feedforward of the same shapes and
-the `fastfeedforward` package's FFF `eval_forward` (local use only: `pip install torch
-fastfeedforward`; never needed by the tests).
+"""Conditional inference against PyTorch, in one run: `ffwd bench --json` (our tree and mixture
+kernels and our dense baseline), then, when installed, PyTorch's dense feedforward of the same
+shapes, the `fastfeedforward` package's FFF `eval_forward`, and for the σ-MoE/MoE rows a
+PyTorch per-expert loop (the Hugging Face Mixtral block's dispatch: top-k, then for every
+expert `index_select` its tokens, two matmuls, `index_add_` back) (local use only: `pip
+install torch fastfeedforward`; never needed by the tests).
 
-    python3 bench/compare_torch.py [--quick] [--threads 2]
+    python3 bench/compare_torch.py [--quick] [--threads 2] [--only smoe,moe]
 
 Prints one row per (layer, shape, batch) with the medians and the ratios
-torch_dense / ffwd_tree and fastfeedforward / ffwd_fff.
+torch_dense / ffwd, fastfeedforward / ffwd_fff and torch_moe_loop / ffwd_moe.
 """
 import argparse
 import json
@@ -35,9 +37,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--only", default="", help="suite rows to run (comma-separated layer names)")
     ap.add_argument("--fff-batches", default="256", help="batches at which to run fastfeedforward (its eval loops in Python)")
     a = ap.parse_args()
-    cmd = ["cargo", "run", "--release", "-q", "--", "bench", "--json", "--threads", str(a.threads)] + (["--quick"] if a.quick else [])
+    cmd = ["cargo", "run", "--release", "-q", "--", "bench", "--json", "--threads", str(a.threads)] + (["--quick"] if a.quick else []) + (["--only", a.only] if a.only else [])
     rows = [json.loads(l) for l in subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines() if l.startswith("{")]
     try:
         import torch
@@ -60,13 +63,16 @@ def main():
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s, torch {theirs:.0f} GFLOP/s, ratio {ours / theirs:.2f}")
     else:
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s")
-    print(f"{'layer':<5} {'shape':<34} {'batch':>5} {'ffwd tree':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch/ffwd':>10} {'fastff/ffwd':>11}")
+    print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'fastff/ffwd':>11} {'loop/ffwd':>9}")
     for r in rows:
-        d, batch, layer = 768, r["batch"], r["layer"]
-        torch_us = fastff_us = None
+        batch, layer = r["batch"], r["layer"]
+        d = 512 if layer in ("smoe", "moe", "pkm") else 768
+        torch_us = fastff_us = loop_us = None
         if torch is not None:
             if layer == "ufff":
                 width, act = 4095, torch.nn.GELU()
+            elif layer in ("smoe", "moe", "pkm"):
+                width, act = 4096, torch.nn.ReLU()
             else:
                 depth = int(re.search(r"depth (\d+)", r["shape"]).group(1))
                 width, act = 32 << depth, torch.nn.ReLU()
@@ -80,10 +86,40 @@ def main():
                 with torch.inference_mode():
                     fastff_us = median_us(lambda: f(x), budget_s=1.0, min_reps=3)
                 del f
+            if layer in ("smoe", "moe"):
+                loop_us = torch_moe_loop_us(torch, batch, sigmoid=(layer == "smoe"))
         tr = f"{torch_us / r['median_us']:.1f}x" if torch_us else "-"
         fr = f"{fastff_us / r['median_us']:.0f}x" if fastff_us else "-"
+        lr = f"{loop_us / r['median_us']:.1f}x" if loop_us else "-"
         fmt = lambda v: f"{v:.1f}" if v is not None else "-"
-        print(f"{layer:<5} {r['shape']:<34} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {tr:>10} {fr:>11}")
+        print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {fr:>11} {lr:>9}")
+
+
+def torch_moe_loop_us(torch, batch, sigmoid, d=512, experts=32, g=128, k=4):
+    """The Hugging Face Mixtral sparse block's dispatch at the σ-MoE benchmark shape."""
+    router = torch.nn.Linear(d, experts, bias=False)
+    w1 = [torch.nn.Linear(d, g) for _ in range(experts)]
+    w2 = [torch.nn.Linear(g, d, bias=False) for _ in range(experts)]
+    x = torch.randn(batch, d)
+
+    def forward():
+        logits = router(x)
+        scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
+        gates, chosen = torch.topk(scores, k, dim=-1)
+        if not sigmoid:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(chosen, experts).permute(2, 1, 0)
+        for e in range(experts):
+            slot, tok = torch.where(mask[e])
+            if tok.numel() == 0:
+                continue
+            h = torch.relu(w1[e](x[tok]))
+            y.index_add_(0, tok, w2[e](h) * gates[tok, slot, None])
+        return y
+
+    with torch.inference_mode():
+        return median_us(forward)
 
 
 if __name__ == "__main__":

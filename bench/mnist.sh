@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Trains the MNIST classifiers of configs/ (dense w=128, FFF d=4 ℓ=8, UFFF depth 7), saves
+# Trains the MNIST classifiers of configs/ (dense w=128, FFF d=4 ℓ=8, UFFF depth 7, MoE, σ-MoE,
+# PKM), saves
 # checkpoints and metrics under runs/, and prints the README's table rows.
-#   bash bench/mnist.sh [config names...]     (default: mnist-dense mnist-fff mnist-ufff)
+#   bash bench/mnist.sh [config names...]     (default: all six)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
 mkdir -p runs
 configs=("$@")
-[ ${#configs[@]} -gt 0 ] || configs=(mnist-dense mnist-fff mnist-ufff)
+[ ${#configs[@]} -gt 0 ] || configs=(mnist-dense mnist-fff mnist-ufff mnist-moe mnist-smoe mnist-pkm)
 for c in "${configs[@]}"; do
   ./target/release/ffwd train -q --config "configs/$c.toml" --metrics "runs/$c.json" --save "runs/$c.safetensors"
 done

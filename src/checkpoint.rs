@@ -117,3 +117,102 @@ pub fn fill_params(visit: &mut ParamVisitor<'_>, st: &SafeTensors<'_>, prefix: &
     });
     err.map_or(Ok(()), Err)
 }
+
+/// Format tag of language-model checkpoints.
+pub const LM_FORMAT: &str = "lm/1";
+/// Metadata key of the LM vocabulary (JSON array of characters).
+pub const VOCAB_KEY: &str = "ffwd.vocab";
+/// Metadata key of the LM training options (JSON).
+pub const TRAIN_KEY: &str = "ffwd.train";
+/// Metadata key of the LM training state (JSON: step, seconds, history).
+pub const STATE_KEY: &str = "ffwd.state";
+/// Metadata key of the AdamW step count.
+pub const OPTIM_STEP_KEY: &str = "ffwd.optim.step";
+
+/// A language model with everything needed to sample from it or resume its training.
+pub struct LmCheckpoint {
+    /// The model.
+    pub lm: crate::models::Lm,
+    /// Its vocabulary.
+    pub tokenizer: crate::data::text::CharTokenizer,
+    /// The options of the run that produced it.
+    pub options: crate::train::lm::LmTrainOptions,
+    /// Where that run stood.
+    pub state: crate::train::lm::LmTrainState,
+    /// AdamW with its moments (fresh when the file has none).
+    pub optimizer: crate::optim::AdamW,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Saves a language model, its vocabulary, the run's options and state, and AdamW's moments
+/// (`optim.m.<name>`, `optim.v.<name>`) so that training can resume exactly.
+pub fn save_lm(ck: &LmCheckpoint, path: &Path) -> Result<()> {
+    let named = ck.lm.named_params();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = named.iter().map(|(n, p)| (n.clone(), p.shape.clone(), p.value.as_slice())).collect();
+    let (m, v) = ck.optimizer.moments();
+    if m.len() == named.len() {
+        for (((n, p), mi), vi) in named.iter().zip(m).zip(v) {
+            tensors.push((format!("optim.m.{n}"), p.shape.clone(), mi.as_slice()));
+            tensors.push((format!("optim.v.{n}"), p.shape.clone(), vi.as_slice()));
+        }
+    }
+    let mut meta = HashMap::new();
+    meta.insert(FORMAT_KEY.to_string(), LM_FORMAT.to_string());
+    meta.insert(CONFIG_KEY.to_string(), json(ck.lm.config())?);
+    meta.insert(VOCAB_KEY.to_string(), json(&ck.tokenizer)?);
+    meta.insert(TRAIN_KEY.to_string(), json(&ck.options)?);
+    meta.insert(STATE_KEY.to_string(), json(&ck.state)?);
+    meta.insert(OPTIM_STEP_KEY.to_string(), ck.optimizer.steps().to_string());
+    meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    write_atomic(path, &to_safetensors_bytes(&tensors, meta)?)
+}
+
+/// Loads a checkpoint written by [`save_lm`].
+pub fn load_lm(path: &Path) -> Result<LmCheckpoint> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    let format = md.get(FORMAT_KEY).map(String::as_str).unwrap_or("");
+    if format != LM_FORMAT {
+        return Err(Error::Checkpoint { path: file, msg: format!("metadata `{FORMAT_KEY}` is `{format}`, expected `{LM_FORMAT}` (a language model)") });
+    }
+    let get = |key: &str| md.get(key).ok_or_else(|| Error::Checkpoint { path: file.clone(), msg: format!("metadata has no `{key}`") });
+    let bad = |key: &str, e: serde_json::Error| Error::Checkpoint { path: file.clone(), msg: format!("bad `{key}`: {e}") };
+    let cfg: crate::models::LmConfig = serde_json::from_str(get(CONFIG_KEY)?).map_err(|e| bad(CONFIG_KEY, e))?;
+    let tokenizer: crate::data::text::CharTokenizer = serde_json::from_str(get(VOCAB_KEY)?).map_err(|e| bad(VOCAB_KEY, e))?;
+    let options = serde_json::from_str(get(TRAIN_KEY)?).map_err(|e| bad(TRAIN_KEY, e))?;
+    let state = serde_json::from_str(get(STATE_KEY)?).map_err(|e| bad(STATE_KEY, e))?;
+    let steps: u64 = get(OPTIM_STEP_KEY)?.parse().map_err(|_| Error::Checkpoint { path: file.clone(), msg: format!("bad `{OPTIM_STEP_KEY}`") })?;
+    if tokenizer.len() != cfg.vocab {
+        return Err(Error::Checkpoint { path: file, msg: format!("vocabulary has {} characters, config says {}", tokenizer.len(), cfg.vocab) });
+    }
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: e.to_string() })?;
+    let mut lm = crate::models::Lm::new(cfg, 0)?;
+    // parameters are stored under their full names (Lm::named_params)
+    let names: Vec<(String, Vec<usize>)> = lm.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
+    let mut values = Vec::with_capacity(names.len());
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (n, shape) in &names {
+        values.push(read_f32(&st, n, shape, &file)?);
+        if steps > 0 {
+            m.push(read_f32(&st, &format!("optim.m.{n}"), shape, &file)?);
+            v.push(read_f32(&st, &format!("optim.v.{n}"), shape, &file)?);
+        }
+    }
+    let mut it = values.into_iter();
+    lm.visit_params_mut(&mut |p| {
+        if let Some(val) = it.next() {
+            p.value = val;
+        }
+    });
+    lm.refresh_kernels();
+    let mut optimizer = crate::optim::AdamW::new(0.0);
+    if steps > 0 {
+        optimizer.restore(steps, m, v);
+    }
+    Ok(LmCheckpoint { lm, tokenizer, options, state, optimizer })
+}

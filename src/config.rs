@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -32,6 +32,12 @@ pub enum LayerKind {
     Fff,
     /// UltraFastBERT tree.
     Ufff,
+    /// Top-k softmax mixture of experts.
+    Moe,
+    /// σ-MoE.
+    Smoe,
+    /// Product-key memory.
+    Pkm,
 }
 
 impl std::str::FromStr for LayerKind {
@@ -41,7 +47,10 @@ impl std::str::FromStr for LayerKind {
             "dense" => Ok(LayerKind::Dense),
             "fff" => Ok(LayerKind::Fff),
             "ufff" => Ok(LayerKind::Ufff),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff or ufff)"))),
+            "moe" => Ok(LayerKind::Moe),
+            "smoe" => Ok(LayerKind::Smoe),
+            "pkm" => Ok(LayerKind::Pkm),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, ufff, moe, smoe or pkm)"))),
         }
     }
 }
@@ -88,6 +97,12 @@ pub struct TrainConfig {
     pub fff: FffConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
+    /// Options of the top-k mixture of experts.
+    pub moe: MoeConfig,
+    /// Options of the σ-MoE layer.
+    pub smoe: SmoeConfig,
+    /// Options of the product-key memory.
+    pub pkm: PkmConfig,
     /// Options of Forward-Forward training (its own epochs, batch and learning rates).
     pub ff: FfConfig,
     /// Passes over the training set.
@@ -131,6 +146,9 @@ impl Default for TrainConfig {
             dense: DenseConfig::default(),
             fff: FffConfig::default(),
             ufff: UfffConfig::default(),
+            moe: MoeConfig::default(),
+            smoe: SmoeConfig::default(),
+            pkm: PkmConfig::default(),
             ff: FfConfig::default(),
             // 100 × 45 steps of 32 take under a second on digits; MNIST configs set their own.
             epochs: 100,
@@ -172,11 +190,15 @@ impl TrainConfig {
             LayerKind::Dense => LayerConfig::Dense(self.dense.clone()),
             LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
             LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
+            LayerKind::Moe => LayerConfig::Moe(self.moe.clone()),
+            LayerKind::Smoe => LayerConfig::Smoe(self.smoe.clone()),
+            LayerKind::Pkm => LayerConfig::Pkm(self.pkm.clone()),
         }
     }
 
     /// Sets the hidden width of the selected layer: dense units; for `fff`, leaf = width / 2^depth;
-    /// for `ufff`, depth such that 2^(depth+1) − 1 = width.
+    /// for `ufff`, depth such that 2^(depth+1) − 1 = width; for `moe`/`smoe`, expert_width =
+    /// width / experts; for `pkm`, n_keys = √width (the number of memory values).
     pub fn set_width(&mut self, width: usize) -> Result<()> {
         match self.layer {
             LayerKind::Dense => self.dense.width = width,
@@ -193,6 +215,23 @@ impl TrainConfig {
                     return Err(Error::Config(format!("ufff width {width} is not 2^(depth+1) − 1 (e.g. 255 for depth 7)")));
                 }
                 self.ufff.depth = levels - 1;
+            }
+            LayerKind::Moe | LayerKind::Smoe => {
+                let (experts, w) = match self.layer {
+                    LayerKind::Moe => (self.moe.experts, &mut self.moe.expert_width),
+                    _ => (self.smoe.experts, &mut self.smoe.expert_width),
+                };
+                if width == 0 || !width.is_multiple_of(experts.max(1)) {
+                    return Err(Error::Config(format!("mixture width {width} is not a positive multiple of experts = {experts}")));
+                }
+                *w = width / experts.max(1);
+            }
+            LayerKind::Pkm => {
+                let n = (width as f64).sqrt().round() as usize;
+                if width == 0 || n * n != width {
+                    return Err(Error::Config(format!("pkm width {width} (memory values) is not a square n_keys² (e.g. 256)")));
+                }
+                self.pkm.n_keys = n;
             }
         }
         Ok(())

@@ -70,10 +70,11 @@ fn train_save_eval_predict_round_trip() {
 fn checkpoint_round_trip_is_exact_for_every_layer() {
     let dir = tempfile::tempdir().unwrap();
     let split = digits::split().unwrap();
-    for layer in ["dense", "fff", "ufff"] {
+    for layer in ["dense", "fff", "ufff", "moe", "smoe", "pkm"] {
         let path = dir.path().join(format!("{layer}.safetensors"));
         ok(&ffwd(&["train", "-q", "--layer", layer, "--epochs", "1", "--master-leaf", "3", "--save", p(&path)]));
         let a = load_classifier(&path).unwrap();
+        assert_eq!(a.layer().kind(), layer);
         let again = dir.path().join("again.safetensors");
         save_classifier(&a, &again).unwrap();
         let (b1, b2) = (std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
@@ -214,6 +215,77 @@ fn bad_flags_are_clean_errors() {
     assert!(err.contains("--depth applies to"), "{err}");
     let help = ok(&ffwd(&["train", "--help"]));
     assert!(help.contains("--hardening") && help.contains("idx:DIR"), "{help}");
+}
+
+#[test]
+fn mixture_training_reports_expert_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.json");
+    let out = ffwd(&["train", "--layer", "moe", "--experts", "4", "--expert-width", "8", "--top-k", "1", "--epochs", "30", "--metrics", p(&metrics)]);
+    let text = ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("expert load"), "{log}");
+    assert!(text.contains("test accuracy"), "{text}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let load = m["history"][1]["expert_load"].as_array().unwrap();
+    assert_eq!(load.len(), 4);
+    let total: f64 = load.iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-3, "expert shares sum to {total}");
+    assert_eq!(m["neurons_per_inference"], 8);
+    assert!(m["test_accuracy"].as_f64().unwrap() > 0.8, "{m}");
+    let err = fails(&ffwd(&["train", "--layer", "moe", "--experts", "4", "--top-k", "5"]));
+    assert!(err.contains("moe.k must be in 1..=4"), "{err}");
+    let err = fails(&ffwd(&["train", "--layer", "pkm", "--width", "200"]));
+    assert!(err.contains("not a square"), "{err}");
+    let err = fails(&ffwd(&["train", "--top-k", "2"]));
+    assert!(err.contains("--top-k applies to"), "{err}");
+}
+
+#[test]
+fn lm_train_sample_resume_and_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    let corpus: String = (0..400).map(|i| ["the cat sat on the mat. ", "a dog ran to the log. "][i % 2]).collect();
+    std::fs::write(&text, &corpus).unwrap();
+    let (model, metrics) = (dir.path().join("lm.safetensors"), dir.path().join("lm.json"));
+    let tiny = ["--context", "16", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch", "4", "--eval-every", "5", "--eval-batches", "2"];
+    let mut args = vec!["lm", "train", "-q", "--text", p(&text), "--steps", "20", "--stop-at", "10", "--save", p(&model), "--metrics", p(&metrics), "--ffn", "smoe", "--experts", "4", "--ffn-width", "32"];
+    args.extend(tiny);
+    let out = ok(&ffwd(&args));
+    assert!(out.contains("val loss"), "{out}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    for key in ["val_loss", "val_bpc", "train_tokens_per_s", "params", "ffn_params", "ffn_active_params_per_token"] {
+        assert!(m[key].as_f64().unwrap() > 0.0, "{key} in {m}");
+    }
+    assert_eq!(m["steps"], 10);
+    assert!(m["ffn_active_params_per_token"].as_f64().unwrap() < m["ffn_params"].as_f64().unwrap());
+    // sampling: the prompt comes back first; unknown characters are refused by name
+    let s = ok(&ffwd(&["lm", "sample", "--model", p(&model), "--prompt", "the ", "--tokens", "20", "--seed", "1"]));
+    assert!(s.starts_with("the ") && s.trim_end().chars().count() >= 20, "{s}");
+    let again = ok(&ffwd(&["lm", "sample", "--model", p(&model), "--prompt", "the ", "--tokens", "20", "--seed", "1"]));
+    assert_eq!(s, again, "same seed, same text");
+    let err = fails(&ffwd(&["lm", "sample", "--model", p(&model), "--prompt", "Zebra"]));
+    assert!(err.contains("'Z'") && err.contains("vocabulary"), "{err}");
+    // stopping at 10 of 20 steps and resuming equals 20 steps in one go
+    ok(&ffwd(&["lm", "train", "-q", "--text", p(&text), "--resume", p(&model), "--save", p(&model), "--metrics", p(&metrics)]));
+    let resumed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let straight = dir.path().join("straight.json");
+    let mut args = vec!["lm", "train", "-q", "--text", p(&text), "--steps", "20", "--metrics", p(&straight), "--ffn", "smoe", "--experts", "4", "--ffn-width", "32"];
+    args.extend(tiny);
+    ok(&ffwd(&args));
+    let straight: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&straight).unwrap()).unwrap();
+    assert_eq!(resumed["steps"], 20);
+    assert_eq!(resumed["val_loss"], straight["val_loss"], "resumed run must continue the same run");
+    let b = ok(&ffwd(&["bench", "--model", p(&model), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
+    assert!(v["generate_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // errors: empty text, windows longer than the context
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let err = fails(&ffwd(&["lm", "train", "--text", p(&empty)]));
+    assert!(err.contains("empty"), "{err}");
+    let err = fails(&ffwd(&["lm", "train", "--text", p(&text), "--context", "16", "--seq-len", "32", "--steps", "1"]));
+    assert!(err.contains("context"), "{err}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! the hardening, load-balancing and master-leaf terms of FFF) and input gradients.
 
 use ffwd::core::{Activation, Rng};
-use ffwd::layers::{DenseConfig, Fff, FffConfig, Layer, LayerConfig, Ufff, UfffConfig};
+use ffwd::kernels::pkm::PkmScoring;
+use ffwd::layers::{DenseConfig, Fff, FffConfig, Hash, HashConfig, Layer, LayerConfig, Moe, MoeConfig, Pkm, PkmConfig, Smoe, SmoeConfig, Ufff, UfffConfig};
 use ffwd::models::{Classifier, ModelConfig};
 
 /// Random input `x` (`batch × ni`) and output weighting `r` (`batch × no`), and the RNG after them.
@@ -186,6 +187,70 @@ fn ufff_conditional_backward() {
     let base = u.paths(&x, 10).unwrap();
     let route = move |u: &Ufff, xx: &[f32]| u.paths(xx, 10).unwrap() == base;
     check_layer(&mut u, 10, 4, 20, &route);
+}
+
+#[test]
+fn moe_gates_router_experts_and_aux_losses() {
+    // k = 1 (Switch) and k = 2 with and without renormalisation, balance and z-loss on, and a
+    // capacity factor small enough to drop slots. Coordinates that change the routing are skipped.
+    for (k, renormalize, capacity_factor) in [(1, false, 0.0), (2, true, 0.0), (2, false, 0.0), (3, true, 0.6)] {
+        let cfg = MoeConfig { experts: 4, expert_width: 3, k, renormalize, balance: 0.5, z_loss: 0.1, capacity_factor, activation: Activation::Gelu };
+        let mut m = Moe::new(cfg, 5, 4, &mut Rng::new(11)).unwrap();
+        // a larger router so the gates vary visibly
+        for v in &mut m.router.value {
+            *v *= 8.0;
+        }
+        let (_, x, _) = inputs(31, 9, 5, 4);
+        let base = m.routing(&x, 9).unwrap();
+        let route = move |m: &Moe, xx: &[f32]| m.routing(xx, 9).unwrap() == base;
+        check_layer(&mut m, 9, 31, 15, &route);
+        if capacity_factor > 0.0 {
+            assert!(m.dropped() > 0, "capacity factor {capacity_factor} dropped nothing");
+        }
+    }
+}
+
+#[test]
+fn smoe_sigmoid_gates_entropy_and_expert_dropout() {
+    for (k, dropout) in [(1, 0.0), (2, 0.0), (3, 0.4)] {
+        let cfg = SmoeConfig { experts: 5, expert_width: 3, k, entropy: 0.3, expert_dropout: dropout, activation: Activation::Relu };
+        let mut m = Smoe::new(cfg, 6, 3, &mut Rng::new(12)).unwrap();
+        for v in &mut m.router.value {
+            *v *= 3.0;
+        }
+        let (_, x, _) = inputs(32, 8, 6, 3);
+        let base = m.routing(&x, 8).unwrap();
+        let route = move |m: &Smoe, xx: &[f32]| m.routing(xx, 8).unwrap() == base;
+        check_layer(&mut m, 8, 32, 15, &route);
+    }
+}
+
+#[test]
+fn hash_layer_experts() {
+    let cfg = HashConfig { experts: 3, expert_width: 4, seed: 7, activation: Activation::Gelu, ..Default::default() };
+    let mut h = Hash::new(cfg, 5, 3, &mut Rng::new(13)).unwrap();
+    h.set_token_ids(&[0, 1, 2, 3, 4, 5, 6]);
+    check_layer(&mut h, 7, 33, 15, &|_: &Hash, _: &[f32]| true);
+}
+
+#[test]
+fn pkm_values_keys_queries_both_scorings() {
+    for scoring in [PkmScoring::Relu, PkmScoring::Softmax] {
+        let cfg = PkmConfig { n_keys: 5, heads: 2, k: 3, key_dim: 4, scoring };
+        let mut p = Pkm::new(cfg, 6, 3, &mut Rng::new(14)).unwrap();
+        let (_, x, _) = inputs(34, 7, 6, 3);
+        let base = p.routing(&x, 7).unwrap();
+        let route = move |p: &Pkm, xx: &[f32]| p.routing(xx, 7).unwrap() == base;
+        check_layer(&mut p, 7, 34, 15, &route);
+        // the value gradient is sparse and its rows are recorded for the optimizer
+        let touched = p.values.touched_rows.clone().unwrap();
+        assert!(!touched.is_empty() && touched.len() <= 7 * 2 * 3);
+        for r in 0..25u32 {
+            if !touched.contains(&r) {
+                assert!(p.values.grad[r as usize * 3..(r as usize + 1) * 3].iter().all(|&g| g == 0.0));
+            }
+        }
+    }
 }
 
 #[test]

@@ -3,30 +3,50 @@
 //! few more when it threads; bounded here at four): counted with a wrapping global allocator over many calls of every layer kind.
 //! With more than one thread, rayon's work-stealing deques occasionally grow a block while
 //! tasks are being shared (seen: 0–3 allocations per 50 steps); that is allowed at well under
-//! one allocation per call, and single-threaded runs must be exactly zero.
+//! one allocation per call. Even a one-thread pool's deque is a crossbeam buffer that shrinks
+//! when mostly empty and grows again (seen: 0–1 allocation per 50 steps), so it gets a slack
+//! of 2. Only the threads doing the measured work are counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ffwd::core::gemm::gemm_calls;
 use ffwd::core::{Activation, Rng};
-use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
+use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use ffwd::models::{Classifier, ModelConfig};
 use ffwd::optim::{clip_factor, grad_norm, AdamW, Optimizer};
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Only threads doing the measured work count: the test harness spawns threads for the
+    /// other tests of this file at any time, and those allocations are not ours.
+    static TRACKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn count() {
+    if TRACKED.with(|t| t.get()) {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks the calling thread and every worker of `pool` as measured.
+fn track(pool: &rayon::ThreadPool) {
+    TRACKED.with(|t| t.set(true));
+    pool.broadcast(|_| TRACKED.with(|t| t.set(true)));
+}
+
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -40,6 +60,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// (allocations, GEMM calls) during 50 steps after 5 warm-up steps.
 fn steps_allocate(layer: LayerConfig, threads: usize) -> (usize, usize) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    track(&pool);
     pool.install(|| {
         let (batch, din, classes) = (64, 100, 10);
         let mut model = Classifier::new(ModelConfig { in_features: din, n_classes: classes, layer }, 0).unwrap();
@@ -71,9 +92,12 @@ fn training_steps_do_not_allocate() {
             LayerConfig::Dense(DenseConfig { width: 64, layers: 3, activation: Activation::Gelu }),
             LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, dropout: 0.1, load_balance: 0.1, master_leaf: 4, ..Default::default() }),
             LayerConfig::Ufff(UfffConfig { depth: 6, ..Default::default() }),
+            LayerConfig::Moe(MoeConfig { experts: 8, expert_width: 16, k: 2, capacity_factor: 1.0, ..Default::default() }),
+            LayerConfig::Smoe(SmoeConfig { experts: 8, expert_width: 16, k: 2, expert_dropout: 0.1, ..Default::default() }),
+            LayerConfig::Pkm(PkmConfig { n_keys: 8, heads: 2, k: 4, key_dim: 8, ..Default::default() }),
         ] {
             let (allocs, gemms) = steps_allocate(layer.clone(), threads);
-            let scheduler = if threads == 1 { 0 } else { 10 };
+            let scheduler = if threads == 1 { 2 } else { 10 };
             if matches!(layer, LayerConfig::Ufff(_)) {
                 assert_eq!(gemms, 0, "a conditional tree step runs no GEMM");
             }
@@ -86,16 +110,20 @@ fn training_steps_do_not_allocate() {
 fn inference_kernels_do_not_allocate_after_warm_up() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use ffwd::kernels::Workspace;
-    use ffwd::layers::{Dense, Fff, Ufff};
+    use ffwd::layers::{Dense, Fff, Moe, Pkm, Smoe, Ufff};
     let mut r = Rng::new(3);
     let (ni, no) = (48, 20);
     let layers: Vec<Box<dyn ffwd::layers::Layer>> = vec![
         Box::new(Fff::new(FffConfig { depth: 4, leaf: 8, master_leaf: 3, ..Default::default() }, ni, no, &mut r).unwrap()),
         Box::new(Ufff::new(UfffConfig { depth: 7, ..Default::default() }, ni, no, &mut r).unwrap()),
         Box::new(Dense::new(DenseConfig { width: 256, layers: 2, activation: Activation::Gelu }, ni, no, &mut r).unwrap()),
+        Box::new(Moe::new(MoeConfig { experts: 8, expert_width: 16, k: 2, ..Default::default() }, ni, no, &mut r).unwrap()),
+        Box::new(Smoe::new(SmoeConfig { experts: 8, expert_width: 16, k: 3, ..Default::default() }, ni, no, &mut r).unwrap()),
+        Box::new(Pkm::new(PkmConfig { n_keys: 8, heads: 2, k: 4, key_dim: 8, ..Default::default() }, ni, no, &mut r).unwrap()),
     ];
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        track(&pool);
         pool.install(|| {
             for layer in &layers {
                 let k = layer.kernel();
@@ -111,10 +139,12 @@ fn inference_kernels_do_not_allocate_after_warm_up() {
                         k.forward(&x, batch, &mut y, &mut ws).unwrap();
                     }
                     let (allocs, gemms) = (ALLOCS.load(Ordering::SeqCst) - before, gemm_calls() - gemms);
-                    if k.kind() != "dense" || batch == 1 {
+                    // trees never call the GEMM library; at batch 1 nothing does (routers and
+                    // queries become dot products, expert segments the unpacked small kernel)
+                    if matches!(k.kind(), "fff" | "ufff") || batch == 1 {
                         assert_eq!(gemms, 0, "{} batch {batch}", k.kind());
                     }
-                    let scheduler = if threads == 1 { 0 } else { 4 };
+                    let scheduler = if threads == 1 { 2 } else { 4 };
                     assert!(allocs <= 4 * gemms + scheduler, "{} batch {batch} threads {threads}: {allocs} allocations, {gemms} GEMM calls in 20 calls", k.kind());
                 }
             }
@@ -128,6 +158,7 @@ fn forward_forward_steps_do_not_allocate() {
     use ffwd::train::forward_forward::{FfConfig, FfLayerStats, FfNet};
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    track(&pool);
     pool.install(|| {
         let mut r = Rng::new(1);
         let (n, dim) = (200, 40);

@@ -10,7 +10,8 @@ use serde_json::json;
 use ffwd::checkpoint::load_classifier;
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::{InferKernel, Workspace};
-use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, UfffConfig};
+use ffwd::kernels::pkm::PkmScoring;
+use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 
 /// Options of `ffwd bench`.
 #[derive(Args, Debug)]
@@ -27,6 +28,9 @@ pub struct BenchArgs {
     /// Measure a trained checkpoint end to end instead of the suite.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
+    /// Run only the suite rows of these layers (comma-separated: ufff,fff,smoe,moe,pkm).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
@@ -52,6 +56,8 @@ fn kernel(cfg: LayerConfig, ni: usize, no: usize, seed: u64) -> anyhow::Result<B
 
 struct Case {
     name: String,
+    /// Input and output width.
+    d: usize,
     shape: String,
     tree: Box<dyn InferKernel>,
     dense: Box<dyn InferKernel>,
@@ -64,6 +70,7 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
     // UltraFastBERT: depth 11 → 4095 GELU neurons, 12 per token; dense twin 768-4095-768 GELU.
     cases.push(Case {
         name: "ufff".into(),
+        d,
         shape: "768-[4095 tree, depth 11]-768".into(),
         tree: kernel(LayerConfig::Ufff(UfffConfig { depth: 11, activation: Activation::Gelu, ..Default::default() }), d, d, 1)?,
         dense: kernel(LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu }), d, d, 2)?,
@@ -75,10 +82,46 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         let width = 32usize << depth;
         cases.push(Case {
             name: "fff".into(),
+            d,
             shape: format!("768-[{} leaves x 32, depth {depth}]-768", 1 << depth),
             tree: kernel(LayerConfig::Fff(FffConfig { depth, leaf: 32, ..Default::default() }), d, d, 3)?,
             dense: kernel(LayerConfig::Dense(DenseConfig { width, layers: 2, activation: Activation::Relu }), d, d, 4)?,
             batches: batches.clone(),
+        });
+    }
+    // Csordás et al.'s σ-MoE benchmark shape: d_model 512, 32 experts × 128, K = 4, against the
+    // dense d_ff = 4096 block (active-FLOP ratio ≈ 8); the top-k softmax MoE and a product-key
+    // memory reading 4 × 32 values of 64² on the same budget.
+    let dm = 512;
+    let dense4096 = || kernel(LayerConfig::Dense(DenseConfig { width: 4096, layers: 2, activation: Activation::Relu }), dm, dm, 5);
+    let mix_batches = if quick { vec![1, 256] } else { vec![1, 16, 256, 4096] };
+    let smoe = SmoeConfig { experts: 32, expert_width: 128, k: 4, ..Default::default() };
+    cases.push(Case {
+        name: "smoe".into(),
+        d: dm,
+        shape: "512-[32 experts x 128, K=4]-512".into(),
+        tree: kernel(LayerConfig::Smoe(smoe), dm, dm, 6)?,
+        dense: dense4096()?,
+        batches: mix_batches.clone(),
+    });
+    if !quick {
+        let moe = MoeConfig { experts: 32, expert_width: 128, k: 4, ..Default::default() };
+        cases.push(Case {
+            name: "moe".into(),
+            d: dm,
+            shape: "512-[32 experts x 128, top-4 softmax]-512".into(),
+            tree: kernel(LayerConfig::Moe(moe), dm, dm, 7)?,
+            dense: dense4096()?,
+            batches: mix_batches.clone(),
+        });
+        let pkm = PkmConfig { n_keys: 64, heads: 4, k: 32, key_dim: 128, scoring: PkmScoring::Relu };
+        cases.push(Case {
+            name: "pkm".into(),
+            d: dm,
+            shape: "512-[64^2 values, 4 heads x 32]-512".into(),
+            tree: kernel(LayerConfig::Pkm(pkm), dm, dm, 8)?,
+            dense: dense4096()?,
+            batches: mix_batches,
         });
     }
     Ok(cases)
@@ -91,19 +134,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if !a.json {
         println!("ffwd bench: inference, {threads} threads, median of repeated calls (µs per batch)");
-        println!("{:<5} {:<34} {:>6} {:>12} {:>12} {:>12} {:>9} {:>9}", "layer", "shape", "batch", "median_us", "p90_us", "dense_us", "speedup", "flop_ratio");
+        println!("{:<5} {:<42} {:>6} {:>12} {:>12} {:>12} {:>9} {:>9}", "layer", "shape", "batch", "median_us", "p90_us", "dense_us", "speedup", "flop_ratio");
     }
     let mut rng = Rng::new(7);
     let mut ws = Workspace::new();
     for case in suite(a.quick)? {
+        if !a.only.is_empty() && !a.only.contains(&case.name) {
+            continue;
+        }
         let flop_ratio = case.dense.macs_per_sample() as f64 / case.tree.macs_per_sample() as f64;
         for &batch in &case.batches {
             // Consecutive calls get different inputs (up to 64 sets, 4096 samples): repeating one
             // input would keep a tree's few weight rows cache-hot and flatter it.
             let sets = (4096 / batch).clamp(1, 64);
-            let x: Vec<f32> = (0..sets * batch * 768).map(|_| rng.normal()).collect();
-            let xs: Vec<&[f32]> = x.chunks(batch * 768).collect();
-            let mut y = vec![0.0f32; batch * 768];
+            let d = case.d;
+            let x: Vec<f32> = (0..sets * batch * d).map(|_| rng.normal()).collect();
+            let xs: Vec<&[f32]> = x.chunks(batch * d).collect();
+            let mut y = vec![0.0f32; batch * d];
             let mut i = 0;
             let (dense_med, dense_p90) = time_it(a.budget_ms, || {
                 i += 1;
@@ -121,7 +168,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                            "dense_median_us": dense_med, "dense_p90_us": dense_p90, "speedup_vs_dense": speedup, "flop_ratio": flop_ratio})
                 );
             } else {
-                println!("{:<5} {:<34} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>8.1}x {:>8.1}x", case.name, case.shape, batch, med, p90, dense_med, speedup, flop_ratio);
+                println!("{:<5} {:<42} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>8.1}x {:>8.1}x", case.name, case.shape, batch, med, p90, dense_med, speedup, flop_ratio);
             }
         }
     }
@@ -129,6 +176,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow::Result<()> {
+    if ffwd::checkpoint::format_of(path)? == ffwd::checkpoint::LM_FORMAT {
+        let (tps, ffn, params) = super::lm::generate_tokens_per_s(path, 512)?;
+        if a.json {
+            println!("{}", json!({"model": path.display().to_string(), "kind": "lm", "ffn": ffn, "params": params, "threads": threads, "generate_tokens_per_s": tps}));
+        } else {
+            println!("{}: language model ({ffn} FFN, {params} params), {threads} threads\n  generation at batch 1 (KV cache): {tps:.0} tokens/s", path.display());
+        }
+        return Ok(());
+    }
     let model = load_classifier(path)?;
     let k = model.layer().kernel();
     let (ni, no) = (k.in_features(), k.out_features());

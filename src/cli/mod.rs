@@ -2,13 +2,15 @@
 
 mod bench;
 mod eval;
+mod lm;
 mod predict;
 mod train;
 
 use clap::{Parser, Subcommand};
 
 /// ffwd: feedforward networks and their conditional-computation variants (dense FFNs,
-/// Fast Feedforward Networks, UltraFastBERT trees), trained and served on CPUs.
+/// Fast Feedforward Networks, UltraFastBERT trees, mixtures of experts, hash layers,
+/// product-key memories), trained and served on CPUs.
 #[derive(Parser, Debug)]
 #[command(name = "ffwd", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
@@ -24,9 +26,12 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Predict classes for feature rows read from a file or stdin, one per line.
     Predict(predict::PredictArgs),
-    /// Benchmark the inference kernels (fff, ufff) against dense layers of equal width, or a
-    /// trained checkpoint end to end (--model).
+    /// Benchmark the inference kernels (fff, ufff, smoe, moe, pkm) against dense layers of
+    /// equal width, or a trained checkpoint end to end (--model; classifiers and LMs).
     Bench(bench::BenchArgs),
+    /// Character-level transformer language model with any FFN kind: train, sample.
+    #[command(subcommand)]
+    Lm(lm::LmCommand),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -37,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Lm(c) => lm::run(c),
     }
 }
 

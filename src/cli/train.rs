@@ -10,6 +10,7 @@ use serde_json::json;
 use ffwd::checkpoint::save_classifier;
 use ffwd::config::{Algo, LayerKind, TrainConfig};
 use ffwd::core::Activation;
+use ffwd::kernels::pkm::PkmScoring;
 use ffwd::data::DataSpec;
 use ffwd::models::{Classifier, ModelConfig};
 use ffwd::optim::OptimizerKind;
@@ -50,10 +51,11 @@ pub struct TrainArgs {
     /// Evaluate the 10-pass goodness predictor every N epochs (and at the end) [default: 10].
     #[arg(long, default_value_t = 10)]
     ff_goodness_every: usize,
-    /// Layer between the input and the softmax: dense, fff or ufff [default: dense].
+    /// Layer between the input and the softmax: dense, fff, ufff, moe, smoe or pkm [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
-    /// Hidden width: dense units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1.
+    /// Hidden width: dense units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
+    /// moe/smoe experts·expert_width; pkm memory values n_keys².
     #[arg(long)]
     width: Option<usize>,
     /// Tree depth: fff router levels (2^depth leaves); ufff depth D (D+1 neurons per path).
@@ -83,6 +85,45 @@ pub struct TrainArgs {
     /// fff master-leaf width (0 = off; the paper's code uses 8).
     #[arg(long)]
     master_leaf: Option<usize>,
+    /// moe/smoe number of experts [default: 16].
+    #[arg(long)]
+    experts: Option<usize>,
+    /// moe/smoe hidden units per expert [default: 8].
+    #[arg(long)]
+    expert_width: Option<usize>,
+    /// moe/smoe experts per token; pkm values read per head [default: 2 for moe/smoe, 8 for pkm].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// moe: do not renormalise the top-k gates (Switch style: gate = softmax probability).
+    #[arg(long)]
+    no_renormalize: bool,
+    /// moe Switch load-balancing loss α [default: 0.01].
+    #[arg(long)]
+    balance: Option<f32>,
+    /// moe router z-loss coefficient [default: 0.001].
+    #[arg(long)]
+    z_loss: Option<f32>,
+    /// moe capacity factor; slots beyond ⌈tokens·k/E·factor⌉ per expert are dropped (0 = off).
+    #[arg(long)]
+    capacity_factor: Option<f32>,
+    /// smoe entropy regularisation γ on the batch-mean router distribution [default: 0.001].
+    #[arg(long)]
+    entropy: Option<f32>,
+    /// smoe expert dropout δ before the top-k [default: 0].
+    #[arg(long)]
+    expert_dropout: Option<f32>,
+    /// pkm sub-keys per half n (n² memory values) [default: 16].
+    #[arg(long)]
+    n_keys: Option<usize>,
+    /// pkm query heads [default: 2].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// pkm query width per head (even) [default: 32].
+    #[arg(long)]
+    key_dim: Option<usize>,
+    /// pkm scoring of the selected values: relu (Csordás) or softmax (Lample) [default: relu].
+    #[arg(long, value_parser = parse_scoring)]
+    scoring: Option<PkmScoring>,
     /// Training epochs [default: 100].
     #[arg(long)]
     epochs: Option<usize>,
@@ -122,6 +163,14 @@ pub struct TrainArgs {
     /// Print only the final summary (no progress bar or per-epoch lines).
     #[arg(long, short)]
     quiet: bool,
+}
+
+fn parse_scoring(s: &str) -> Result<PkmScoring, String> {
+    match s {
+        "relu" => Ok(PkmScoring::Relu),
+        "softmax" => Ok(PkmScoring::Softmax),
+        _ => Err(format!("unknown scoring `{s}` (relu, softmax)")),
+    }
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -192,11 +241,57 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         match c.layer {
             LayerKind::Fff => c.fff.depth = d,
             LayerKind::Ufff => c.ufff.depth = d,
-            LayerKind::Dense => anyhow::bail!("--depth applies to --layer fff or ufff, not dense"),
+            other => anyhow::bail!("--depth applies to --layer fff or ufff, not {other:?}"),
         }
     }
     if let Some(l) = a.leaf {
         c.fff.leaf = l;
+    }
+    if let Some(e) = a.experts {
+        c.moe.experts = e;
+        c.smoe.experts = e;
+    }
+    if let Some(w) = a.expert_width {
+        c.moe.expert_width = w;
+        c.smoe.expert_width = w;
+    }
+    if let Some(k) = a.top_k {
+        match c.layer {
+            LayerKind::Moe => c.moe.k = k,
+            LayerKind::Smoe => c.smoe.k = k,
+            LayerKind::Pkm => c.pkm.k = k,
+            other => anyhow::bail!("--top-k applies to --layer moe, smoe or pkm, not {other:?}"),
+        }
+    }
+    if a.no_renormalize {
+        c.moe.renormalize = false;
+    }
+    if let Some(v) = a.balance {
+        c.moe.balance = v;
+    }
+    if let Some(v) = a.z_loss {
+        c.moe.z_loss = v;
+    }
+    if let Some(v) = a.capacity_factor {
+        c.moe.capacity_factor = v;
+    }
+    if let Some(v) = a.entropy {
+        c.smoe.entropy = v;
+    }
+    if let Some(v) = a.expert_dropout {
+        c.smoe.expert_dropout = v;
+    }
+    if let Some(v) = a.n_keys {
+        c.pkm.n_keys = v;
+    }
+    if let Some(v) = a.heads {
+        c.pkm.heads = v;
+    }
+    if let Some(v) = a.key_dim {
+        c.pkm.key_dim = v;
+    }
+    if let Some(v) = a.scoring {
+        c.pkm.scoring = v;
     }
     if let Some(w) = a.width {
         c.set_width(w)?;
@@ -209,6 +304,9 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             LayerKind::Dense => c.dense.activation = act,
             LayerKind::Fff => c.fff.activation = act,
             LayerKind::Ufff => c.ufff.activation = act,
+            LayerKind::Moe => c.moe.activation = act,
+            LayerKind::Smoe => c.smoe.activation = act,
+            LayerKind::Pkm => anyhow::bail!("--activation does not apply to pkm (see --scoring)"),
         }
     }
     if let Some(v) = a.hardening {
@@ -246,10 +344,16 @@ impl Progress for Bar {
         if self.quiet {
             return;
         }
-        let line = format!(
+        let mut line = format!(
             "epoch {:>3}  loss {:.4}  aux {:.4}  train(running) {:.4}  test {:.4}  lr {:.2e}  {:.1}s",
             r.epoch, r.train_loss, r.aux_loss, r.train_accuracy_soft, r.test_accuracy, r.lr, r.seconds
         );
+        if let Some(load) = &r.expert_load {
+            // load relative to uniform: 1.00 everywhere is perfect balance
+            let e = load.len() as f32;
+            let (lo, hi) = load.iter().fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v * e), b.max(v * e)));
+            line += &format!("  expert load {lo:.2}–{hi:.2}× uniform");
+        }
         if self.pb.is_hidden() {
             eprintln!("{line}");
         } else {

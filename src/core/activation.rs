@@ -54,7 +54,7 @@ pub fn erf_approx(x: f32) -> f32 {
 }
 
 /// Logistic sigmoid, stable for large |x|.
-#[inline]
+#[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
     // exp of −|x| never overflows; pick the stable form for each sign
     let e = exp_approx(-x.abs());
@@ -78,7 +78,7 @@ impl Activation {
     }
 
     /// f(x).
-    #[inline]
+    #[inline(always)]
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Activation::Relu => x.max(0.0),
@@ -88,7 +88,7 @@ impl Activation {
     }
 
     /// f'(x).
-    #[inline]
+    #[inline(always)]
     pub fn derivative(self, x: f32) -> f32 {
         match self {
             Activation::Relu => {

@@ -94,6 +94,16 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// error: public layer APIs check user shapes before they reach here). Uses all threads of the
 /// current rayon pool for large products and stays on the calling thread for small ones.
 pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    matmul_on(c, a, b, accumulate, true)
+}
+
+/// [`matmul`] that always stays on the calling thread: for the many small products of a
+/// grouped (per-expert) dispatch that is itself spread over threads.
+pub fn matmul_serial(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    matmul_on(c, a, b, accumulate, false)
+}
+
+fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
     assert_eq!((c.rows, c.cols), (m, n), "matmul: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
@@ -110,7 +120,7 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         }
         return;
     }
-    let par = if m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
+    let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -144,6 +154,21 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 }
 
 pub use super::simd::{axpy, dot};
+
+/// `y = x · wᵀ` (`x`: `rows × d`, `w`: `n × d`, `y`: `rows × n`, overwritten): a GEMM, or
+/// plain dot products for up to four rows (a router or a query at batch 1 is a handful of dot
+/// products, cheaper than a GEMM call and allocation-free).
+pub fn matmul_bt(y: &mut [f32], x: &[f32], rows: usize, d: usize, w: &[f32], n: usize) {
+    if rows <= 4 {
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(n)).take(rows) {
+            for (v, wr) in yr.iter_mut().zip(w.chunks_exact(d)) {
+                *v = dot(xr, wr);
+            }
+        }
+    } else {
+        matmul(MatMut::new(y, rows, n), MatRef::new(x, rows, d), MatRef::new(w, n, d).t(), false);
+    }
+}
 
 /// Adds `bias` (length `cols`) to every row of the `rows × cols` matrix `y`.
 pub fn add_row_bias(y: &mut [f32], bias: &[f32]) {

@@ -98,6 +98,75 @@ pub fn gemm_rows<const R: usize>(h: [&[f32]; R], w: &[f32], bias: &[f32], y: [&m
     }
 }
 
+/// `y = a·w + bias` for a short row-major `a` (`rows × k`), `w` (`k × n`), `y` (`rows × n`),
+/// `bias` (`n`, or zero when `None`). No packing: 64-column panels of `w` (`KC` rows at a
+/// time) are read in place while blocks of four rows of `a` stream past them, with 16
+/// accumulators in registers. For products of one to a few rows (a grouped expert dispatch
+/// at batch 1), where packing `w` costs more than the product; from about eight rows on the
+/// GEMM library is faster (`cargo bench --bench moe_loop -- --gemm`).
+pub fn gemm_small(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let rows = a.len().checked_div(k).unwrap_or(0);
+    assert!(k > 0 && a.len() == rows * k && w.len() >= k * n && y.len() == rows * n, "gemm_small: shapes");
+    assert!(bias.is_none_or(|b| b.len() == n), "gemm_small: bias length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if rows >= 4 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; shapes checked above.
+            return unsafe { x86::gemm_small_avx512(a, k, w, n, bias, y, rows) };
+        }
+    }
+    // One to three rows: the product is a stream over `w`, read row after row (contiguous,
+    // which the hardware prefetcher follows best) four rows per pass over `y`.
+    for (ar, yr) in a.chunks_exact(k).zip(y.chunks_exact_mut(n.max(1))) {
+        match bias {
+            Some(b) => yr.copy_from_slice(b),
+            None => yr.fill(0.0),
+        }
+        let mut j = 0;
+        while j + 4 <= k {
+            prefetch_rows(w, (j + PREFETCH_ROWS) * n, 4 * n);
+            axpy4([ar[j], ar[j + 1], ar[j + 2], ar[j + 3]], [&w[j * n..], &w[(j + 1) * n..], &w[(j + 2) * n..], &w[(j + 3) * n..]], yr);
+            j += 4;
+        }
+        for (jj, &aj) in ar.iter().enumerate().skip(j) {
+            axpy(aj, &w[jj * n..(jj + 1) * n], yr);
+        }
+    }
+    if rows > 0 {
+        return;
+    }
+    for (ar, yr) in a.chunks_exact(k).zip(y.chunks_exact_mut(n.max(1))) {
+        match bias {
+            Some(b) => yr.copy_from_slice(b),
+            None => yr.fill(0.0),
+        }
+        for (j, &aj) in ar.iter().enumerate() {
+            axpy(aj, &w[j * n..(j + 1) * n], yr);
+        }
+    }
+}
+
+/// How far ahead (in rows of `w`) the streaming path of [`gemm_small`] prefetches: expert
+/// weights are short streams that the hardware prefetcher ramps up on too late.
+const PREFETCH_ROWS: usize = 16;
+
+/// Prefetches `w[from..from + len]` into L2 (no-op past the end or off x86).
+#[inline]
+fn prefetch_rows(w: &[f32], from: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if from < w.len() {
+            let end = (from + len).min(w.len());
+            let mut i = from;
+            while i < end {
+                // SAFETY: prefetch is a hint; the address is in bounds.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w.as_ptr().add(i) as *const i8) };
+                i += 16;
+            }
+        }
+    }
+}
+
 /// Portable dot product with eight independent accumulators.
 #[inline]
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -155,6 +224,121 @@ mod x86 {
             let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
             let v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
             _mm512_mask_storeu_ps(py.add(i), m, v);
+        }
+    }
+
+    /// Rows of `w` per panel of [`gemm_small_avx512`] before the accumulators are stored.
+    const KC: usize = 256;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm_small_avx512(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32], rows: usize) {
+        let (pa, pw, py) = (a.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+        let pb = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // one to three rows: 128-column panels read longer contiguous runs of each row of `w`
+        // (the product is a stream over `w`); four or more: 64 columns × 4 rows in registers
+        if rows < 4 {
+            panels::<8>(pa, k, pw, n, pb, py, rows);
+        } else {
+            panels::<4>(pa, k, pw, n, pb, py, rows);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn panels<const NV: usize>(pa: *const f32, k: usize, pw: *const f32, n: usize, pb: *const f32, py: *mut f32, rows: usize) {
+        let mut c = 0;
+        while c < n {
+            // masks of the 16-wide vectors of this panel (zero past the end of the row)
+            let m: [__mmask16; NV] = std::array::from_fn(|q| {
+                let lo = c + 16 * q;
+                if lo >= n {
+                    0
+                } else if lo + 16 <= n {
+                    0xFFFF
+                } else {
+                    ((1u32 << (n - lo)) - 1) as u16
+                }
+            });
+            let bc = if pb.is_null() { pb } else { pb.add(c) };
+            let mut j0 = 0;
+            while j0 < k {
+                let kk = KC.min(k - j0);
+                let (wp, first) = (pw.add(j0 * n + c), j0 == 0);
+                let mut r = 0;
+                if NV <= 4 {
+                    while r + 4 <= rows {
+                        panel::<4, NV>(pa.add(r * k + j0), k, wp, n, kk, py.add(r * n + c), n, first, bc, m);
+                        r += 4;
+                    }
+                }
+                while r < rows {
+                    panel::<1, NV>(pa.add(r * k + j0), k, wp, n, kk, py.add(r * n + c), n, first, bc, m);
+                    r += 1;
+                }
+                j0 += kk;
+            }
+            c += 16 * NV;
+        }
+    }
+
+    /// `R` rows × `16·NV` columns over `kk` rows of `w`: starts from the bias (zero if null)
+    /// when `first`, else from `y`, and stores back to `y`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn panel<const R: usize, const NV: usize>(
+        a: *const f32,
+        lda: usize,
+        w: *const f32,
+        ldw: usize,
+        kk: usize,
+        y: *mut f32,
+        ldy: usize,
+        first: bool,
+        bias: *const f32,
+        m: [__mmask16; NV],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        for r in 0..R {
+            for q in 0..NV {
+                if m[q] != 0 {
+                    acc[r][q] = if !first {
+                        _mm512_maskz_loadu_ps(m[q], y.add(r * ldy + 16 * q))
+                    } else if bias.is_null() {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_maskz_loadu_ps(m[q], bias.add(16 * q))
+                    };
+                }
+            }
+        }
+        if m[NV - 1] == 0xFFFF {
+            for j in 0..kk {
+                let wr: [__m512; NV] = std::array::from_fn(|q| _mm512_loadu_ps(w.add(j * ldw + 16 * q)));
+                for r in 0..R {
+                    let av = _mm512_set1_ps(*a.add(r * lda + j));
+                    for q in 0..NV {
+                        acc[r][q] = _mm512_fmadd_ps(av, wr[q], acc[r][q]);
+                    }
+                }
+            }
+        } else {
+            for j in 0..kk {
+                let wr: [__m512; NV] = std::array::from_fn(|q| _mm512_maskz_loadu_ps(m[q], w.add(j * ldw + 16 * q)));
+                for r in 0..R {
+                    let av = _mm512_set1_ps(*a.add(r * lda + j));
+                    for q in 0..NV {
+                        acc[r][q] = _mm512_fmadd_ps(av, wr[q], acc[r][q]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..NV {
+                if m[q] != 0 {
+                    _mm512_mask_storeu_ps(y.add(r * ldy + 16 * q), m[q], acc[r][q]);
+                }
+            }
         }
     }
 

@@ -5,6 +5,7 @@ pub mod csv;
 pub mod digits;
 pub mod idx;
 pub mod spec;
+pub mod text;
 
 pub use spec::DataSpec;
 

@@ -15,10 +15,15 @@
 
 pub mod dense;
 pub mod fff;
+pub mod grouped;
+pub mod moe;
+pub mod pkm;
 pub mod ufff;
 
 pub use dense::DenseKernel;
 pub use fff::FffKernel;
+pub use moe::{MoeKernel, Router};
+pub use pkm::PkmKernel;
 pub use ufff::UfffKernel;
 
 use crate::error::{check_matrix, Result};
@@ -33,6 +38,12 @@ pub trait InferKernel: Send + Sync {
     fn out_features(&self) -> usize;
     /// `x`: `batch × in` → `y`: `batch × out`, using (and growing once) `ws`.
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()>;
+    /// [`InferKernel::forward`] for layers routed by the input token (hash layers): `ids` holds
+    /// one token id per row. Other kernels ignore the ids.
+    fn forward_tokens(&self, x: &[f32], ids: &[u32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()> {
+        let _ = ids;
+        self.forward(x, batch, y, ws)
+    }
     /// Hidden neurons one sample evaluates.
     fn neurons_per_inference(&self) -> usize;
     /// Multiply-adds one sample costs (the FLOP count is twice this).
@@ -54,8 +65,8 @@ pub(crate) fn check_io(k: &dyn InferKernel, x: &[f32], batch: usize, y: &[f32]) 
 /// Scratch buffers reused across kernel calls; they only grow.
 #[derive(Default, Debug)]
 pub struct Workspace {
-    f: [Vec<f32>; 4],
-    u: [Vec<u32>; 4],
+    f: [Vec<f32>; 8],
+    u: [Vec<u32>; 8],
 }
 
 impl Workspace {
@@ -64,20 +75,23 @@ impl Workspace {
         Self::default()
     }
 
-    /// Four f32 buffers of the sizes in `f` and four u32 buffers of the sizes in `u`,
+    /// `F ≤ 8` f32 buffers of the sizes in `f` and `U ≤ 8` u32 buffers of the sizes in `u`,
     /// all disjoint (zero-sized ones are free).
-    pub(crate) fn take(&mut self, f: [usize; 4], u: [usize; 4]) -> ([&mut [f32]; 4], [&mut [u32]; 4]) {
-        let [f0, f1, f2, f3] = &mut self.f;
-        let [u0, u1, u2, u3] = &mut self.u;
-        for (v, n) in [&mut *f0, &mut *f1, &mut *f2, &mut *f3].into_iter().zip(f) {
-            grow(v, n);
-        }
-        for (v, n) in [&mut *u0, &mut *u1, &mut *u2, &mut *u3].into_iter().zip(u) {
-            grow(v, n);
-        }
+    pub(crate) fn take<const F: usize, const U: usize>(&mut self, f: [usize; F], u: [usize; U]) -> ([&mut [f32]; F], [&mut [u32]; U]) {
+        const { assert!(F <= 8 && U <= 8) };
+        let mut fs = self.f.iter_mut();
+        let mut us = self.u.iter_mut();
         (
-            [&mut f0[..f[0]], &mut f1[..f[1]], &mut f2[..f[2]], &mut f3[..f[3]]],
-            [&mut u0[..u[0]], &mut u1[..u[1]], &mut u2[..u[2]], &mut u3[..u[3]]],
+            std::array::from_fn(|i| {
+                let v = fs.next().expect("F <= 8 checked at compile time");
+                grow(v, f[i]);
+                &mut v[..f[i]]
+            }),
+            std::array::from_fn(|i| {
+                let v = us.next().expect("U <= 8 checked at compile time");
+                grow(v, u[i]);
+                &mut v[..u[i]]
+            }),
         )
     }
 }

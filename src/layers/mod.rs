@@ -3,9 +3,16 @@
 //!
 //! Shapes are row-major: `x` is `batch × in_features`, `y` is `batch × out_features`.
 
+pub mod attention;
 pub mod dense;
+pub mod experts;
 pub mod fff;
+pub mod hash;
+pub mod layer_norm;
 pub mod linear;
+pub mod moe;
+pub mod pkm;
+pub mod smoe;
 pub mod ufff;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +23,11 @@ use crate::kernels::{InferKernel, Workspace};
 
 pub use dense::{Dense, DenseConfig};
 pub use fff::{Fff, FffConfig};
+pub use hash::{Hash, HashConfig};
 pub use linear::Linear;
+pub use moe::{Moe, MoeConfig};
+pub use pkm::{Pkm, PkmConfig};
+pub use smoe::{Smoe, SmoeConfig};
 pub use ufff::{Ufff, UfffConfig};
 
 /// A trainable feedforward layer with hand-written forward and backward passes.
@@ -53,6 +64,16 @@ pub trait Layer: Send + Sync {
     fn params(&self) -> Vec<&Param>;
     /// Visits the parameters mutably in the same order as [`Layer::params`] (no allocation).
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+    /// Share of the routed slots each expert received in the last `forward_train`
+    /// (mixture layers only).
+    fn expert_load(&self) -> Option<&[f32]> {
+        None
+    }
+    /// Hands the layer the token id of every row of the next `forward_train` (hash routing
+    /// needs them; other layers ignore them). `ids`: `batch`.
+    fn set_token_ids(&mut self, ids: &[u32]) {
+        let _ = ids;
+    }
     /// Hidden neurons one sample evaluates at inference.
     fn neurons_per_inference(&self) -> usize;
     /// The configuration that rebuilds this layer (with the same in/out widths).
@@ -69,6 +90,14 @@ pub enum LayerConfig {
     Fff(FffConfig),
     /// UltraFastBERT tree of single neurons.
     Ufff(UfffConfig),
+    /// Top-k softmax mixture of experts (Switch, Mixtral-style).
+    Moe(MoeConfig),
+    /// σ-MoE (Csordás et al. 2023).
+    Smoe(SmoeConfig),
+    /// Hash-routed experts (Roller et al. 2021); needs token ids.
+    Hash(HashConfig),
+    /// Product-key memory (Lample et al. 2019).
+    Pkm(PkmConfig),
 }
 
 impl LayerConfig {
@@ -83,6 +112,10 @@ impl LayerConfig {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Hash(c) => Box::new(Hash::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Pkm(c) => Box::new(Pkm::new(c.clone(), in_features, out_features, rng)?),
         })
     }
 
@@ -92,6 +125,10 @@ impl LayerConfig {
             LayerConfig::Dense(_) => "dense",
             LayerConfig::Fff(_) => "fff",
             LayerConfig::Ufff(_) => "ufff",
+            LayerConfig::Moe(_) => "moe",
+            LayerConfig::Smoe(_) => "smoe",
+            LayerConfig::Hash(_) => "hash",
+            LayerConfig::Pkm(_) => "pkm",
         }
     }
 }

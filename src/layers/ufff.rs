@@ -218,6 +218,8 @@ impl Layer for Ufff {
             self.out_weight.zero_grad();
         }
         self.touched.clear();
+        // capacity for every node at once: the list never grows (and allocates) mid-training
+        self.touched.reserve(self.seen.len());
         for b in 0..batch {
             let (xb, dyb) = (&x[b * ni..(b + 1) * ni], &dy[b * no..(b + 1) * no]);
             for l in 0..lv {
@@ -240,6 +242,7 @@ impl Layer for Ufff {
                 // reuse the row list's buffer: no allocation once it has grown
                 let mut rows = p.touched_rows.take().unwrap_or_default();
                 rows.clear();
+                rows.reserve(self.seen.len());
                 rows.extend_from_slice(&self.touched);
                 p.touched_rows = Some(rows);
             } else {

@@ -1,5 +1,7 @@
 //! Models built from layers.
 
 pub mod classifier;
+pub mod lm;
 
 pub use classifier::{Classifier, ModelConfig, StepStats};
+pub use lm::{Generator, Lm, LmConfig};

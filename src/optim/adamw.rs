@@ -34,6 +34,19 @@ impl AdamW {
     pub fn steps(&self) -> u64 {
         self.t
     }
+
+    /// First and second moments, one vector per parameter in visiting order (empty before
+    /// the first step).
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores the state saved from [`AdamW::steps`] and [`AdamW::moments`] (resuming a run).
+    pub fn restore(&mut self, t: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+        self.t = t;
+        self.m = m;
+        self.v = v;
+    }
 }
 
 /// Moments below this are flushed to zero: parameters whose gradient stays zero (dead ReLU

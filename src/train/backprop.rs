@@ -57,6 +57,10 @@ pub struct EpochReport {
     pub lr: f32,
     /// Wall-clock seconds of the epoch's training steps.
     pub seconds: f64,
+    /// Mixture layers: the share of routed slots each expert received, averaged over the
+    /// epoch's steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load: Option<Vec<f32>>,
 }
 
 /// Summary of a training run.
@@ -126,6 +130,7 @@ pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progres
         let t0 = Instant::now();
         let (mut loss_sum, mut aux_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize, 0usize);
         let mut lr = schedule.lr(step);
+        let mut load: Option<Vec<f32>> = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
         for (s, idx) in order.chunks(batch).enumerate() {
             let b = idx.len();
             data.gather(idx, &mut xb[..b * data.dim], &mut yb[..b]);
@@ -138,6 +143,11 @@ pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progres
             let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_rng)?;
             if !stats.loss.is_finite() {
                 return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));
+            }
+            if let (Some(acc), Some(l)) = (load.as_mut(), model.layer().expert_load()) {
+                for (a, v) in acc.iter_mut().zip(l) {
+                    *a += v / steps_per_epoch as f32;
+                }
             }
             let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
             lr = schedule.lr(step);
@@ -159,6 +169,7 @@ pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progres
             test_accuracy: model.accuracy(&split.test)?,
             lr,
             seconds,
+            expert_load: load,
         };
         progress.epoch(&report);
         history.push(report);

@@ -3,5 +3,6 @@
 
 pub mod backprop;
 pub mod forward_forward;
+pub mod lm;
 
 pub use backprop::{train, EpochReport, Progress, TrainOptions, TrainReport};

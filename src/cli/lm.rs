@@ -1,0 +1,449 @@
+//! `ffwd lm train` and `ffwd lm sample`: the character-level transformer language model.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use ffwd::checkpoint::{load_lm, save_lm, LmCheckpoint};
+use ffwd::core::{Activation, Rng};
+use ffwd::data::text::{tiny_shakespeare, CharTokenizer};
+use ffwd::layers::hash::balanced_table;
+use ffwd::layers::{DenseConfig, FffConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use ffwd::models::{Lm, LmConfig};
+use ffwd::optim::AdamW;
+use ffwd::train::lm::{train_lm, LmEval, LmProgress, LmTrainOptions, LmTrainState, TextData};
+
+/// `ffwd lm …`.
+#[derive(Subcommand, Debug)]
+pub enum LmCommand {
+    /// Train a character-level transformer LM (default text: the embedded tiny-shakespeare).
+    Train(Box<LmTrainArgs>),
+    /// Generate text from a trained LM (KV cache; FFN through its conditional inference kernel).
+    Sample(LmSampleArgs),
+}
+
+/// Kind of feedforward block in every transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    /// Linear → GELU → Linear.
+    Dense,
+    /// Three Linear maps with GELU between (same width).
+    Dense3,
+    /// Fast feedforward network (leaf = width / 2^depth).
+    Fff,
+    /// UltraFastBERT tree (width = 2^(depth+1) − 1 neurons).
+    Ufff,
+    /// Top-k softmax mixture (expert_width = width / experts).
+    Moe,
+    /// σ-MoE.
+    Smoe,
+    /// Hash layer routed by the input character.
+    Hash,
+    /// Product-key memory (width = n_keys² values).
+    Pkm,
+}
+
+/// The `[model]` and `[train]` tables of an LM config file (flags override them).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LmFile {
+    model: LmConfig,
+    train: LmTrainOptions,
+}
+
+/// Options of `ffwd lm train`.
+#[derive(Args, Debug)]
+pub struct LmTrainArgs {
+    /// UTF-8 text to train on; its last --val-fraction is held out [default: embedded tiny-shakespeare].
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// TOML file with `[model]` (context, d_model, heads, layers, parallel, ffn) and `[train]` tables.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config"])]
+    resume: Option<PathBuf>,
+    /// Context length in characters [default: 128].
+    #[arg(long)]
+    context: Option<usize>,
+    /// Model width [default: 192].
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Attention heads [default: 6].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Transformer blocks [default: 4].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Parallel attention and FFN (PAF layout).
+    #[arg(long)]
+    parallel: bool,
+    /// Feedforward block of every layer.
+    #[arg(long, value_enum)]
+    ffn: Option<FfnKind>,
+    /// FFN hidden size: dense units; fff total leaf width; ufff neurons (2^(depth+1)−1);
+    /// moe/smoe/hash experts × expert width; pkm values [default: 4·d_model, 1023 for ufff].
+    #[arg(long)]
+    ffn_width: Option<usize>,
+    /// fff/ufff depth [default: 3 for fff, 9 for ufff].
+    #[arg(long)]
+    depth: Option<usize>,
+    /// moe/smoe/hash experts [default: 16].
+    #[arg(long)]
+    experts: Option<usize>,
+    /// moe/smoe experts per token; pkm values per head [default: 2; 8 for pkm].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// hash: balanced table from the training text's character frequencies (default: random hash).
+    #[arg(long)]
+    balanced_hash: bool,
+    /// Optimizer steps [default: 3000].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per micro-batch [default: 16].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches accumulated per step [default: 1].
+    #[arg(long)]
+    accum: Option<usize>,
+    /// Training window length [default: the context].
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate (warmup, then cosine decay) [default: 0.001].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Warmup steps [default: 100].
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Final LR as a fraction of the peak [default: 0.1].
+    #[arg(long)]
+    min_lr_ratio: Option<f32>,
+    /// AdamW weight decay [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Global gradient-norm clip (0 = off) [default: 1].
+    #[arg(long)]
+    clip: Option<f32>,
+    /// Evaluate on the held-out tail every N steps [default: 250].
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Batches of held-out windows per evaluation [default: 16].
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    /// Fraction of the text held out for validation [default: 0.1].
+    #[arg(long)]
+    val_fraction: Option<f32>,
+    /// Seed of initialisation and batch order [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop (with a final evaluation) after this many minutes of training.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Stop after this step (the LR schedule still spans --steps; resume later to finish).
+    #[arg(long)]
+    stop_at: Option<usize>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Save the model (with optimizer state, for --resume) here.
+    #[arg(long, value_name = "PATH")]
+    save: Option<PathBuf>,
+    /// Write metrics JSON here.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+    /// Only the final summary.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Options of `ffwd lm sample`.
+#[derive(Args, Debug)]
+pub struct LmSampleArgs {
+    /// Checkpoint written by `ffwd lm train --save`.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Text to continue. Characters outside the model's vocabulary are refused.
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// Characters to generate.
+    #[arg(long, default_value_t = 500)]
+    tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely characters only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// Runs `ffwd lm …`.
+pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
+    match cmd {
+        LmCommand::Train(a) => run_train(*a),
+        LmCommand::Sample(a) => run_sample(a),
+    }
+}
+
+fn ffn_config(a: &LmTrainArgs, d: usize, text_freqs: &dyn Fn() -> Vec<u64>) -> anyhow::Result<Option<LayerConfig>> {
+    let Some(kind) = a.ffn else {
+        anyhow::ensure!(a.ffn_width.is_none() && a.depth.is_none() && a.experts.is_none() && a.top_k.is_none(), "--ffn-width, --depth, --experts and --top-k need --ffn");
+        return Ok(None);
+    };
+    let gelu = Activation::Gelu;
+    let experts = a.experts.unwrap_or(16);
+    let per = |w: usize| -> anyhow::Result<usize> {
+        anyhow::ensure!(w > 0 && w.is_multiple_of(experts), "--ffn-width {w} is not a positive multiple of --experts {experts}");
+        Ok(w / experts)
+    };
+    let width = a.ffn_width.unwrap_or(4 * d);
+    Ok(Some(match kind {
+        FfnKind::Dense => LayerConfig::Dense(DenseConfig { width, layers: 2, activation: gelu }),
+        FfnKind::Dense3 => LayerConfig::Dense(DenseConfig { width, layers: 3, activation: gelu }),
+        FfnKind::Fff => {
+            let depth = a.depth.unwrap_or(3);
+            let leaves = 1usize << depth;
+            anyhow::ensure!(width.is_multiple_of(leaves), "--ffn-width {width} is not a multiple of 2^depth = {leaves}");
+            LayerConfig::Fff(FffConfig { depth, leaf: width / leaves, activation: gelu, ..Default::default() })
+        }
+        FfnKind::Ufff => {
+            let depth = match (a.depth, a.ffn_width) {
+                (Some(dp), _) => dp,
+                (None, Some(w)) => {
+                    anyhow::ensure!((w + 1).is_power_of_two() && w >= 1, "ufff --ffn-width {w} is not 2^(depth+1) − 1");
+                    (w + 1).trailing_zeros() as usize - 1
+                }
+                (None, None) => 9,
+            };
+            LayerConfig::Ufff(UfffConfig { depth, activation: gelu, ..Default::default() })
+        }
+        FfnKind::Moe => LayerConfig::Moe(MoeConfig { experts, expert_width: per(width)?, k: a.top_k.unwrap_or(2), activation: gelu, ..Default::default() }),
+        FfnKind::Smoe => LayerConfig::Smoe(SmoeConfig { experts, expert_width: per(width)?, k: a.top_k.unwrap_or(2), activation: gelu, ..Default::default() }),
+        FfnKind::Hash => {
+            let table = if a.balanced_hash { balanced_table(&text_freqs(), experts) } else { Vec::new() };
+            LayerConfig::Hash(HashConfig { experts, expert_width: per(width)?, table, activation: gelu, ..Default::default() })
+        }
+        FfnKind::Pkm => {
+            let n = (width as f64).sqrt().round() as usize;
+            anyhow::ensure!(n * n == width, "pkm --ffn-width {width} (memory values) is not a square");
+            LayerConfig::Pkm(PkmConfig { n_keys: n, k: a.top_k.unwrap_or(8).min(n), ..Default::default() })
+        }
+    }))
+}
+
+struct Bar {
+    pb: ProgressBar,
+    quiet: bool,
+}
+
+impl LmProgress for Bar {
+    fn step(&mut self, step: usize, _total: usize, loss: f32, tps: f64) {
+        self.pb.set_position(step as u64);
+        if step.is_multiple_of(10) {
+            self.pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
+        }
+    }
+
+    fn eval(&mut self, e: &LmEval) {
+        if self.quiet {
+            return;
+        }
+        let line = format!(
+            "step {:>6}  train {:.4}  val {:.4} nats ({:.3} bpc)  {:.0} tok/s  {:.0}s",
+            e.step, e.train_loss, e.val_loss, e.val_bpc, e.train_tokens_per_s, e.seconds
+        );
+        if self.pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.pb.println(line);
+        }
+    }
+}
+
+fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
+    let threads = super::init_threads(a.threads)?;
+    let (text, source) = match &a.text {
+        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+        None => (tiny_shakespeare()?, "tiny-shakespeare (embedded)".to_string()),
+    };
+    // a resumed run keeps its model, options, vocabulary and optimizer; flags may extend --steps
+    let (mut lm, tokenizer, mut opts, mut state, mut opt) = if let Some(path) = &a.resume {
+        let LmCheckpoint { lm, tokenizer, options, state, optimizer } = load_lm(path)?;
+        (lm, tokenizer, options, state, optimizer)
+    } else {
+        let file: LmFile = match &a.config {
+            Some(p) => {
+                let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&s).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
+            }
+            None => LmFile::default(),
+        };
+        let tokenizer = CharTokenizer::from_text(&text)?;
+        let mut cfg = file.model;
+        cfg.vocab = tokenizer.len();
+        cfg.context = a.context.unwrap_or(cfg.context);
+        cfg.d_model = a.d_model.unwrap_or(cfg.d_model);
+        cfg.heads = a.heads.unwrap_or(cfg.heads);
+        cfg.layers = a.layers.unwrap_or(cfg.layers);
+        cfg.parallel |= a.parallel;
+        let freqs = || {
+            let mut f = vec![0u64; tokenizer.len()];
+            for c in text.chars() {
+                if let Ok(i) = tokenizer.chars().binary_search(&c) {
+                    f[i] += 1;
+                }
+            }
+            f
+        };
+        if let Some(ffn) = ffn_config(&a, cfg.d_model, &freqs)? {
+            cfg.ffn = ffn;
+        }
+        let mut opts = file.train;
+        if a.config.is_none() || a.context.is_some() {
+            opts.seq_len = cfg.context;
+        }
+        let seed = a.seed.unwrap_or(opts.seed);
+        opts.seed = seed;
+        let lm = Lm::new(cfg, seed)?;
+        let mut opt = AdamW::new(opts.weight_decay);
+        // β₂ = 0.99 as nanoGPT for small character models (few tokens per step)
+        opt.beta2 = 0.99;
+        (lm, tokenizer, opts, LmTrainState::default(), opt)
+    };
+    if a.resume.is_some() {
+        opt.beta2 = 0.99;
+    }
+    let set = |v: Option<usize>, f: &mut usize| {
+        if let Some(v) = v {
+            *f = v;
+        }
+    };
+    set(a.steps, &mut opts.steps);
+    set(a.batch, &mut opts.batch);
+    set(a.accum, &mut opts.accum);
+    set(a.seq_len, &mut opts.seq_len);
+    set(a.warmup, &mut opts.warmup);
+    set(a.eval_every, &mut opts.eval_every);
+    set(a.eval_batches, &mut opts.eval_batches);
+    for (v, f) in [(a.lr, &mut opts.lr), (a.min_lr_ratio, &mut opts.min_lr_ratio), (a.weight_decay, &mut opts.weight_decay), (a.clip, &mut opts.clip), (a.val_fraction, &mut opts.val_fraction)] {
+        if let Some(v) = v {
+            *f = v;
+        }
+    }
+    anyhow::ensure!(
+        opts.seq_len > 0 && opts.seq_len <= lm.config().context,
+        "--seq-len {} must be in 1..={} (the model's context)",
+        opts.seq_len,
+        lm.config().context
+    );
+    let ids = tokenizer.encode(&text).with_context(|| format!("{source} does not fit the model's vocabulary"))?;
+    let data = TextData::split(ids, opts.val_fraction, opts.seq_len)?;
+    if !a.quiet {
+        eprintln!(
+            "text {source}: {} train / {} held-out characters, vocabulary {} | {} layers × d {} ({} heads, context {}{}), ffn {} | {} params ({} ffn, {} ffn params active per token) | {threads} threads",
+            data.train.len(),
+            data.val.len(),
+            tokenizer.len(),
+            lm.config().layers,
+            lm.config().d_model,
+            lm.config().heads,
+            lm.config().context,
+            if lm.config().parallel { ", parallel" } else { "" },
+            lm.config().ffn.kind(),
+            lm.param_count(),
+            lm.ffn_param_count(),
+            lm.ffn_active_params_per_token()
+        );
+    }
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(opts.steps as u64) };
+    pb.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "));
+    pb.set_position(state.step as u64);
+    let mut bar = Bar { pb, quiet: a.quiet };
+    let budget = a.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    train_lm(&mut lm, &data, &opts, &mut opt, &mut state, budget, a.stop_at, &mut bar)?;
+    bar.pb.finish_and_clear();
+    let last = state.history.last().cloned();
+    let tps_mean = if state.seconds > 0.0 { (state.step * opts.batch * opts.accum * opts.seq_len) as f64 / state.seconds } else { 0.0 };
+    if let Some(e) = &last {
+        println!(
+            "val loss {:.4} nats/char ({:.3} bpc) after {} steps, {:.0}s, {:.0} tokens/s | {} params, {} ffn, {} ffn active per token",
+            e.val_loss,
+            e.val_bpc,
+            state.step,
+            state.seconds,
+            tps_mean,
+            lm.param_count(),
+            lm.ffn_param_count(),
+            lm.ffn_active_params_per_token()
+        );
+    }
+    if let Some(path) = &a.save {
+        let ck = LmCheckpoint { lm, tokenizer, options: opts.clone(), state: state.clone(), optimizer: opt };
+        save_lm(&ck, path)?;
+        eprintln!("saved {}", path.display());
+        write_metrics(&a, &ck.lm, &opts, &state, last.as_ref(), tps_mean, threads, &source)?;
+    } else {
+        write_metrics(&a, &lm, &opts, &state, last.as_ref(), tps_mean, threads, &source)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_metrics(a: &LmTrainArgs, lm: &Lm, opts: &LmTrainOptions, state: &LmTrainState, last: Option<&LmEval>, tps: f64, threads: usize, source: &str) -> anyhow::Result<()> {
+    let Some(path) = &a.metrics else { return Ok(()) };
+    let m = json!({
+        "val_loss": last.map(|e| e.val_loss),
+        "val_bpc": last.map(|e| e.val_bpc),
+        "train_loss": last.map(|e| e.train_loss),
+        "train_tokens_per_s": tps,
+        "params": lm.param_count(),
+        "ffn_params": lm.ffn_param_count(),
+        "ffn_active_params_per_token": lm.ffn_active_params_per_token(),
+        "steps": state.step,
+        "train_seconds": state.seconds,
+        "threads": threads,
+        "text": source,
+        "model": lm.config(),
+        "train": opts,
+        "history": state.history,
+    });
+    ffwd::checkpoint::write_atomic(path, serde_json::to_string_pretty(&m)?.as_bytes()).context("writing metrics")?;
+    Ok(())
+}
+
+fn run_sample(a: LmSampleArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let ck = load_lm(&a.model)?;
+    let prompt = ck.tokenizer.encode(&a.prompt).context("prompt")?;
+    let mut g = ck.lm.generator();
+    let t0 = Instant::now();
+    let out = g.generate(&prompt, a.tokens, a.temperature, a.top_k, &mut Rng::new(a.seed))?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{}{}", a.prompt, ck.tokenizer.decode(&out));
+    eprintln!("{} characters in {:.2}s ({:.0} tokens/s, KV cache, {} FFN)", out.len(), secs, out.len() as f64 / secs.max(1e-9), ck.lm.config().ffn.kind());
+    Ok(())
+}
+
+/// Generation speed of a saved LM: median seconds per token over `tokens` greedy tokens.
+pub fn generate_tokens_per_s(path: &std::path::Path, tokens: usize) -> anyhow::Result<(f64, String, usize)> {
+    let ck = load_lm(path)?;
+    let mut g = ck.lm.generator();
+    let mut rng = Rng::new(0);
+    // warm-up, then time
+    g.generate(&[0], 16, 0.0, 0, &mut rng)?;
+    let t0 = Instant::now();
+    let n = g.generate(&[0], tokens, 0.0, 0, &mut rng)?.len();
+    let tps = n as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    Ok((tps, ck.lm.config().ffn.kind().to_string(), ck.lm.param_count()))
+}

@@ -1,0 +1,324 @@
+//! Grouped expert dispatch, the CPU form of Csordás et al.'s CVMM: the (token, slot) pairs a
+//! router produced are counting-sorted by expert, each expert runs one GEMM pair over its
+//! contiguous segment of gathered rows, and outputs are combined back per token weighted by
+//! the gates. The same segments give the weight gradients in backward. Expert weights are
+//! never copied per token and nothing is computed for experts a token did not pick.
+//!
+//! Shapes: `E` experts of `in → G → out` (`w1`: `E × in × G`, `b1`: `E × G`, `w2`:
+//! `E × G × out`), a batch of `B` tokens with `k` slots each (slot `s = b·k + j`), and `S` kept
+//! slots (slots can be dropped by a capacity limit).
+
+use rayon::prelude::*;
+
+use super::SyncPtr;
+use crate::core::gemm::{matmul_serial, MatMut, MatRef};
+use crate::core::simd::{dot, gemm_small};
+use crate::core::Activation;
+
+/// Marks a slot that is routed nowhere (dropped by the capacity limit).
+pub const DROPPED: u32 = u32::MAX;
+
+/// Sizes of an expert bank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShape {
+    /// Number of experts `E`.
+    pub experts: usize,
+    /// Input width.
+    pub in_features: usize,
+    /// Hidden units per expert `G`.
+    pub width: usize,
+    /// Output width.
+    pub out_features: usize,
+}
+
+/// Borrowed weights of an expert bank (layouts in the module docs).
+#[derive(Clone, Copy)]
+pub struct ExpertWeights<'a> {
+    /// Sizes.
+    pub shape: ExpertShape,
+    /// `E × in × G`.
+    pub w1: &'a [f32],
+    /// `E × G`.
+    pub b1: &'a [f32],
+    /// `E × G × out`.
+    pub w2: &'a [f32],
+    /// Hidden nonlinearity.
+    pub act: Activation,
+}
+
+/// Gradients of an expert bank, same layouts as [`ExpertWeights`].
+pub struct ExpertGrads<'a> {
+    /// `E × in × G`.
+    pub w1: &'a mut [f32],
+    /// `E × G`.
+    pub b1: &'a mut [f32],
+    /// `E × G × out`.
+    pub w2: &'a mut [f32],
+}
+
+/// Sorts slots by expert. `assign[s]` is the expert of slot `s` or [`DROPPED`].
+/// Writes `offsets` (`E + 1`: expert `e` owns sorted rows `offsets[e]..offsets[e+1]`), `order`
+/// (sorted row → slot, stable) and `pos` (slot → sorted row, or `DROPPED`).
+/// Returns the number of kept slots `S`.
+pub fn dispatch(assign: &[u32], experts: usize, offsets: &mut [u32], order: &mut [u32], pos: &mut [u32]) -> usize {
+    let offsets = &mut offsets[..experts + 1];
+    offsets.fill(0);
+    for &e in assign {
+        if e != DROPPED {
+            offsets[e as usize + 1] += 1;
+        }
+    }
+    for e in 0..experts {
+        offsets[e + 1] += offsets[e];
+    }
+    // use offsets[e] as the write cursor, then shift back
+    for (s, &e) in assign.iter().enumerate() {
+        if e == DROPPED {
+            pos[s] = DROPPED;
+        } else {
+            let r = offsets[e as usize];
+            order[r as usize] = s as u32;
+            pos[s] = r;
+            offsets[e as usize] = r + 1;
+        }
+    }
+    for e in (1..=experts).rev() {
+        offsets[e] = offsets[e - 1];
+    }
+    offsets[0] = 0;
+    offsets[experts] as usize
+}
+
+/// Runs every expert on its segment: gathers its rows `xs = x[token of slot]`, then
+/// `pre = xs·W1ₑ + b1ₑ`, `h = act(pre)`, `ys = h·W2ₑ`. `x`: `B × in` with `k` slots per token,
+/// `order`/`offsets` from [`dispatch`]; writes `xs`: `S × in`, `h`: `S × G`, `ys`: `S × out`,
+/// and `pre` (`S × G`) when given (training). Experts run in parallel, each on one thread,
+/// and each gathers its own rows right before its GEMM (they are still in cache).
+#[allow(clippy::too_many_arguments)]
+pub fn experts_forward(
+    w: &ExpertWeights<'_>,
+    x: &[f32],
+    k: usize,
+    order: &[u32],
+    offsets: &[u32],
+    xs: &mut [f32],
+    pre: Option<&mut [f32]>,
+    h: &mut [f32],
+    ys: &mut [f32],
+) {
+    let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape;
+    let pre_ptr = pre.map(|p| SyncPtr(p.as_mut_ptr()));
+    let (h_ptr, ys_ptr, xs_ptr) = (SyncPtr(h.as_mut_ptr()), SyncPtr(ys.as_mut_ptr()), SyncPtr(xs.as_mut_ptr()));
+    let run = |e: usize| {
+        let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
+        let n = r1 - r0;
+        if n == 0 {
+            return;
+        }
+        // SAFETY: expert segments are disjoint row ranges of xs, h, pre and ys.
+        let (xe, hs, yo) = unsafe { (xs_ptr.slice(r0 * d, n * d), h_ptr.slice(r0 * g, n * g), ys_ptr.slice(r0 * o, n * o)) };
+        for (row, &slot) in xe.chunks_exact_mut(d).zip(&order[r0..r1]) {
+            let t = slot as usize / k;
+            row.copy_from_slice(&x[t * d..(t + 1) * d]);
+        }
+        let b1 = &w.b1[e * g..(e + 1) * g];
+        let (w1, w2) = (&w.w1[e * d * g..(e + 1) * d * g], &w.w2[e * g * o..(e + 1) * g * o]);
+        product(xe, d, w1, g, Some(b1), hs);
+        if let Some(p) = pre_ptr {
+            // SAFETY: as above.
+            unsafe { p.slice(r0 * g, n * g) }.copy_from_slice(hs);
+        }
+        w.act.apply_inplace(hs);
+        product(hs, g, w2, o, None, yo);
+    };
+    let rows = offsets[experts] as usize;
+    if rows * d * g >= 1 << 17 && rayon::current_num_threads() > 1 {
+        (0..experts).into_par_iter().for_each(run);
+    } else {
+        (0..experts).for_each(run);
+    }
+}
+
+/// `y = a·w (+ bias)` for one expert segment (`a`: `rows × k`, `w`: `k × n`): the unpacked
+/// [`gemm_small`] for up to [`SMALL_ROWS`] rows, the GEMM library above.
+fn product(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let rows = a.len() / k;
+    if rows <= SMALL_ROWS {
+        return gemm_small(a, k, w, n, bias, y);
+    }
+    for row in y.chunks_exact_mut(n) {
+        match bias {
+            Some(b) => row.copy_from_slice(b),
+            None => row.fill(0.0),
+        }
+    }
+    matmul_serial(MatMut::new(y, rows, n), MatRef::new(a, rows, k), MatRef::new(w, k, n), true);
+}
+
+/// Segments up to this many rows use [`gemm_small`].
+const SMALL_ROWS: usize = 4;
+
+/// `y[b] = bias + Σⱼ gates[b·k+j] · ys[pos[b·k+j]]` over the kept slots of each token.
+/// `y`: `B × out`, `ys`: `S × out`, `gates`/`pos`: `B·k`.
+pub fn combine(ys: &[f32], pos: &[u32], gates: &[f32], k: usize, bias: &[f32], y: &mut [f32]) {
+    let o = bias.len();
+    let one = |(b, row): (usize, &mut [f32])| {
+        row.copy_from_slice(bias);
+        for j in 0..k {
+            let s = b * k + j;
+            if pos[s] != DROPPED {
+                let r = pos[s] as usize;
+                crate::core::simd::axpy(gates[s], &ys[r * o..(r + 1) * o], row);
+            }
+        }
+    };
+    if y.len() * k >= 1 << 16 {
+        y.par_chunks_mut(o).enumerate().for_each(one);
+    } else {
+        y.chunks_mut(o).enumerate().for_each(one);
+    }
+}
+
+/// Backward of [`combine`]: `dys[pos[s]] = gates[s] · dy[b]` and `dgates[s] = dy[b] · ys[pos[s]]`
+/// (0 for dropped slots).
+pub fn combine_backward(dy: &[f32], ys: &[f32], pos: &[u32], gates: &[f32], k: usize, o: usize, dys: &mut [f32], dgates: &mut [f32]) {
+    for (s, (&p, dg)) in pos.iter().zip(dgates.iter_mut()).enumerate() {
+        if p == DROPPED {
+            *dg = 0.0;
+            continue;
+        }
+        let (b, r) = (s / k, p as usize);
+        let dyb = &dy[b * o..(b + 1) * o];
+        *dg = dot(dyb, &ys[r * o..(r + 1) * o]);
+        for (d, &v) in dys[r * o..(r + 1) * o].iter_mut().zip(dyb) {
+            *d = gates[s] * v;
+        }
+    }
+}
+
+/// Backward of [`experts_forward`] over the same segments. Overwrites every expert's weight
+/// gradients (zero for experts that got no rows) and writes `dxs` (`S × in`), the gradient
+/// of the gathered rows. `dh` is scratch of `S × G`.
+#[allow(clippy::too_many_arguments)]
+pub fn experts_backward(
+    w: &ExpertWeights<'_>,
+    grads: ExpertGrads<'_>,
+    offsets: &[u32],
+    xs: &[f32],
+    pre: &[f32],
+    h: &[f32],
+    dys: &[f32],
+    dh: &mut [f32],
+    dxs: &mut [f32],
+) {
+    let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape;
+    let ptrs = (SyncPtr(grads.w1.as_mut_ptr()), SyncPtr(grads.b1.as_mut_ptr()), SyncPtr(grads.w2.as_mut_ptr()));
+    let (dh_ptr, dxs_ptr) = (SyncPtr(dh.as_mut_ptr()), SyncPtr(dxs.as_mut_ptr()));
+    let run = |e: usize| {
+        let (p1, pb, p2) = ptrs;
+        // SAFETY: each expert owns its own gradient blocks and row segment.
+        let (gw1, gb1, gw2) = unsafe { (p1.slice(e * d * g, d * g), pb.slice(e * g, g), p2.slice(e * g * o, g * o)) };
+        let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
+        let n = r1 - r0;
+        if n == 0 {
+            gw1.fill(0.0);
+            gb1.fill(0.0);
+            gw2.fill(0.0);
+            return;
+        }
+        // SAFETY: as above.
+        let (dhs, dx) = unsafe { (dh_ptr.slice(r0 * g, n * g), dxs_ptr.slice(r0 * d, n * d)) };
+        let (hs, dy, x) = (&h[r0 * g..r1 * g], &dys[r0 * o..r1 * o], &xs[r0 * d..r1 * d]);
+        let w1 = MatRef::new(&w.w1[e * d * g..(e + 1) * d * g], d, g);
+        let w2 = MatRef::new(&w.w2[e * g * o..(e + 1) * g * o], g, o);
+        matmul_serial(MatMut::new(gw2, g, o), MatRef::new(hs, n, g).t(), MatRef::new(dy, n, o), false);
+        matmul_serial(MatMut::new(dhs, n, g), MatRef::new(dy, n, o), w2.t(), false);
+        w.act.backward_inplace(&pre[r0 * g..r1 * g], dhs);
+        matmul_serial(MatMut::new(gw1, d, g), MatRef::new(x, n, d).t(), MatRef::new(dhs, n, g), false);
+        crate::core::gemm::sum_rows(dhs, g, gb1);
+        matmul_serial(MatMut::new(dx, n, d), MatRef::new(dhs, n, g), w1.t(), false);
+    };
+    if experts > 1 && rayon::current_num_threads() > 1 && offsets[experts] as usize * d * g >= 1 << 16 {
+        (0..experts).into_par_iter().for_each(run);
+    } else {
+        (0..experts).for_each(run);
+    }
+}
+
+/// `dx[b] (+)= Σⱼ dxs[pos[b·k+j]]`: the input gradient of each token from its kept slots.
+pub fn scatter_rows_add(dxs: &[f32], pos: &[u32], k: usize, d: usize, dx: &mut [f32], accumulate: bool) {
+    for (b, row) in dx.chunks_exact_mut(d).enumerate() {
+        if !accumulate {
+            row.fill(0.0);
+        }
+        for j in 0..k {
+            let p = pos[b * k + j];
+            if p != DROPPED {
+                let r = p as usize;
+                for (v, &g) in row.iter_mut().zip(&dxs[r * d..(r + 1) * d]) {
+                    *v += g;
+                }
+            }
+        }
+    }
+}
+
+/// The `k` largest of `scores` in descending order (ties: lower index first), written to
+/// `idx` and `val` (both length `k ≤ scores.len()`). `skip(i)` excludes entries.
+pub fn top_k(scores: &[f32], k: usize, idx: &mut [u32], val: &mut [f32], skip: impl Fn(usize) -> bool) -> usize {
+    let mut n = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if skip(i) {
+            continue;
+        }
+        if n == k && s <= val[k - 1] {
+            continue;
+        }
+        // insertion: find the slot, shift the tail
+        let mut p = if n < k { n } else { k - 1 };
+        while p > 0 && val[p - 1] < s {
+            if p < k {
+                val[p] = val[p - 1];
+                idx[p] = idx[p - 1];
+            }
+            p -= 1;
+        }
+        val[p] = s;
+        idx[p] = i as u32;
+        if n < k {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_sorts_stably_and_skips_dropped() {
+        let assign = [2u32, 0, DROPPED, 2, 1, 0];
+        let (mut off, mut order, mut pos) = ([0u32; 4], [0u32; 6], [0u32; 6]);
+        let s = dispatch(&assign, 3, &mut off, &mut order, &mut pos);
+        assert_eq!(s, 5);
+        assert_eq!(off, [0, 2, 3, 5]);
+        assert_eq!(&order[..5], &[1, 5, 4, 0, 3]);
+        assert_eq!(pos, [3, 0, DROPPED, 4, 2, 1]);
+    }
+
+    #[test]
+    fn top_k_orders_descending_with_low_index_ties() {
+        let scores = [0.5, 2.0, -1.0, 2.0, 3.0, 0.5];
+        let (mut idx, mut val) = ([0u32; 3], [0f32; 3]);
+        assert_eq!(top_k(&scores, 3, &mut idx, &mut val, |_| false), 3);
+        assert_eq!(idx, [4, 1, 3]);
+        assert_eq!(val, [3.0, 2.0, 2.0]);
+        let (mut idx, mut val) = ([0u32; 2], [0f32; 2]);
+        top_k(&scores, 2, &mut idx, &mut val, |i| i == 4);
+        assert_eq!(idx, [1, 3]);
+        let (mut idx, mut val) = ([0u32; 4], [0f32; 4]);
+        assert_eq!(top_k(&scores[..2], 4, &mut idx, &mut val, |_| false), 2);
+        assert_eq!(&idx[..2], &[1, 0]);
+    }
+}

@@ -1,0 +1,236 @@
+//! Causal multi-head self-attention with explicit backward, and its single-token step over a
+//! KV cache for generation.
+//!
+//! Shapes: the input is `B·T × d` (B sequences of T positions, row-major), `heads` divides `d`,
+//! head width `hd = d / heads`. `qkv` maps `d → 3d` (queries, keys, values side by side),
+//! `proj` maps `d → d`. Parameters: `qkv.weight` (`3d × d`), `qkv.bias`, `proj.weight`,
+//! `proj.bias`.
+
+use rayon::prelude::*;
+
+use super::Linear;
+use crate::core::gemm::{matmul_bt, matmul_serial, MatMut, MatRef};
+use crate::core::simd::{axpy, dot};
+use crate::core::{Param, Rng};
+
+/// Causal self-attention over sequences.
+#[derive(Clone, Debug)]
+pub struct CausalSelfAttention {
+    /// `d → 3d`.
+    pub qkv: Linear,
+    /// `d → d`.
+    pub proj: Linear,
+    heads: usize,
+    // caches of the last forward
+    qkv_out: Vec<f32>,
+    probs: Vec<f32>,
+    heads_out: Vec<f32>,
+    merged: Vec<f32>,
+    // backward scratch
+    d_merged: Vec<f32>,
+    d_probs: Vec<f32>,
+    d_heads: Vec<f32>,
+    d_qkv: Vec<f32>,
+}
+
+/// Grows `v` to `n` values.
+fn fit(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl CausalSelfAttention {
+    /// `heads` heads over width `d`; weights `N(0, 0.02²)`, the output projection scaled by
+    /// `proj_scale` (GPT-2 uses `1/√(2·layers)` so the residual stream does not grow with depth).
+    pub fn new(prefix: &str, d: usize, heads: usize, proj_scale: f32, rng: &mut Rng) -> Self {
+        let mut qkv = Linear::new(&format!("{prefix}.qkv"), d, 3 * d, rng);
+        let mut proj = Linear::new(&format!("{prefix}.proj"), d, d, rng);
+        for v in &mut qkv.weight.value {
+            *v = 0.02 * rng.normal();
+        }
+        for v in &mut proj.weight.value {
+            *v = 0.02 * proj_scale * rng.normal();
+        }
+        qkv.bias.value.fill(0.0);
+        proj.bias.value.fill(0.0);
+        CausalSelfAttention {
+            qkv,
+            proj,
+            heads,
+            qkv_out: Vec::new(),
+            probs: Vec::new(),
+            heads_out: Vec::new(),
+            merged: Vec::new(),
+            d_merged: Vec::new(),
+            d_probs: Vec::new(),
+            d_heads: Vec::new(),
+            d_qkv: Vec::new(),
+        }
+    }
+
+    /// Model width `d`.
+    pub fn dim(&self) -> usize {
+        self.proj.out_features()
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// `x`: `b·t × d` → `y`: `b·t × d` (overwritten); caches what backward needs.
+    pub fn forward(&mut self, x: &[f32], b: usize, t: usize, y: &mut [f32]) {
+        let (d, nh) = (self.dim(), self.heads);
+        let hd = d / nh;
+        let rows = b * t;
+        fit(&mut self.qkv_out, rows * 3 * d);
+        fit(&mut self.probs, b * nh * t * t);
+        fit(&mut self.heads_out, b * nh * t * hd);
+        fit(&mut self.merged, rows * d);
+        self.qkv.forward(x, rows, &mut self.qkv_out);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &self.qkv_out[..rows * 3 * d];
+        self.probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.heads_out[..b * nh * t * hd].par_chunks_mut(t * hd)).enumerate().for_each(
+            |(item, (p, o))| {
+                let (bb, h) = (item / nh, item % nh);
+                let base = bb * t * 3 * d + h * hd;
+                let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
+                let k = MatRef::strided(&qkv[base + d..], t, hd, 3 * d, 1);
+                let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
+                matmul_serial(MatMut::new(p, t, t), q, k.t(), false);
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    causal_softmax(row, i, scale);
+                }
+                matmul_serial(MatMut::new(o, t, hd), MatRef::new(p, t, t), v, false);
+            },
+        );
+        // heads side by side: merged[bb·t + i, h·hd + c] = o_(bb,h)[i, c]
+        let ho = &self.heads_out;
+        self.merged[..rows * d].par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+            let (bb, i) = (r / t, r % t);
+            for h in 0..nh {
+                let item = bb * nh + h;
+                row[h * hd..(h + 1) * hd].copy_from_slice(&ho[item * t * hd + i * hd..item * t * hd + (i + 1) * hd]);
+            }
+        });
+        self.proj.forward(&self.merged, rows, y);
+    }
+
+    /// Backward of the last forward on the same `x`: overwrites the parameter gradients and
+    /// adds dL/dx into `dx` (`b·t × d`).
+    pub fn backward(&mut self, x: &[f32], b: usize, t: usize, dy: &[f32], dx: &mut [f32]) {
+        let (d, nh) = (self.dim(), self.heads);
+        let hd = d / nh;
+        let rows = b * t;
+        fit(&mut self.d_merged, rows * d);
+        fit(&mut self.d_probs, b * nh * t * t);
+        fit(&mut self.d_heads, b * nh * 3 * t * hd);
+        fit(&mut self.d_qkv, rows * 3 * d);
+        self.proj.backward(&self.merged[..rows * d], rows, dy, Some(&mut self.d_merged[..rows * d]), false);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (qkv, probs, dm) = (&self.qkv_out[..rows * 3 * d], &self.probs[..b * nh * t * t], &self.d_merged[..rows * d]);
+        self.d_probs[..b * nh * t * t]
+            .par_chunks_mut(t * t)
+            .zip(self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd))
+            .enumerate()
+            .for_each(|(item, (dp, dh))| {
+                let (bb, h) = (item / nh, item % nh);
+                let base = bb * t * 3 * d + h * hd;
+                let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
+                let k = MatRef::strided(&qkv[base + d..], t, hd, 3 * d, 1);
+                let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
+                let p = &probs[item * t * t..(item + 1) * t * t];
+                let d_o = MatRef::strided(&dm[bb * t * d + h * hd..], t, hd, d, 1);
+                // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                matmul_serial(MatMut::new(dp, t, t), d_o, v.t(), false);
+                for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                    let s: f32 = dr[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
+                    for (dv, &pv) in dr.iter_mut().zip(pr) {
+                        *dv = pv * (*dv - s) * scale;
+                    }
+                }
+                let (dq, rest) = dh.split_at_mut(t * hd);
+                let (dk, dv) = rest.split_at_mut(t * hd);
+                let ds = MatRef::new(dp, t, t);
+                matmul_serial(MatMut::new(dq, t, hd), ds, k, false);
+                matmul_serial(MatMut::new(dk, t, hd), ds.t(), q, false);
+                matmul_serial(MatMut::new(dv, t, hd), MatRef::new(p, t, t).t(), d_o, false);
+            });
+        let dh = &self.d_heads;
+        self.d_qkv[..rows * 3 * d].par_chunks_mut(3 * d).enumerate().for_each(|(r, row)| {
+            let (bb, i) = (r / t, r % t);
+            for h in 0..nh {
+                let item = (bb * nh + h) * 3 * t * hd;
+                for part in 0..3 {
+                    let src = &dh[item + part * t * hd + i * hd..item + part * t * hd + (i + 1) * hd];
+                    row[part * d + h * hd..part * d + (h + 1) * hd].copy_from_slice(src);
+                }
+            }
+        });
+        self.qkv.backward(x, rows, &self.d_qkv[..rows * 3 * d], Some(dx), true);
+    }
+
+    /// One new position `pos` of a single sequence: `x`: `d` → `y`: `d`, appending its key and
+    /// value to the caches (`k_cache`, `v_cache`: `capacity × d`). `scratch` holds at least
+    /// `4d + capacity` floats.
+    pub fn step(&self, x: &[f32], pos: usize, k_cache: &mut [f32], v_cache: &mut [f32], scratch: &mut [f32], y: &mut [f32]) {
+        let (d, nh) = (self.dim(), self.heads);
+        let hd = d / nh;
+        let (qkv, rest) = scratch.split_at_mut(3 * d);
+        let (o, att) = rest.split_at_mut(d);
+        matmul_bt(qkv, x, 1, d, &self.qkv.weight.value, 3 * d);
+        for (v, b) in qkv.iter_mut().zip(&self.qkv.bias.value) {
+            *v += b;
+        }
+        k_cache[pos * d..(pos + 1) * d].copy_from_slice(&qkv[d..2 * d]);
+        v_cache[pos * d..(pos + 1) * d].copy_from_slice(&qkv[2 * d..]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        o.fill(0.0);
+        for h in 0..nh {
+            let q = &qkv[h * hd..(h + 1) * hd];
+            let att = &mut att[..=pos];
+            for (j, a) in att.iter_mut().enumerate() {
+                *a = dot(q, &k_cache[j * d + h * hd..j * d + (h + 1) * hd]);
+            }
+            causal_softmax(att, pos, scale);
+            for (j, &a) in att.iter().enumerate() {
+                axpy(a, &v_cache[j * d + h * hd..j * d + (h + 1) * hd], &mut o[h * hd..(h + 1) * hd]);
+            }
+        }
+        matmul_bt(y, o, 1, d, &self.proj.weight.value, d);
+        for (v, b) in y.iter_mut().zip(&self.proj.bias.value) {
+            *v += b;
+        }
+    }
+
+    /// The parameters: `qkv.weight`, `qkv.bias`, `proj.weight`, `proj.bias`.
+    pub fn params(&self) -> [&Param; 4] {
+        [&self.qkv.weight, &self.qkv.bias, &self.proj.weight, &self.proj.bias]
+    }
+
+    /// Visits the parameters in [`CausalSelfAttention::params`] order.
+    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.qkv.weight);
+        f(&mut self.qkv.bias);
+        f(&mut self.proj.weight);
+        f(&mut self.proj.bias);
+    }
+}
+
+/// Softmax of `scale · row[..=i]` in place; entries after `i` (the future) become 0.
+fn causal_softmax(row: &mut [f32], i: usize, scale: f32) {
+    let m = row[..=i].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+    let mut z = 0.0;
+    for v in &mut row[..=i] {
+        *v = (*v * scale - m).exp();
+        z += *v;
+    }
+    let inv = 1.0 / z;
+    for v in &mut row[..=i] {
+        *v *= inv;
+    }
+    for v in &mut row[i + 1..] {
+        *v = 0.0;
+    }
+}

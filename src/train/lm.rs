@@ -1,0 +1,256 @@
+//! Training of the language model: random windows of the training text, AdamW with warmup +
+//! cosine decay, global-norm clipping, gradient accumulation, and evaluation of the inference
+//! path on fixed windows of the held-out tail. The batch of step `s` is drawn from an RNG
+//! seeded by `(seed, s)`, so a resumed run sees exactly the batches the uninterrupted run
+//! would have seen.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::Rng;
+use crate::error::{Error, Result};
+use crate::models::Lm;
+use crate::optim::{clip_factor, grad_norm, AdamW, Optimizer, Schedule};
+
+/// Hyper-parameters of a language-model run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmTrainOptions {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches accumulated per step.
+    pub accum: usize,
+    /// Sequence length of training windows (at most the model's context).
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// Final LR as a fraction of the peak.
+    pub min_lr_ratio: f32,
+    /// Decoupled weight decay (matrices and embeddings; not norms and biases).
+    pub weight_decay: f32,
+    /// Max global gradient norm (0 = off).
+    pub clip: f32,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Batches of held-out windows per evaluation.
+    pub eval_batches: usize,
+    /// Fraction of the text (its tail) held out for validation.
+    pub val_fraction: f32,
+    /// Seed of initialisation and batch sampling.
+    pub seed: u64,
+}
+
+impl Default for LmTrainOptions {
+    fn default() -> Self {
+        // nanoGPT's Shakespeare-char recipe (lr 1e-3, min lr 1e-4, β₂ 0.99 there; 0.999 here),
+        // scaled down to what two cores train in about ten minutes
+        LmTrainOptions {
+            steps: 3000,
+            batch: 16,
+            accum: 1,
+            seq_len: 128,
+            lr: 1e-3,
+            warmup: 100,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.1,
+            clip: 1.0,
+            eval_every: 250,
+            eval_batches: 16,
+            val_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// One evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LmEval {
+    /// Steps done.
+    pub step: usize,
+    /// Mean training loss since the previous evaluation (nats per token).
+    pub train_loss: f32,
+    /// Held-out loss of the inference path (nats per token).
+    pub val_loss: f32,
+    /// The same in bits per character.
+    pub val_bpc: f32,
+    /// Training throughput since the previous evaluation.
+    pub train_tokens_per_s: f64,
+    /// Training seconds so far.
+    pub seconds: f64,
+}
+
+/// Where a run stands (saved in checkpoints so that `--resume` continues it).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LmTrainState {
+    /// Steps done.
+    pub step: usize,
+    /// Training seconds so far.
+    pub seconds: f64,
+    /// Every evaluation so far.
+    pub history: Vec<LmEval>,
+}
+
+/// Receives progress while training.
+pub trait LmProgress {
+    /// After every step.
+    fn step(&mut self, _step: usize, _total: usize, _loss: f32, _tokens_per_s: f64) {}
+    /// After every evaluation.
+    fn eval(&mut self, _e: &LmEval) {}
+}
+
+/// Progress sink that ignores everything.
+pub struct Quiet;
+impl LmProgress for Quiet {}
+
+/// Token ids of a text split into a training head and a held-out tail.
+pub struct TextData {
+    /// Training tokens.
+    pub train: Vec<u32>,
+    /// Held-out tokens.
+    pub val: Vec<u32>,
+}
+
+impl TextData {
+    /// Splits `tokens`: the last `val_fraction` is held out. Both parts must hold more than
+    /// `seq_len` tokens.
+    pub fn split(tokens: Vec<u32>, val_fraction: f32, seq_len: usize) -> Result<Self> {
+        if !(0.0..1.0).contains(&val_fraction) {
+            return Err(Error::Config(format!("val_fraction must be in [0, 1), got {val_fraction}")));
+        }
+        let n_val = (tokens.len() as f64 * val_fraction as f64) as usize;
+        let cut = tokens.len() - n_val;
+        let (train, val) = (tokens[..cut].to_vec(), tokens[cut..].to_vec());
+        if train.len() <= seq_len || (val_fraction > 0.0 && val.len() <= seq_len) {
+            return Err(Error::Invalid(format!(
+                "text too short: {} training and {} held-out tokens for windows of {seq_len} (+1)",
+                train.len(),
+                val.len()
+            )));
+        }
+        Ok(TextData { train, val })
+    }
+}
+
+/// Fills `x`, `y` (`b·t` each) with `b` windows of `src` starting at `starts`, `y` shifted by one.
+fn windows(src: &[u32], starts: impl Iterator<Item = usize>, t: usize, x: &mut [u32], y: &mut [u32]) {
+    for ((s, xr), yr) in starts.zip(x.chunks_exact_mut(t)).zip(y.chunks_exact_mut(t)) {
+        xr.copy_from_slice(&src[s..s + t]);
+        yr.copy_from_slice(&src[s + 1..s + t + 1]);
+    }
+}
+
+/// Held-out loss of the inference path over `batches` batches of evenly spaced windows.
+pub fn validate(lm: &mut Lm, val: &[u32], batch: usize, t: usize, batches: usize) -> Result<f32> {
+    let n = batch * batches.max(1);
+    let span = val.len() - t - 1;
+    let (mut x, mut y) = (vec![0u32; batch * t], vec![0u32; batch * t]);
+    let mut total = 0.0f64;
+    for bi in 0..batches.max(1) {
+        windows(val, (0..batch).map(|j| (bi * batch + j) * span / n.max(1)), t, &mut x, &mut y);
+        total += lm.eval_loss(&x, &y, batch, t)? as f64;
+    }
+    Ok((total / batches.max(1) as f64) as f32)
+}
+
+/// Trains `lm` from `state.step` to `opts.steps` (or until `budget` runs out, or up to step
+/// `stop_at` — the schedule still spans `opts.steps`, so a later resume continues the same
+/// run), evaluating every `opts.eval_every` steps and when it stops. `opt` carries AdamW's
+/// moments (restored when resuming).
+pub fn train_lm(
+    lm: &mut Lm,
+    data: &TextData,
+    opts: &LmTrainOptions,
+    opt: &mut AdamW,
+    state: &mut LmTrainState,
+    budget: Option<Duration>,
+    stop_at: Option<usize>,
+    progress: &mut dyn LmProgress,
+) -> Result<()> {
+    let t = opts.seq_len;
+    if t == 0 || t > lm.config().context {
+        return Err(Error::Config(format!("seq_len {t} must be in 1..={} (the model's context)", lm.config().context)));
+    }
+    if opts.batch == 0 || opts.accum == 0 || opts.steps == 0 {
+        return Err(Error::Config("steps, batch and accum must be positive".into()));
+    }
+    if data.train.len() <= t + 1 || data.val.len() <= t + 1 {
+        return Err(Error::Invalid(format!("text too short for windows of {t} tokens")));
+    }
+    let b = opts.batch;
+    let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(opts.steps / 2), total: opts.steps, min_ratio: opts.min_lr_ratio };
+    opt.weight_decay = opts.weight_decay;
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mut acc: Vec<Vec<f32>> = Vec::new();
+    let start = Instant::now();
+    let base_seconds = state.seconds;
+    let (mut loss_sum, mut loss_n, mut tokens_since, mut since) = (0.0f64, 0usize, 0usize, Instant::now());
+    let span = data.train.len() - t - 1;
+    let end = stop_at.map_or(opts.steps, |s| s.min(opts.steps));
+    while state.step < end {
+        let mut step_loss = 0.0f32;
+        for micro in 0..opts.accum {
+            let mut rng = Rng::new(opts.seed).fork((state.step * opts.accum + micro) as u64 + 1);
+            windows(&data.train, (0..b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
+            let (loss, _aux) = lm.forward_backward(&x, &y, b, t, &mut rng)?;
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!("loss became {loss} at step {}: lower the learning rate", state.step)));
+            }
+            step_loss += loss / opts.accum as f32;
+            if opts.accum > 1 {
+                let mut i = 0;
+                lm.visit_params_mut(&mut |p| {
+                    if acc.len() <= i {
+                        acc.push(vec![0.0; p.len()]);
+                    }
+                    if micro == 0 {
+                        acc[i].fill(0.0);
+                    }
+                    for (a, g) in acc[i].iter_mut().zip(&p.grad) {
+                        *a += g / opts.accum as f32;
+                    }
+                    if micro + 1 == opts.accum {
+                        p.grad.copy_from_slice(&acc[i]);
+                        p.touched_rows = None; // the union of several backwards: update densely
+                    }
+                    i += 1;
+                });
+            }
+        }
+        let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)), opts.clip) } else { 1.0 };
+        opt.step(&mut |f| lm.visit_params_mut(f), schedule.lr(state.step), scale);
+        state.step += 1;
+        loss_sum += step_loss as f64;
+        loss_n += 1;
+        tokens_since += b * t * opts.accum;
+        progress.step(state.step, opts.steps, (loss_sum / loss_n as f64) as f32, tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9));
+        let out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd) || state.step == end;
+        if state.step.is_multiple_of(opts.eval_every.max(1)) || state.step == opts.steps || out_of_time {
+            let tps = tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9);
+            state.seconds = base_seconds + start.elapsed().as_secs_f64();
+            lm.refresh_kernels();
+            let val_loss = validate(lm, &data.val, b, t, opts.eval_batches)?;
+            let e = LmEval {
+                step: state.step,
+                train_loss: (loss_sum / loss_n.max(1) as f64) as f32,
+                val_loss,
+                val_bpc: val_loss / std::f32::consts::LN_2,
+                train_tokens_per_s: tps,
+                seconds: state.seconds,
+            };
+            progress.eval(&e);
+            state.history.push(e);
+            (loss_sum, loss_n, tokens_since) = (0.0, 0, 0);
+            since = Instant::now();
+            if out_of_time {
+                break;
+            }
+        }
+    }
+    lm.refresh_kernels();
+    Ok(())
+}
