@@ -48,14 +48,14 @@ fn layer_norm_gradients() {
         assert!((num - dx[k] as f64).abs() < 1e-2 * num.abs().max(0.1), "dx[{k}]: {} vs {num}", dx[k]);
     }
     let gw = ln.weight.grad.clone();
-    for k in 0..d {
+    for (k, &gk) in gw.iter().enumerate() {
         ln.weight.value[k] += eps;
         let p = obj(&mut ln, &x);
         ln.weight.value[k] -= 2.0 * eps;
         let m = obj(&mut ln, &x);
         ln.weight.value[k] += eps;
         let num = (p - m) / (2.0 * eps as f64);
-        assert!((num - gw[k] as f64).abs() < 1e-2 * num.abs().max(0.1), "dγ[{k}]: {} vs {num}", gw[k]);
+        assert!((num - gk as f64).abs() < 1e-2 * num.abs().max(0.1), "dγ[{k}]: {gk} vs {num}");
     }
 }
 

@@ -24,6 +24,7 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
 }
 
 /// Naive reference of one two-layer expert `e` of a bank on one row.
+#[allow(clippy::too_many_arguments)]
 fn expert_ref(w1: &[f32], b1: &[f32], w2: &[f32], e: usize, d: usize, g: usize, o: usize, act: Activation, x: &[f32]) -> Vec<f32> {
     let mut h = vec![0.0f32; g];
     for (j, hj) in h.iter_mut().enumerate() {
@@ -410,8 +411,8 @@ fn pkm_kernel_equals_a_naive_lookup_and_training_forward() {
                     }
                 };
                 for (&v, &wv) in top.iter().zip(&w) {
-                    for c in 0..o {
-                        yb[c] += wv * p.values.value[v * o + c];
+                    for (yc, &vc) in yb.iter_mut().zip(&p.values.value[v * o..(v + 1) * o]) {
+                        *yc += wv * vc;
                     }
                 }
             }

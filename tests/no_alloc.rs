@@ -178,3 +178,41 @@ fn forward_forward_steps_do_not_allocate() {
         assert!(allocs <= 4 * gemms, "{allocs} allocations for {gemms} GEMM calls in 20 FF steps");
     });
 }
+
+#[test]
+fn language_model_steps_do_not_allocate() {
+    use ffwd::layers::HashConfig;
+    use ffwd::models::{Lm, LmConfig};
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for ffn in [
+        LayerConfig::Dense(DenseConfig { width: 64, layers: 2, activation: Activation::Gelu }),
+        LayerConfig::Hash(HashConfig { experts: 4, expert_width: 16, ..Default::default() }),
+    ] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        track(&pool);
+        let (allocs, gemms) = pool.install(|| {
+            let cfg = LmConfig { vocab: 20, context: 32, d_model: 32, heads: 4, layers: 2, parallel: false, ffn: ffn.clone() };
+            let mut lm = Lm::new(cfg, 0).unwrap();
+            let mut r = Rng::new(2);
+            let (b, t) = (4, 32);
+            let x: Vec<u32> = (0..b * t).map(|_| r.below(20) as u32).collect();
+            let y: Vec<u32> = (0..b * t).map(|_| r.below(20) as u32).collect();
+            let mut opt = AdamW::new(0.1);
+            let mut step = |lm: &mut Lm| {
+                lm.forward_backward(&x, &y, b, t, &mut Rng::new(0)).unwrap();
+                let s = clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)), 1.0);
+                opt.step(&mut |f| lm.visit_params_mut(f), 1e-3, s);
+            };
+            for _ in 0..3 {
+                step(&mut lm);
+            }
+            let (before, g0) = (ALLOCS.load(Ordering::SeqCst), gemm_calls());
+            for _ in 0..10 {
+                step(&mut lm);
+            }
+            (ALLOCS.load(Ordering::SeqCst) - before, gemm_calls() - g0)
+        });
+        assert!(gemms > 0);
+        assert!(allocs <= 4 * gemms + 10, "{allocs} allocations for {gemms} GEMM calls in 10 LM steps with {ffn:?}");
+    }
+}

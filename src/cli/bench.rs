@@ -177,7 +177,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
 fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow::Result<()> {
     if ffwd::checkpoint::format_of(path)? == ffwd::checkpoint::LM_FORMAT {
-        let (tps, ffn, params) = super::lm::generate_tokens_per_s(path, 512)?;
+        let (tps, ffn, params) = super::lm::generate_tokens_per_s(path, 7)?;
         if a.json {
             println!("{}", json!({"model": path.display().to_string(), "kind": "lm", "ffn": ffn, "params": params, "threads": threads, "generate_tokens_per_s": tps}));
         } else {

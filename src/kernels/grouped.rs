@@ -181,6 +181,7 @@ pub fn combine(ys: &[f32], pos: &[u32], gates: &[f32], k: usize, bias: &[f32], y
 
 /// Backward of [`combine`]: `dys[pos[s]] = gates[s] · dy[b]` and `dgates[s] = dy[b] · ys[pos[s]]`
 /// (0 for dropped slots).
+#[allow(clippy::too_many_arguments)]
 pub fn combine_backward(dy: &[f32], ys: &[f32], pos: &[u32], gates: &[f32], k: usize, o: usize, dys: &mut [f32], dgates: &mut [f32]) {
     for (s, (&p, dg)) in pos.iter().zip(dgates.iter_mut()).enumerate() {
         if p == DROPPED {

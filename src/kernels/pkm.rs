@@ -112,9 +112,9 @@ pub fn select(
     let mut cand = [0.0f32; MAX_CAND];
     let mut pair = [0u32; MAX_CAND];
     let mut m = 0;
-    for a in 0..k {
-        for c in 0..k / (a + 1) {
-            cand[m] = v1[a] + v2[c];
+    for (a, &va) in v1[..k].iter().enumerate() {
+        for (c, &vc) in v2[..k / (a + 1)].iter().enumerate() {
+            cand[m] = va + vc;
             pair[m] = (a * MAX_K + c) as u32;
             m += 1;
         }

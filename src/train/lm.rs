@@ -161,6 +161,7 @@ pub fn validate(lm: &mut Lm, val: &[u32], batch: usize, t: usize, batches: usize
 /// `stop_at` — the schedule still spans `opts.steps`, so a later resume continues the same
 /// run), evaluating every `opts.eval_every` steps and when it stops. `opt` carries AdamW's
 /// moments (restored when resuming).
+#[allow(clippy::too_many_arguments)]
 pub fn train_lm(
     lm: &mut Lm,
     data: &TextData,
