@@ -154,7 +154,15 @@ fn main() {
                 let x = &xs[(round + r) % sets];
                 sweep();
                 let s = Instant::now();
-                std::hint::black_box(loop_forward(&smoe.router.value, &smoe.bank.w1.value, &smoe.bank.b1.value, &smoe.bank.w2.value, &smoe.bank.b2.value, x, batch));
+                std::hint::black_box(loop_forward(
+                    &smoe.router.value,
+                    &smoe.bank.w1.value,
+                    &smoe.bank.b1.value,
+                    &smoe.bank.w2.value,
+                    &smoe.bank.b2.value,
+                    x,
+                    batch,
+                ));
                 if r > 0 {
                     t_loop.push(s.elapsed().as_secs_f64() * 1e6);
                 }

@@ -29,7 +29,11 @@ fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
     let gflops = flops / med / 1e9;
     let label = format!("{m}x{k}{}·{k}x{n}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
     if json {
-        println!("{{\"bench\":\"gemm\",\"shape\":\"{label}\",\"threads\":{},\"median_us\":{:.1},\"gflops\":{gflops:.1}}}", rayon::current_num_threads(), med * 1e6);
+        println!(
+            "{{\"bench\":\"gemm\",\"shape\":\"{label}\",\"threads\":{},\"median_us\":{:.1},\"gflops\":{gflops:.1}}}",
+            rayon::current_num_threads(),
+            med * 1e6
+        );
     } else {
         println!("{label:>24}  {:>9.1} µs  {gflops:>7.1} GFLOP/s", med * 1e6);
     }

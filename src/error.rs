@@ -18,12 +18,7 @@ pub enum Error {
     Format { path: String, msg: String },
     /// A tensor or data set has the wrong size along one axis.
     #[error("shape mismatch in {what}: axis `{axis}` expected {expected}, got {got}")]
-    Shape {
-        what: String,
-        axis: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    Shape { what: String, axis: &'static str, expected: usize, got: usize },
     /// A data file holds NaN or infinity.
     #[error("{path}: non-finite value at row {row}, column {col}")]
     NonFinite { path: String, row: usize, col: usize },

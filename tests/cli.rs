@@ -91,7 +91,8 @@ fn checkpoint_round_trip_is_exact_for_every_layer() {
         assert_eq!(a.logits(&split.test.x, split.test.len()).unwrap(), b.logits(&split.test.x, split.test.len()).unwrap());
         assert_eq!(a.config(), b.config());
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
     assert!(leftovers.is_empty());
 }
 
@@ -249,7 +250,27 @@ fn lm_train_sample_resume_and_bench() {
     std::fs::write(&text, &corpus).unwrap();
     let (model, metrics) = (dir.path().join("lm.safetensors"), dir.path().join("lm.json"));
     let tiny = ["--context", "16", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch", "4", "--eval-every", "5", "--eval-batches", "2"];
-    let mut args = vec!["lm", "train", "-q", "--text", p(&text), "--steps", "20", "--stop-at", "10", "--save", p(&model), "--metrics", p(&metrics), "--ffn", "smoe", "--experts", "4", "--ffn-width", "32"];
+    let mut args = vec![
+        "lm",
+        "train",
+        "-q",
+        "--text",
+        p(&text),
+        "--steps",
+        "20",
+        "--stop-at",
+        "10",
+        "--save",
+        p(&model),
+        "--metrics",
+        p(&metrics),
+        "--ffn",
+        "smoe",
+        "--experts",
+        "4",
+        "--ffn-width",
+        "32",
+    ];
     args.extend(tiny);
     let out = ok(&ffwd(&args));
     assert!(out.contains("val loss"), "{out}");
@@ -270,7 +291,8 @@ fn lm_train_sample_resume_and_bench() {
     ok(&ffwd(&["lm", "train", "-q", "--text", p(&text), "--resume", p(&model), "--save", p(&model), "--metrics", p(&metrics)]));
     let resumed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     let straight = dir.path().join("straight.json");
-    let mut args = vec!["lm", "train", "-q", "--text", p(&text), "--steps", "20", "--metrics", p(&straight), "--ffn", "smoe", "--experts", "4", "--ffn-width", "32"];
+    let mut args =
+        vec!["lm", "train", "-q", "--text", p(&text), "--steps", "20", "--metrics", p(&straight), "--ffn", "smoe", "--experts", "4", "--ffn-width", "32"];
     args.extend(tiny);
     ok(&ffwd(&args));
     let straight: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&straight).unwrap()).unwrap();
@@ -346,4 +368,38 @@ fn every_shipped_config_parses() {
         }
     }
     assert!(n >= 5, "expected the shipped configs, found {n}");
+    // language-model configs: one quick step each through the binary
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "to be or not to be, that is the question. ".repeat(40)).unwrap();
+    let mut m = 0;
+    for entry in std::fs::read_dir(dir.join("lm")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = ffwd(&[
+            "lm",
+            "train",
+            "-q",
+            "--config",
+            p(&path),
+            "--text",
+            p(&text),
+            "--steps",
+            "1",
+            "--d-model",
+            "12",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--context",
+            "16",
+            "--batch",
+            "2",
+            "--eval-batches",
+            "1",
+        ]);
+        ok(&out);
+        m += 1;
+    }
+    assert!(m >= 2);
 }

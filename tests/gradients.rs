@@ -113,7 +113,6 @@ fn build(cfg: LayerConfig, ni: usize, no: usize) -> Box<dyn Layer> {
 fn dense_two_and_three_layers_all_activations() {
     for layers in [2, 3] {
         for activation in [Activation::Gelu, Activation::Silu, Activation::Relu] {
-
             let mut l = build(LayerConfig::Dense(DenseConfig { width: 7, layers, activation }), 5, 4);
             check_layer(l.as_mut(), 6, 1, 12, &always);
         }
@@ -170,7 +169,8 @@ fn fff_load_balance_master_leaf_region_leak_and_dropout() {
     // whose perturbation moves a sample to another leaf are skipped. Region-leak flips are
     // fixed by the forward's seed.
     for (lb, master, leak, dropout) in [(0.5, 0, 0.0, 0.0), (0.0, 4, 0.0, 0.3), (0.3, 3, 0.25, 0.1)] {
-        let cfg = FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, region_leak: leak, dropout, load_balance: lb, master_leaf: master };
+        let cfg =
+            FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, region_leak: leak, dropout, load_balance: lb, master_leaf: master };
         let mut fff = Fff::new(cfg, 6, 4, &mut Rng::new(3)).unwrap();
         let (_, x, _) = inputs(21, 8, 6, 4);
         let base = fff.hard_leaves(&x, 8).unwrap();
@@ -259,7 +259,16 @@ fn classifier_loss_gradient_includes_aux_terms() {
     let cfg = ModelConfig {
         in_features: 5,
         n_classes: 3,
-        layer: LayerConfig::Fff(FffConfig { depth: 2, leaf: 4, activation: Activation::Gelu, hardening: 1.0, load_balance: 0.0, master_leaf: 3, region_leak: 0.0, dropout: 0.0 }),
+        layer: LayerConfig::Fff(FffConfig {
+            depth: 2,
+            leaf: 4,
+            activation: Activation::Gelu,
+            hardening: 1.0,
+            load_balance: 0.0,
+            master_leaf: 3,
+            region_leak: 0.0,
+            dropout: 0.0,
+        }),
     };
     let mut m = Classifier::new(cfg, 1).unwrap();
     let mut rng = Rng::new(2);

@@ -110,9 +110,8 @@ fn fff_kernels_match_naive_and_pick_the_same_leaves() {
         let mut want = vec![0.0f32; batch * no];
         for b in 0..batch {
             let l = leaves_ref[b];
-            let h: Vec<f32> = (0..leaf)
-                .map(|j| act.apply((0..ni).map(|i| x[b * ni + i] * w1s[(l * ni + i) * leaf + j]).sum::<f32>() + b1s[l * leaf + j]))
-                .collect();
+            let h: Vec<f32> =
+                (0..leaf).map(|j| act.apply((0..ni).map(|i| x[b * ni + i] * w1s[(l * ni + i) * leaf + j]).sum::<f32>() + b1s[l * leaf + j])).collect();
             for o in 0..no {
                 want[b * no + o] = b2s[l * no + o] + (0..leaf).map(|j| h[j] * w2s[(l * leaf + j) * no + o]).sum::<f32>();
             }
@@ -132,8 +131,7 @@ fn fff_kernels_match_naive_and_pick_the_same_leaves() {
         close(&y, &want, &format!("fff case {case}"));
         // strategies agree exactly, and the grouped descent picks the per-sample leaves
         let mk = |s| {
-            FffKernel::new(p[0].value.clone(), p[1].value.clone(), w1s, b1s.clone(), w2s.clone(), b2s.clone(), ni, no, depth, leaf, act, None)
-                .with_strategy(s)
+            FffKernel::new(p[0].value.clone(), p[1].value.clone(), w1s, b1s.clone(), w2s.clone(), b2s.clone(), ni, no, depth, leaf, act, None).with_strategy(s)
         };
         if master_leaf == 0 {
             let (a, b) = (mk(TreeStrategy::PerSample), mk(TreeStrategy::Grouped));

@@ -176,7 +176,15 @@ fn two_hundred_steps_beat_the_unigram_entropy() {
     let unigram: f64 = counts.iter().filter(|&&c| c > 0.0).map(|&c| -(c / n) * (c / n).ln()).sum();
     let opts = LmTrainOptions { steps: 200, batch: 8, seq_len: 32, lr: 3e-3, warmup: 20, eval_every: 200, eval_batches: 4, ..Default::default() };
     let data = TextData::split(ids, opts.val_fraction, opts.seq_len).unwrap();
-    let cfg = LmConfig { vocab: tok.len(), context: 32, d_model: 48, heads: 4, layers: 2, parallel: false, ffn: LayerConfig::Dense(DenseConfig { width: 96, layers: 2, activation: Activation::Gelu }) };
+    let cfg = LmConfig {
+        vocab: tok.len(),
+        context: 32,
+        d_model: 48,
+        heads: 4,
+        layers: 2,
+        parallel: false,
+        ffn: LayerConfig::Dense(DenseConfig { width: 96, layers: 2, activation: Activation::Gelu }),
+    };
     let mut lm = Lm::new(cfg, 0).unwrap();
     let mut opt = AdamW::new(opts.weight_decay);
     let mut state = LmTrainState::default();

@@ -156,7 +156,8 @@ fn one_expert_topk_moe_equals_dense_forward_and_backward() {
 #[test]
 fn switch_loss_is_alpha_at_uniform_routing_and_matches_its_definition() {
     let (d, o, e, batch, alpha) = (5, 3, 4, 16, 0.01);
-    let cfg = MoeConfig { experts: e, expert_width: 2, k: 1, renormalize: false, balance: alpha, z_loss: 0.0, capacity_factor: 0.0, activation: Activation::Relu };
+    let cfg =
+        MoeConfig { experts: e, expert_width: 2, k: 1, renormalize: false, balance: alpha, z_loss: 0.0, capacity_factor: 0.0, activation: Activation::Relu };
     let mut rng = Rng::new(3);
     let mut m = Moe::new(cfg.clone(), d, o, &mut rng).unwrap();
     let x = randn(&mut rng, batch * d);
@@ -351,11 +352,22 @@ fn mixture_kernels_equal_a_naive_per_token_loop() {
         smoe.forward_train(&x, batch, &mut y, &mut Rng::new(0)).unwrap();
         close(&y, &want, 1e-4);
 
-        let mut hash = Hash::new(HashConfig { experts: e, expert_width: g, seed: trial as u64, activation: act, ..Default::default() }, d, o, &mut rng).unwrap();
+        let mut hash =
+            Hash::new(HashConfig { experts: e, expert_width: g, seed: trial as u64, activation: act, ..Default::default() }, d, o, &mut rng).unwrap();
         let ids: Vec<u32> = (0..batch).map(|_| rng.below(1000) as u32).collect();
         let mut want = vec![0.0; batch * o];
         for b in 0..batch {
-            let r = expert_ref(&hash.bank.w1.value, &hash.bank.b1.value, &hash.bank.w2.value, hash.expert_of(ids[b]) as usize, d, g, o, act, &x[b * d..(b + 1) * d]);
+            let r = expert_ref(
+                &hash.bank.w1.value,
+                &hash.bank.b1.value,
+                &hash.bank.w2.value,
+                hash.expert_of(ids[b]) as usize,
+                d,
+                g,
+                o,
+                act,
+                &x[b * d..(b + 1) * d],
+            );
             want[b * o..(b + 1) * o].copy_from_slice(&r);
         }
         hash.kernel().forward_tokens(&x, &ids, batch, &mut y, &mut ws).unwrap();

@@ -145,7 +145,11 @@ fn inference_kernels_do_not_allocate_after_warm_up() {
                         assert_eq!(gemms, 0, "{} batch {batch}", k.kind());
                     }
                     let scheduler = if threads == 1 { 2 } else { 4 };
-                    assert!(allocs <= 4 * gemms + scheduler, "{} batch {batch} threads {threads}: {allocs} allocations, {gemms} GEMM calls in 20 calls", k.kind());
+                    assert!(
+                        allocs <= 4 * gemms + scheduler,
+                        "{} batch {batch} threads {threads}: {allocs} allocations, {gemms} GEMM calls in 20 calls",
+                        k.kind()
+                    );
                 }
             }
         });

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use ffwd::checkpoint::load_classifier;
 use ffwd::core::{Activation, Rng};
-use ffwd::kernels::{InferKernel, Workspace};
 use ffwd::kernels::pkm::PkmScoring;
+use ffwd::kernels::{InferKernel, Workspace};
 use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 
 /// Options of `ffwd bench`.
@@ -168,7 +168,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                            "dense_median_us": dense_med, "dense_p90_us": dense_p90, "speedup_vs_dense": speedup, "flop_ratio": flop_ratio})
                 );
             } else {
-                println!("{:<5} {:<42} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>8.1}x {:>8.1}x", case.name, case.shape, batch, med, p90, dense_med, speedup, flop_ratio);
+                println!(
+                    "{:<5} {:<42} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>8.1}x {:>8.1}x",
+                    case.name, case.shape, batch, med, p90, dense_med, speedup, flop_ratio
+                );
             }
         }
     }
@@ -179,9 +182,15 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
     if ffwd::checkpoint::format_of(path)? == ffwd::checkpoint::LM_FORMAT {
         let (tps, ffn, params) = super::lm::generate_tokens_per_s(path, 7)?;
         if a.json {
-            println!("{}", json!({"model": path.display().to_string(), "kind": "lm", "ffn": ffn, "params": params, "threads": threads, "generate_tokens_per_s": tps}));
+            println!(
+                "{}",
+                json!({"model": path.display().to_string(), "kind": "lm", "ffn": ffn, "params": params, "threads": threads, "generate_tokens_per_s": tps})
+            );
         } else {
-            println!("{}: language model ({ffn} FFN, {params} params), {threads} threads\n  generation at batch 1 (KV cache): {tps:.0} tokens/s", path.display());
+            println!(
+                "{}: language model ({ffn} FFN, {params} params), {threads} threads\n  generation at batch 1 (KV cache): {tps:.0} tokens/s",
+                path.display()
+            );
         }
         return Ok(());
     }

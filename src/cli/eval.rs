@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
-use ffwd::train::forward_forward::FfNet;
 use ffwd::data::csv::LabelColumn;
 use ffwd::data::DataSpec;
+use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd eval`.
 #[derive(Args, Debug)]

@@ -67,7 +67,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["config"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
     resume: Option<PathBuf>,
     /// Context length in characters [default: 128].
     #[arg(long)]
@@ -198,7 +198,10 @@ pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
 
 fn ffn_config(a: &LmTrainArgs, d: usize, text_freqs: &dyn Fn() -> Vec<u64>) -> anyhow::Result<Option<LayerConfig>> {
     let Some(kind) = a.ffn else {
-        anyhow::ensure!(a.ffn_width.is_none() && a.depth.is_none() && a.experts.is_none() && a.top_k.is_none(), "--ffn-width, --depth, --experts and --top-k need --ffn");
+        anyhow::ensure!(
+            a.ffn_width.is_none() && a.depth.is_none() && a.experts.is_none() && a.top_k.is_none(),
+            "--ffn-width, --depth, --experts and --top-k need --ffn"
+        );
         return Ok(None);
     };
     let gelu = Activation::Gelu;
@@ -336,7 +339,13 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     set(a.warmup, &mut opts.warmup);
     set(a.eval_every, &mut opts.eval_every);
     set(a.eval_batches, &mut opts.eval_batches);
-    for (v, f) in [(a.lr, &mut opts.lr), (a.min_lr_ratio, &mut opts.min_lr_ratio), (a.weight_decay, &mut opts.weight_decay), (a.clip, &mut opts.clip), (a.val_fraction, &mut opts.val_fraction)] {
+    for (v, f) in [
+        (a.lr, &mut opts.lr),
+        (a.min_lr_ratio, &mut opts.min_lr_ratio),
+        (a.weight_decay, &mut opts.weight_decay),
+        (a.clip, &mut opts.clip),
+        (a.val_fraction, &mut opts.val_fraction),
+    ] {
         if let Some(v) = v {
             *f = v;
         }
@@ -367,7 +376,9 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
         );
     }
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(opts.steps as u64) };
-    pb.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "),
+    );
     pb.set_position(state.step as u64);
     let mut bar = Bar { pb, quiet: a.quiet };
     let budget = a.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
@@ -400,7 +411,16 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn write_metrics(a: &LmTrainArgs, lm: &Lm, opts: &LmTrainOptions, state: &LmTrainState, last: Option<&LmEval>, tps: f64, threads: usize, source: &str) -> anyhow::Result<()> {
+fn write_metrics(
+    a: &LmTrainArgs,
+    lm: &Lm,
+    opts: &LmTrainOptions,
+    state: &LmTrainState,
+    last: Option<&LmEval>,
+    tps: f64,
+    threads: usize,
+    source: &str,
+) -> anyhow::Result<()> {
     let Some(path) = &a.metrics else { return Ok(()) };
     let m = json!({
         "val_loss": last.map(|e| e.val_loss),

@@ -10,8 +10,8 @@ use serde_json::json;
 use ffwd::checkpoint::save_classifier;
 use ffwd::config::{Algo, LayerKind, TrainConfig};
 use ffwd::core::Activation;
-use ffwd::kernels::pkm::PkmScoring;
 use ffwd::data::DataSpec;
+use ffwd::kernels::pkm::PkmScoring;
 use ffwd::models::{Classifier, ModelConfig};
 use ffwd::optim::OptimizerKind;
 use ffwd::train::forward_forward::{train_ff, FfNet, Negatives};
@@ -390,9 +390,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let steps = split.train.len().div_ceil(opts.batch.min(split.train.len()).max(1)) * opts.epochs;
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
     pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "),
     );
     let mut bar = Bar { pb, quiet: a.quiet };
     let report = train(&mut model, &split, &opts, &mut bar)?;
@@ -438,11 +436,15 @@ fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: 
     let mut net = FfNet::new(cfg.ff.clone(), split.train.dim, split.train.n_classes)?;
     let params: usize = {
         let mut fan_in = split.train.dim;
-        cfg.ff.layers.iter().map(|&w| {
-            let p = w * fan_in + w;
-            fan_in = w;
-            p
-        }).sum()
+        cfg.ff
+            .layers
+            .iter()
+            .map(|&w| {
+                let p = w * fan_in + w;
+                fan_in = w;
+                p
+            })
+            .sum()
     };
     if !a.quiet {
         eprintln!(
@@ -456,7 +458,9 @@ fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: 
         );
     }
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(cfg.ff.epochs as u64) };
-    pb.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}").expect("static template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}").expect("static template").progress_chars("=> "),
+    );
     let quiet = a.quiet;
     let history = train_ff(&mut net, split, a.ff_goodness_every, &mut |e| {
         pb.inc(1);

@@ -98,9 +98,7 @@ impl Activation {
                     0.0
                 }
             }
-            Activation::Gelu => {
-                0.5 * (1.0 + erf_approx(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x)
-            }
+            Activation::Gelu => 0.5 * (1.0 + erf_approx(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x),
             Activation::Silu => {
                 let s = sigmoid(x);
                 s * (1.0 + x * (1.0 - s))

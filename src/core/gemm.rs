@@ -120,11 +120,7 @@ fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
         }
         return;
     }
-    let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the three views were bound-checked at construction against their slices, the
     // output is borrowed mutably (so it cannot alias the inputs), and dimensions agree.

@@ -82,9 +82,7 @@ mod tests {
             lp[i] += 1e-2;
             let mut lm = logits;
             lm[i] -= 1e-2;
-            let num = (softmax_cross_entropy(&lp, &labels, 4, &mut scratch).0
-                - softmax_cross_entropy(&lm, &labels, 4, &mut scratch).0)
-                / 2e-2;
+            let num = (softmax_cross_entropy(&lp, &labels, 4, &mut scratch).0 - softmax_cross_entropy(&lm, &labels, 4, &mut scratch).0) / 2e-2;
             assert!((num - d[i]).abs() < 1e-3, "{i}: {num} vs {}", d[i]);
         }
     }

@@ -19,10 +19,7 @@ impl Tensor {
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::Invalid(format!(
-                "tensor of shape {shape:?} needs {n} values, got {}",
-                data.len()
-            )));
+            return Err(Error::Invalid(format!("tensor of shape {shape:?} needs {n} values, got {}", data.len())));
         }
         Ok(Tensor { data, shape: shape.to_vec() })
     }

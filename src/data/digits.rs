@@ -21,9 +21,7 @@ pub const TEST_EVERY: usize = 5;
 /// All 1797 samples, in file order.
 pub fn all() -> Result<Dataset> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(DIGITS_CSV_GZ)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::format("<embedded digits>", e.to_string()))?;
+    flate2::read::GzDecoder::new(DIGITS_CSV_GZ).read_to_string(&mut text).map_err(|e| Error::format("<embedded digits>", e.to_string()))?;
     parse_csv(&text, LabelColumn::Last, 1.0 / 16.0, "<embedded digits>")
 }
 

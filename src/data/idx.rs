@@ -22,9 +22,7 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::format(path.display(), format!("corrupt gzip stream: {e}")))?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::format(path.display(), format!("corrupt gzip stream: {e}")))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -40,18 +38,14 @@ pub fn parse_idx(bytes: &[u8], expected_axes: usize, path: &Path) -> Result<IdxA
     let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let expected_magic = 0x0800 + expected_axes as u32;
     if magic != expected_magic {
-        return Err(Error::format(
-            &name,
-            format!("bad IDX magic 0x{magic:08x} (expected 0x{expected_magic:08x}: unsigned bytes, {expected_axes} axes)"),
-        ));
+        return Err(Error::format(&name, format!("bad IDX magic 0x{magic:08x} (expected 0x{expected_magic:08x}: unsigned bytes, {expected_axes} axes)")));
     }
     let header = 4 + 4 * expected_axes;
     if bytes.len() < header {
         return Err(Error::format(&name, format!("truncated header: {} bytes, need {header}", bytes.len())));
     }
-    let dims: Vec<usize> = (0..expected_axes)
-        .map(|a| u32::from_be_bytes([bytes[4 + 4 * a], bytes[5 + 4 * a], bytes[6 + 4 * a], bytes[7 + 4 * a]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        (0..expected_axes).map(|a| u32::from_be_bytes([bytes[4 + 4 * a], bytes[5 + 4 * a], bytes[6 + 4 * a], bytes[7 + 4 * a]]) as usize).collect();
     let n: usize = dims.iter().product();
     let body = &bytes[header..];
     if body.len() < n {
@@ -69,10 +63,7 @@ pub fn load_pair(images: &Path, labels: &Path) -> Result<Dataset> {
     let img = parse_idx(&read_maybe_gz(images)?, 3, images)?;
     let lab = parse_idx(&read_maybe_gz(labels)?, 1, labels)?;
     if img.dims[0] != lab.dims[0] {
-        return Err(Error::format(
-            labels.display(),
-            format!("{} labels for {} images in {}", lab.dims[0], img.dims[0], images.display()),
-        ));
+        return Err(Error::format(labels.display(), format!("{} labels for {} images in {}", lab.dims[0], img.dims[0], images.display())));
     }
     let dim = img.dims[1] * img.dims[2];
     let x = img.data.iter().map(|&v| v as f32 / 255.0).collect();
@@ -90,10 +81,7 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(Error::io(
-        dir.join(format!("{stem}[.gz]")),
-        std::io::Error::new(std::io::ErrorKind::NotFound, "IDX file not found"),
-    ))
+    Err(Error::io(dir.join(format!("{stem}[.gz]")), std::io::Error::new(std::io::ErrorKind::NotFound, "IDX file not found")))
 }
 
 /// Loads the four standard files of an MNIST-format directory: `(train, test)`.

@@ -67,9 +67,10 @@ impl CharTokenizer {
         text.chars()
             .enumerate()
             .map(|(i, c)| {
-                self.chars.binary_search(&c).map(|t| t as u32).map_err(|_| {
-                    Error::Invalid(format!("character {c:?} at position {i} is not in the model's vocabulary of {} characters", self.chars.len()))
-                })
+                self.chars
+                    .binary_search(&c)
+                    .map(|t| t as u32)
+                    .map_err(|_| Error::Invalid(format!("character {c:?} at position {i} is not in the model's vocabulary of {} characters", self.chars.len())))
             })
             .collect()
     }

@@ -165,16 +165,7 @@ pub struct PkmKernel {
 impl PkmKernel {
     /// A kernel over copies of the given parameters (layouts as in `layers::pkm`).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        shape: PkmShape,
-        scoring: PkmScoring,
-        query_w: &[f32],
-        query_b: &[f32],
-        keys1: &[f32],
-        keys2: &[f32],
-        values: &[f32],
-        bias: &[f32],
-    ) -> Self {
+    pub fn new(shape: PkmShape, scoring: PkmScoring, query_w: &[f32], query_b: &[f32], keys1: &[f32], keys2: &[f32], values: &[f32], bias: &[f32]) -> Self {
         PkmKernel {
             shape,
             scoring,
@@ -244,4 +235,3 @@ impl InferKernel for PkmKernel {
         heads * key_dim * d + heads * key_dim * n_keys + heads * k * o
     }
 }
-

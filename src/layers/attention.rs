@@ -130,11 +130,8 @@ impl CausalSelfAttention {
         self.proj.backward(&self.merged[..rows * d], rows, dy, Some(&mut self.d_merged[..rows * d]), false);
         let scale = 1.0 / (hd as f32).sqrt();
         let (qkv, probs, dm) = (&self.qkv_out[..rows * 3 * d], &self.probs[..b * nh * t * t], &self.d_merged[..rows * d]);
-        self.d_probs[..b * nh * t * t]
-            .par_chunks_mut(t * t)
-            .zip(self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd))
-            .enumerate()
-            .for_each(|(item, (dp, dh))| {
+        self.d_probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd)).enumerate().for_each(
+            |(item, (dp, dh))| {
                 let (bb, h) = (item / nh, item % nh);
                 let base = bb * t * 3 * d + h * hd;
                 let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
@@ -156,7 +153,8 @@ impl CausalSelfAttention {
                 matmul_serial(MatMut::new(dq, t, hd), ds, k, false);
                 matmul_serial(MatMut::new(dk, t, hd), ds.t(), q, false);
                 matmul_serial(MatMut::new(dv, t, hd), MatRef::new(p, t, t).t(), d_o, false);
-            });
+            },
+        );
         let dh = &self.d_heads;
         self.d_qkv[..rows * 3 * d].par_chunks_mut(3 * d).enumerate().for_each(|(r, row)| {
             let (bb, i) = (r / t, r % t);

@@ -233,8 +233,7 @@ impl Fff {
         let nodes = self.n_nodes();
         let mut node = 0;
         while node < nodes {
-            let logit = dot(&self.node_weights.value[node * self.in_features..(node + 1) * self.in_features], x)
-                + self.node_biases.value[node];
+            let logit = dot(&self.node_weights.value[node * self.in_features..(node + 1) * self.in_features], x) + self.node_biases.value[node];
             node = 2 * node + 1 + usize::from(logit >= 0.0);
         }
         node - nodes

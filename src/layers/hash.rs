@@ -82,13 +82,7 @@ impl Hash {
             return Err(Error::Config(format!("hash.table maps a token to expert {bad}, but there are {} experts", cfg.experts)));
         }
         let shape = ExpertShape { experts: cfg.experts, in_features, width: cfg.expert_width, out_features };
-        let bank = ExpertBank::new(
-            shape,
-            cfg.activation,
-            1.0 / (3.0 * in_features as f32).sqrt(),
-            1.0 / (3.0 * cfg.expert_width as f32).sqrt(),
-            rng,
-        );
+        let bank = ExpertBank::new(shape, cfg.activation, 1.0 / (3.0 * in_features as f32).sqrt(), 1.0 / (3.0 * cfg.expert_width as f32).sqrt(), rng);
         let routing = HashTable { seed: cfg.seed, table: cfg.table.clone() };
         Ok(Hash { cfg, routing, bank, ids: Vec::new(), assign: Vec::new(), gates: Vec::new(), dgates: Vec::new() })
     }

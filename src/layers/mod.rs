@@ -104,9 +104,7 @@ impl LayerConfig {
     /// Builds a freshly initialised layer `in_features → out_features`.
     pub fn build(&self, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<Box<dyn Layer>> {
         if in_features == 0 || out_features == 0 {
-            return Err(Error::Config(format!(
-                "layer needs positive widths, got in_features {in_features}, out_features {out_features}"
-            )));
+            return Err(Error::Config(format!("layer needs positive widths, got in_features {in_features}, out_features {out_features}")));
         }
         Ok(match self {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),

@@ -49,16 +49,7 @@ impl Default for MoeConfig {
     fn default() -> Self {
         // 16 experts × 8 = 128 hidden units, the w = 128 budget of the FFF comparison;
         // α = 1e-2 and β = 1e-3 are the Switch / ST-MoE defaults.
-        MoeConfig {
-            experts: 16,
-            expert_width: 8,
-            k: 2,
-            renormalize: true,
-            balance: 1e-2,
-            z_loss: 1e-3,
-            capacity_factor: 0.0,
-            activation: Activation::Relu,
-        }
+        MoeConfig { experts: 16, expert_width: 8, k: 2, renormalize: true, balance: 1e-2, z_loss: 1e-3, capacity_factor: 0.0, activation: Activation::Relu }
     }
 }
 
@@ -122,13 +113,7 @@ impl Moe {
             *v = std * rng.normal();
         }
         // experts: PyTorch Linear's scale (std 1/√(3·fan_in))
-        let bank = ExpertBank::new(
-            shape,
-            cfg.activation,
-            1.0 / (3.0 * in_features as f32).sqrt(),
-            1.0 / (3.0 * cfg.expert_width as f32).sqrt(),
-            rng,
-        );
+        let bank = ExpertBank::new(shape, cfg.activation, 1.0 / (3.0 * in_features as f32).sqrt(), 1.0 / (3.0 * cfg.expert_width as f32).sqrt(), rng);
         Ok(Moe {
             cfg,
             router,
@@ -200,8 +185,7 @@ impl Layer for Moe {
         for b in 0..batch {
             let r = b * e..(b + 1) * e;
             let s = b * k..(b + 1) * k;
-            self.lse[b] =
-                route_softmax(&logits[r.clone()], k, self.cfg.renormalize, &mut self.probs[r], &mut self.topk[s.clone()], &mut self.gates[s]);
+            self.lse[b] = route_softmax(&logits[r.clone()], k, self.cfg.renormalize, &mut self.probs[r], &mut self.topk[s.clone()], &mut self.gates[s]);
         }
         // f_i over the routed slots, before any capacity drop
         self.frac.fill(0.0);
@@ -307,4 +291,3 @@ impl Layer for Moe {
         LayerConfig::Moe(self.cfg.clone())
     }
 }
-

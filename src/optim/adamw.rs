@@ -141,10 +141,14 @@ mod tests {
         w.value[0] = 1.0;
         b.value[0] = 1.0;
         let mut opt = AdamW::new(0.5);
-        opt.step(&mut |f| {
-            f(&mut w);
-            f(&mut b)
-        }, 0.1, 1.0);
+        opt.step(
+            &mut |f| {
+                f(&mut w);
+                f(&mut b)
+            },
+            0.1,
+            1.0,
+        );
         assert!((w.value[0] - 0.95).abs() < 1e-6);
         assert_eq!(b.value[0], 1.0);
     }

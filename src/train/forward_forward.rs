@@ -807,7 +807,12 @@ mod toy_tests {
             let mut n = FfNet::new(cfg, 30, 4).unwrap();
             let h = train_ff(&mut n, &split, 0, &mut |_| {}).unwrap();
             let l = h.last().unwrap();
-            assert!(l.test_accuracy > 0.9 && l.test_accuracy_goodness.unwrap() > 0.9, "{collaborative} {negatives:?}: {} {:?}", l.test_accuracy, l.test_accuracy_goodness);
+            assert!(
+                l.test_accuracy > 0.9 && l.test_accuracy_goodness.unwrap() > 0.9,
+                "{collaborative} {negatives:?}: {} {:?}",
+                l.test_accuracy,
+                l.test_accuracy_goodness
+            );
         }
     }
 }

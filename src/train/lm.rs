@@ -126,11 +126,7 @@ impl TextData {
         let cut = tokens.len() - n_val;
         let (train, val) = (tokens[..cut].to_vec(), tokens[cut..].to_vec());
         if train.len() <= seq_len || (val_fraction > 0.0 && val.len() <= seq_len) {
-            return Err(Error::Invalid(format!(
-                "text too short: {} training and {} held-out tokens for windows of {seq_len} (+1)",
-                train.len(),
-                val.len()
-            )));
+            return Err(Error::Invalid(format!("text too short: {} training and {} held-out tokens for windows of {seq_len} (+1)", train.len(), val.len())));
         }
         Ok(TextData { train, val })
     }
