@@ -158,11 +158,6 @@ impl ExpertBank {
         &self.load
     }
 
-    /// Per-expert slot counts of the last forward (`E`).
-    pub fn counts(&self) -> impl Iterator<Item = usize> + '_ {
-        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize)
-    }
-
     /// Slots dropped by the capacity limit in the last forward.
     pub fn dropped(&self) -> usize {
         self.dropped
