@@ -59,15 +59,7 @@ pub fn splitmix64(mut z: u64) -> u64 {
 /// Softmax routing of one row: top-k of `logits` into `idx`, gates into `gates`, `p` (same
 /// length as `logits`) receives the full softmax. Returns log-sum-exp of the logits.
 pub fn route_softmax(logits: &[f32], k: usize, renormalize: bool, p: &mut [f32], idx: &mut [u32], gates: &mut [f32]) -> f32 {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut z = 0.0;
-    for (pi, &l) in p.iter_mut().zip(logits) {
-        *pi = (l - m).exp();
-        z += *pi;
-    }
-    for pi in p.iter_mut() {
-        *pi /= z;
-    }
+    let lse = softmax(logits, p);
     grouped::top_k(logits, k, idx, gates, |_| false);
     let mut s = 0.0;
     for (g, &i) in gates.iter_mut().zip(idx.iter()) {
@@ -78,6 +70,20 @@ pub fn route_softmax(logits: &[f32], k: usize, renormalize: bool, p: &mut [f32],
         for g in gates.iter_mut() {
             *g /= s;
         }
+    }
+    lse
+}
+
+/// `p = softmax(logits)` (same length); returns the log-sum-exp of the logits.
+pub fn softmax(logits: &[f32], p: &mut [f32]) -> f32 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut z = 0.0;
+    for (pi, &l) in p.iter_mut().zip(logits) {
+        *pi = (l - m).exp();
+        z += *pi;
+    }
+    for pi in p.iter_mut() {
+        *pi /= z;
     }
     m + z.ln()
 }

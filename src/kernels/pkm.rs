@@ -51,6 +51,28 @@ impl PkmShape {
     }
 }
 
+/// Queries `q = x · Wqᵀ + bq` (`batch × heads·key_dim`, from `x`: `batch × in`) and their
+/// sub-key scores `s` (as [`subkey_scores`]): the scoring half of a lookup, shared by the layer
+/// and the kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn queries_and_scores(
+    shape: &PkmShape,
+    x: &[f32],
+    batch: usize,
+    query_w: &[f32],
+    query_b: &[f32],
+    keys1: &[f32],
+    keys2: &[f32],
+    q: &mut [f32],
+    s: &mut [f32],
+) {
+    let hd = shape.heads * shape.key_dim;
+    let q = &mut q[..batch * hd];
+    matmul_bt(q, x, batch, shape.in_features, query_w, hd);
+    add_row_bias(q, query_b);
+    subkey_scores(shape, q, batch, keys1, keys2, s);
+}
+
 /// Sub-key scores of a batch: `s` (`batch × 2·heads·n`, half `a` of head `h` at column
 /// `(2h + a)·n`) from the queries `q` (`batch × heads·key_dim`) and sub-keys `keys1`, `keys2`
 /// (`heads × n × key_dim/2` each).
@@ -194,13 +216,11 @@ impl InferKernel for PkmKernel {
 
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()> {
         check_io(self, x, batch, y)?;
-        let PkmShape { in_features: d, out_features: o, heads, key_dim, k, .. } = self.shape;
+        let PkmShape { out_features: o, heads, key_dim, k, .. } = self.shape;
         let hd = heads * key_dim;
         let sw = self.shape.scores_per_row();
         let ([q, s], []) = ws.take([batch * hd, batch * sw], []);
-        matmul_bt(q, x, batch, d, &self.query_w, hd);
-        add_row_bias(q, &self.query_b);
-        subkey_scores(&self.shape, q, batch, &self.keys1, &self.keys2, s);
+        queries_and_scores(&self.shape, x, batch, &self.query_w, &self.query_b, &self.keys1, &self.keys2, q, s);
         let n = self.shape.n_keys;
         let s = &*s;
         let row = |(b, yb): (usize, &mut [f32])| {

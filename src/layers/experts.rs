@@ -6,7 +6,9 @@
 //!
 //! Parameters: `w1` (`E × in × G`), `b1` (`E × G`), `w2` (`E × G × out`), `b2` (`out`).
 
+use crate::core::gemm::{matmul, MatMut, MatRef};
 use crate::core::{Activation, Param, Rng};
+use crate::error::{check_matrix, Result};
 use crate::kernels::grouped::{self, ExpertGrads, ExpertShape, ExpertWeights, DROPPED};
 
 use super::ensure_len;
@@ -28,7 +30,6 @@ pub struct ExpertBank {
     pub b2: Param,
     /// Slots per token of the last forward.
     k: usize,
-    assign: Vec<u32>,
     gates: Vec<f32>,
     offsets: Vec<u32>,
     order: Vec<u32>,
@@ -65,7 +66,6 @@ impl ExpertBank {
             w2: normal("w2", &[e, g, o], std2, rng),
             b2: Param::zeros("b2", &[o], false),
             k: 0,
-            assign: Vec::new(),
             gates: Vec::new(),
             offsets: vec![0; e + 1],
             order: Vec::new(),
@@ -93,13 +93,11 @@ impl ExpertBank {
         let ExpertShape { experts, in_features: d, width: g, out_features: o } = self.shape;
         let slots = batch * k;
         self.k = k;
-        self.assign.clear();
-        self.assign.extend_from_slice(&assign[..slots]);
         self.gates.clear();
         self.gates.extend_from_slice(&gates[..slots]);
         grow_u32(&mut self.order, slots);
         grow_u32(&mut self.pos, slots);
-        let s = grouped::dispatch(&self.assign, experts, &mut self.offsets, &mut self.order, &mut self.pos[..slots]);
+        let s = grouped::dispatch(&assign[..slots], experts, &mut self.offsets, &mut self.order, &mut self.pos[..slots]);
         self.dropped = slots - s;
         for (l, w) in self.load.iter_mut().zip(self.offsets.windows(2)) {
             *l = (w[1] - w[0]) as f32 / s.max(1) as f32;
@@ -202,4 +200,43 @@ pub fn apply_capacity(assign: &mut [u32], experts: usize, capacity: usize, count
         }
     }
     dropped
+}
+
+/// Router logits of a learned mixture: `logits = x · Wᵀ` with `router` of `E × in` (no bias).
+/// `x`: `batch × in`, `logits`: `batch × E`.
+pub(crate) fn router_logits(router: &Param, x: &[f32], batch: usize, logits: &mut [f32]) {
+    let (e, d) = (router.shape[0], router.shape[1]);
+    matmul(MatMut::new(&mut logits[..batch * e], batch, e), MatRef::new(x, batch, d), MatRef::new(&router.value, e, d).t(), false);
+}
+
+/// Backward of [`router_logits`]: writes the router's gradient `dlᵀ · x` and adds `dl · W`
+/// into `dx` when given. `dl`: `batch × E`.
+pub(crate) fn router_backward(router: &mut Param, x: &[f32], batch: usize, dl: &[f32], dx: Option<&mut [f32]>) {
+    let (e, d) = (router.shape[0], router.shape[1]);
+    let dl = MatRef::new(&dl[..batch * e], batch, e);
+    matmul(MatMut::new(&mut router.grad, e, d), dl.t(), MatRef::new(x, batch, d), false);
+    if let Some(dx) = dx {
+        matmul(MatMut::new(dx, batch, d), dl, MatRef::new(&router.value, e, d), true);
+    }
+}
+
+/// Experts of every row ranked by router logit, best first (`batch × E`): the discrete
+/// routing decision, for tests that must know whether a perturbation changed it.
+pub(crate) fn router_ranking(router: &Param, x: &[f32], batch: usize, what: &str) -> Result<Vec<u32>> {
+    check_matrix(what, x.len(), batch, router.shape[1])?;
+    let mut logits = vec![0.0; batch * router.shape[0]];
+    router_logits(router, x, batch, &mut logits);
+    Ok(rank_rows(&logits, router.shape[0]))
+}
+
+/// Indices of every row of a `rows × n` matrix sorted by value, largest first (ties: lower
+/// index first).
+pub(crate) fn rank_rows(values: &[f32], n: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(values.len());
+    for row in values.chunks_exact(n) {
+        let mut idx: Vec<u32> = (0..n as u32).collect();
+        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        out.extend(idx);
+    }
+    out
 }

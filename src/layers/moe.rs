@@ -14,9 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::experts::{apply_capacity, ExpertBank};
+use super::experts::{apply_capacity, router_backward, router_logits, router_ranking, ExpertBank};
 use super::{ensure_len, Layer, LayerConfig};
-use crate::core::gemm::{matmul, MatMut, MatRef};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::ExpertShape;
@@ -85,18 +84,6 @@ pub(crate) fn check_mixture(experts: usize, width: usize, k: usize, name: &str) 
     Ok(())
 }
 
-/// Experts of every row ranked by router logit, best first (`batch × E`): the discrete
-/// routing decision, for tests that must know whether a perturbation changed it.
-pub(crate) fn rank_rows(logits: &[f32], experts: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(logits.len());
-    for row in logits.chunks_exact(experts) {
-        let mut idx: Vec<u32> = (0..experts as u32).collect();
-        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-        out.extend(idx);
-    }
-    out
-}
-
 impl Moe {
     /// A new mixture `in_features → out_features`.
     pub fn new(cfg: MoeConfig, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<Self> {
@@ -143,11 +130,7 @@ impl Moe {
 
     /// Experts of every row ranked by router logit, best first (`batch × E`). `x`: `batch × in`.
     pub fn routing(&self, x: &[f32], batch: usize) -> Result<Vec<u32>> {
-        let (d, e) = (self.in_features(), self.cfg.experts);
-        check_matrix("moe input x", x.len(), batch, d)?;
-        let mut logits = vec![0.0; batch * e];
-        matmul(MatMut::new(&mut logits, batch, e), MatRef::new(x, batch, d), MatRef::new(&self.router.value, e, d).t(), false);
-        Ok(super::moe::rank_rows(&logits, e))
+        router_ranking(&self.router, x, batch, "moe input x")
     }
 
     /// Slots dropped by the capacity limit in the last training forward.
@@ -181,7 +164,7 @@ impl Layer for Moe {
             self.topk.resize(batch * k, 0);
         }
         let logits = &mut self.logits[..batch * e];
-        matmul(MatMut::new(logits, batch, e), MatRef::new(x, batch, d), MatRef::new(&self.router.value, e, d).t(), false);
+        router_logits(&self.router, x, batch, logits);
         for b in 0..batch {
             let r = b * e..(b + 1) * e;
             let s = b * k..(b + 1) * k;
@@ -251,11 +234,7 @@ impl Layer for Moe {
                 *v = pi * (*v - pdp) + z * pi;
             }
         }
-        let dl = &self.dlogits[..batch * e];
-        matmul(MatMut::new(&mut self.router.grad, e, d), MatRef::new(dl, batch, e).t(), MatRef::new(x, batch, d), false);
-        if let Some(dx) = dx {
-            matmul(MatMut::new(dx, batch, d), MatRef::new(dl, batch, e), MatRef::new(&self.router.value, e, d), true);
-        }
+        router_backward(&mut self.router, x, batch, &self.dlogits, dx);
         Ok(())
     }
 

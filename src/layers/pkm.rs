@@ -16,7 +16,7 @@ use crate::core::gemm::{matmul, sum_rows, MatMut, MatRef};
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
 use crate::error::{check_matrix, Error, Result};
-use crate::kernels::pkm::{select, subkey_scores, PkmScoring, PkmShape, MAX_K};
+use crate::kernels::pkm::{queries_and_scores, select, PkmScoring, PkmShape, MAX_K};
 use crate::kernels::{InferKernel, PkmKernel};
 
 /// Configuration of [`Pkm`].
@@ -124,15 +124,10 @@ impl Pkm {
         let PkmShape { in_features: d, heads, key_dim, n_keys: n, k, .. } = self.shape;
         check_matrix("pkm input x", x.len(), batch, d)?;
         let (hd, sw) = (heads * key_dim, self.shape.scores_per_row());
-        let mut q = vec![0.0; batch * hd];
-        for row in q.chunks_exact_mut(hd) {
-            row.copy_from_slice(&self.query_b.value);
-        }
-        matmul(MatMut::new(&mut q, batch, hd), MatRef::new(x, batch, d), MatRef::new(&self.query_w.value, hd, d).t(), true);
-        let mut s = vec![0.0; batch * sw];
-        subkey_scores(&self.shape, &q, batch, &self.keys1.value, &self.keys2.value, &mut s);
+        let (mut q, mut s) = (vec![0.0; batch * hd], vec![0.0; batch * sw]);
+        queries_and_scores(&self.shape, x, batch, &self.query_w.value, &self.query_b.value, &self.keys1.value, &self.keys2.value, &mut q, &mut s);
         let (mut idx, mut s1, mut s2, mut sc, mut w) = (vec![0u32; k], vec![0u32; k], vec![0u32; k], vec![0.0; k], vec![0.0; k]);
-        let mut out = super::moe::rank_rows(&s, n);
+        let mut out = super::experts::rank_rows(&s, n);
         for b in 0..batch {
             for h in 0..heads {
                 let row = &s[b * sw + 2 * h * n..b * sw + (2 * h + 2) * n];
@@ -178,12 +173,8 @@ impl Layer for Pkm {
         }
         ensure_len(&mut self.score, slots);
         ensure_len(&mut self.weight, slots);
-        let q = &mut self.q[..batch * hd];
-        for row in q.chunks_exact_mut(hd) {
-            row.copy_from_slice(&self.query_b.value);
-        }
-        matmul(MatMut::new(q, batch, hd), MatRef::new(x, batch, d), MatRef::new(&self.query_w.value, hd, d).t(), true);
-        subkey_scores(&self.shape, q, batch, &self.keys1.value, &self.keys2.value, &mut self.s);
+        let (qw, qb, k1, k2) = (&self.query_w.value, &self.query_b.value, &self.keys1.value, &self.keys2.value);
+        queries_and_scores(&self.shape, x, batch, qw, qb, k1, k2, &mut self.q, &mut self.s);
         for (b, yb) in y.chunks_exact_mut(o).enumerate() {
             yb.copy_from_slice(&self.bias.value);
             for h in 0..heads {

@@ -13,14 +13,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::experts::ExpertBank;
+use super::experts::{router_backward, router_logits, router_ranking, ExpertBank};
 use super::moe::check_mixture;
 use super::{ensure_len, Layer, LayerConfig};
-use crate::core::gemm::{matmul, MatMut, MatRef};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::{ExpertShape, DROPPED};
-use crate::kernels::moe::{route_sigmoid, Router};
+use crate::kernels::moe::{route_sigmoid, softmax, Router};
 use crate::kernels::{InferKernel, MoeKernel};
 
 /// Configuration of [`Smoe`].
@@ -110,11 +109,7 @@ impl Smoe {
 
     /// Experts of every row ranked by router logit, best first (`batch × E`). `x`: `batch × in`.
     pub fn routing(&self, x: &[f32], batch: usize) -> Result<Vec<u32>> {
-        let (d, e) = (self.in_features(), self.cfg.experts);
-        check_matrix("smoe input x", x.len(), batch, d)?;
-        let mut logits = vec![0.0; batch * e];
-        matmul(MatMut::new(&mut logits, batch, e), MatRef::new(x, batch, d), MatRef::new(&self.router.value, e, d).t(), false);
-        Ok(super::moe::rank_rows(&logits, e))
+        router_ranking(&self.router, x, batch, "smoe input x")
     }
 
     /// The entropy regulariser `γ Σ p̄ log p̄` of a batch-mean distribution.
@@ -147,7 +142,7 @@ impl Layer for Smoe {
             self.assign.resize(batch * k, 0);
         }
         let logits = &mut self.logits[..batch * e];
-        matmul(MatMut::new(logits, batch, e), MatRef::new(x, batch, d), MatRef::new(&self.router.value, e, d).t(), false);
+        router_logits(&self.router, x, batch, logits);
         let delta = self.cfg.expert_dropout;
         self.mean_p.fill(0.0);
         for b in 0..batch {
@@ -158,15 +153,9 @@ impl Layer for Smoe {
             let mask = &self.mask;
             route_sigmoid(row, k, &mut self.assign[b * k..(b + 1) * k], &mut self.gates[b * k..(b + 1) * k], |i| mask[i]);
             let p = &mut self.probs[b * e..(b + 1) * e];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            let mut z = 0.0;
-            for (pi, &l) in p.iter_mut().zip(row) {
-                *pi = (l - m).exp();
-                z += *pi;
-            }
-            for (pi, mp) in p.iter_mut().zip(self.mean_p.iter_mut()) {
-                *pi /= z;
-                *mp += *pi / batch as f32;
+            softmax(row, p);
+            for (&pi, mp) in p.iter().zip(self.mean_p.iter_mut()) {
+                *mp += pi / batch as f32;
             }
         }
         self.aux = if self.cfg.entropy > 0.0 { Self::entropy_loss(self.cfg.entropy, &self.mean_p) } else { 0.0 };
@@ -212,11 +201,7 @@ impl Layer for Smoe {
                 }
             }
         }
-        let dl = &self.dlogits[..batch * e];
-        matmul(MatMut::new(&mut self.router.grad, e, d), MatRef::new(dl, batch, e).t(), MatRef::new(x, batch, d), false);
-        if let Some(dx) = dx {
-            matmul(MatMut::new(dx, batch, d), MatRef::new(dl, batch, e), MatRef::new(&self.router.value, e, d), true);
-        }
+        router_backward(&mut self.router, x, batch, &self.dlogits, dx);
         Ok(())
     }
 
