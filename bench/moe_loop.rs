@@ -68,7 +68,8 @@ fn loop_forward(router: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: &[f32], 
 /// One expert's two products on one thread: the GEMM library against `gemm_small`.
 fn gemm_shapes(reps: usize) {
     let mut rng = Rng::new(3);
-    for (n, k, m) in [(32, D, G), (32, G, D), (8, D, G), (128, D, G), (128, G, D)] {
+    // σ-MoE expert products, then FFF leaf products (768 → 32 → 768)
+    for (n, k, m) in [(32, D, G), (32, G, D), (8, D, G), (128, D, G), (128, G, D), (1, 768, 32), (1, 32, 768), (4, 768, 32), (16, 768, 32), (16, 32, 768)] {
         let a: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         let w: Vec<f32> = (0..k * m).map(|_| rng.normal()).collect();
         let mut y = vec![0.0f32; n * m];

@@ -75,75 +75,87 @@ pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
     [dot(a[0], b[0]), dot(a[1], b[1]), dot(a[2], b[2]), dot(a[3], b[3])]
 }
 
-/// `R` rows of a small product: `y[k] = bias + Σ_j h[k][j] · w[j, :]`, `w` row-major
-/// (`h[k].len() × y[k].len()`). Each row of `w` is loaded once for all `R` outputs and the
-/// accumulators stay in registers (32 columns at a time): the leaf MLPs of FFF use it with
-/// R = 1 (one sample) and R = 4 (four samples that reached the same leaf).
-#[inline]
-pub fn gemm_rows<const R: usize>(h: [&[f32]; R], w: &[f32], bias: &[f32], y: [&mut [f32]; R]) {
-    let (k, n) = (h[0].len(), bias.len());
-    assert!(w.len() >= k * n && h.iter().all(|r| r.len() == k) && y.iter().all(|r| r.len() == n));
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F; shapes checked above.
-            return unsafe { x86::gemm_rows_avx512(h, w, bias, y) };
-        }
-    }
-    for (hk, yk) in h.iter().zip(y) {
-        yk.copy_from_slice(bias);
-        for (j, &hj) in hk.iter().enumerate() {
-            axpy(hj, &w[j * n..(j + 1) * n], yk);
-        }
-    }
-}
-
 /// `y = a·w + bias` for a short row-major `a` (`rows × k`), `w` (`k × n`), `y` (`rows × n`),
 /// `bias` (`n`, or zero when `None`). No packing: one to three rows stream `w` row by row
-/// (four rows of `w` per pass over `y`); four or more rows read 64-column panels of `w` in
-/// place while blocks of four rows of `a` pass them, with 16 accumulators in registers. For
-/// products of a few rows (a grouped expert dispatch at batch 1), where packing `w` costs
-/// more than the product. With `w` in cache it runs at 100–160 GFLOP/s on one core, like the
-/// GEMM library, but on wide-`k` products of tens of rows the library is up to 40 % faster
+/// (narrow outputs of ≤ 32 columns with four partial sums over `k`); four or more rows read
+/// panels of `w` in place while blocks of rows of `a` pass them, with the accumulators in
+/// registers (64 columns × 4 rows, or 32 × 8 for narrow outputs). For products of a few rows
+/// (a grouped expert dispatch at batch 1, a tree leaf), where packing `w` costs more than the
+/// product. With `w` in cache it runs at 100–160 GFLOP/s on one core, like the GEMM library,
+/// but on wide-`k` products of tens of rows the library is up to 40 % faster
 /// (`cargo bench --bench moe_loop -- --gemm`), so the dispatch uses it from five rows on.
 pub fn gemm_small(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
     let rows = a.len().checked_div(k).unwrap_or(0);
-    assert!(k > 0 && a.len() == rows * k && w.len() >= k * n && y.len() == rows * n, "gemm_small: shapes");
-    assert!(bias.is_none_or(|b| b.len() == n), "gemm_small: bias length");
+    assert!(k > 0 && a.len() == rows * k && y.len() == rows * n, "gemm_small: shapes");
+    let (pa, py) = (a.as_ptr(), y.as_mut_ptr());
+    // SAFETY: row r of `a` is a[r·k..(r+1)·k] and of `y` is y[r·n..(r+1)·n], in bounds and
+    // disjoint (shapes asserted above).
+    unsafe { small_product(rows, |r| pa.add(r * k), k, w, n, bias, |r| py.add(r * n)) }
+}
+
+/// [`gemm_small`] over gathered rows: row `r` of the product reads `a[idx[r]]` (`a`: `? × k`)
+/// and writes `y[r]` (`y`: `idx.len() × n`). Saves copying the rows a router picked.
+pub fn gemm_small_gather(a: &[f32], idx: &[u32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let avail = a.len().checked_div(k).unwrap_or(0);
+    assert!(k > 0 && y.len() == idx.len() * n && idx.iter().all(|&i| (i as usize) < avail), "gemm_small_gather: shapes");
+    let (pa, py) = (a.as_ptr(), y.as_mut_ptr());
+    // SAFETY: every index is below the row count of `a` (asserted); output rows are disjoint.
+    unsafe { small_product(idx.len(), |r| pa.add(idx[r] as usize * k), k, w, n, bias, |r| py.add(r * n)) }
+}
+
+/// [`gemm_small`] scattering its output: row `r` of `a` (`rows × k`) writes row `idx[r]` of the
+/// matrix at `y` (`n` columns).
+///
+/// # Safety
+/// Every `y + idx[r]·n .. + n` must be valid for writes, the indices distinct, and no other
+/// reference may touch those rows during the call.
+pub unsafe fn gemm_small_scatter(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: *mut f32, idx: &[u32]) {
+    assert!(k > 0 && a.len() == idx.len() * k, "gemm_small_scatter: shapes");
+    let pa = a.as_ptr();
+    // SAFETY: `a` rows in bounds (asserted); the caller vouches for the output rows.
+    unsafe { small_product(idx.len(), |r| pa.add(r * k), k, w, n, bias, |r| y.add(idx[r] as usize * n)) }
+}
+
+/// The body of the `gemm_small` family: row `r` of the product reads `k` values at `ar(r)` and
+/// writes `n` values at `yr(r)`.
+///
+/// # Safety
+/// `ar(r)` valid for `k` reads and `yr(r)` for `n` writes for every `r < rows`, output rows
+/// disjoint and unaliased.
+unsafe fn small_product(
+    rows: usize,
+    ar: impl Fn(usize) -> *const f32 + Copy,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    yr: impl Fn(usize) -> *mut f32 + Copy,
+) {
+    assert!(w.len() >= k * n && bias.is_none_or(|b| b.len() == n), "gemm_small: weight or bias length");
     #[cfg(target_arch = "x86_64")]
     {
-        if rows >= 4 && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F; shapes checked above.
-            return unsafe { x86::gemm_small_avx512(a, k, w, n, bias, y, rows) };
+        if (rows >= 4 || n <= 32) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; rows are valid per the caller.
+            return unsafe { x86::gemm_small_avx512(rows, ar, k, w, n, bias, yr) };
         }
     }
-    // One to three rows: the product is a stream over `w`, read row after row (contiguous,
-    // which the hardware prefetcher follows best) four rows per pass over `y`.
-    for (ar, yr) in a.chunks_exact(k).zip(y.chunks_exact_mut(n.max(1))) {
+    // The product is a stream over `w`, read row after row (contiguous, which the hardware
+    // prefetcher follows best) four rows per pass over each output row.
+    for r in 0..rows {
+        // SAFETY: per the caller's contract.
+        let (arow, yrow) = unsafe { (std::slice::from_raw_parts(ar(r), k), std::slice::from_raw_parts_mut(yr(r), n)) };
         match bias {
-            Some(b) => yr.copy_from_slice(b),
-            None => yr.fill(0.0),
+            Some(b) => yrow.copy_from_slice(b),
+            None => yrow.fill(0.0),
         }
         let mut j = 0;
         while j + 4 <= k {
             prefetch_rows(w, (j + PREFETCH_ROWS) * n, 4 * n);
-            axpy4([ar[j], ar[j + 1], ar[j + 2], ar[j + 3]], [&w[j * n..], &w[(j + 1) * n..], &w[(j + 2) * n..], &w[(j + 3) * n..]], yr);
+            axpy4([arow[j], arow[j + 1], arow[j + 2], arow[j + 3]], [&w[j * n..], &w[(j + 1) * n..], &w[(j + 2) * n..], &w[(j + 3) * n..]], yrow);
             j += 4;
         }
-        for (jj, &aj) in ar.iter().enumerate().skip(j) {
-            axpy(aj, &w[jj * n..(jj + 1) * n], yr);
-        }
-    }
-    if rows > 0 {
-        return;
-    }
-    for (ar, yr) in a.chunks_exact(k).zip(y.chunks_exact_mut(n.max(1))) {
-        match bias {
-            Some(b) => yr.copy_from_slice(b),
-            None => yr.fill(0.0),
-        }
-        for (j, &aj) in ar.iter().enumerate() {
-            axpy(aj, &w[j * n..(j + 1) * n], yr);
+        for (jj, &aj) in arow.iter().enumerate().skip(j) {
+            axpy(aj, &w[jj * n..(jj + 1) * n], yrow);
         }
     }
 }
@@ -154,7 +166,7 @@ const PREFETCH_ROWS: usize = 16;
 
 /// Prefetches `w[from..from + len]` into L2 (no-op past the end or off x86).
 #[inline]
-fn prefetch_rows(w: &[f32], from: usize, len: usize) {
+pub(crate) fn prefetch_rows(w: &[f32], from: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if from < w.len() {
@@ -233,21 +245,89 @@ mod x86 {
     const KC: usize = 256;
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm_small_avx512(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32], rows: usize) {
-        let (pa, pw, py) = (a.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+    pub unsafe fn gemm_small_avx512(
+        rows: usize,
+        ar: impl Fn(usize) -> *const f32 + Copy,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        yr: impl Fn(usize) -> *mut f32 + Copy,
+    ) {
+        let pw = w.as_ptr();
         let pb = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        // one to three rows: 128-column panels read longer contiguous runs of each row of `w`
-        // (the product is a stream over `w`); four or more: 64 columns × 4 rows in registers
-        if rows < 4 {
-            panels::<8>(pa, k, pw, n, pb, py, rows);
+        // narrow outputs (a tree leaf's 32 hidden units): one row with partial sums over k, or
+        // 32 columns × 8 rows, so no lane idles; one to three wide rows: 128-column panels read
+        // longer contiguous runs of each row of `w` (the product is a stream over `w`); four or
+        // more: 64 columns × 4 rows in registers
+        if rows < 4 && n <= 32 {
+            for r in 0..rows {
+                narrow_row(ar(r), k, pw, n, pb, yr(r));
+            }
+        } else if rows < 4 {
+            panels::<1, 8>(rows, ar, k, pw, n, pb, yr);
+        } else if n <= 32 {
+            panels::<8, 2>(rows, ar, k, pw, n, pb, yr);
         } else {
-            panels::<4>(pa, k, pw, n, pb, py, rows);
+            panels::<4, 4>(rows, ar, k, pw, n, pb, yr);
         }
     }
 
+    /// One row times a `k × n` matrix with `n ≤ 32`: two vectors of output, so four partial sums
+    /// over `k` keep eight FMA chains in flight (a single chain would wait on the FMA latency at
+    /// every row of `w`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn panels<const NV: usize>(pa: *const f32, k: usize, pw: *const f32, n: usize, pb: *const f32, py: *mut f32, rows: usize) {
+    unsafe fn narrow_row(a: *const f32, k: usize, w: *const f32, n: usize, bias: *const f32, y: *mut f32) {
+        let mask = |lo: usize| -> __mmask16 {
+            if lo >= n {
+                0
+            } else if lo + 16 <= n {
+                0xFFFF
+            } else {
+                ((1u32 << (n - lo)) - 1) as u16
+            }
+        };
+        let m = [mask(0), mask(16)];
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        let mut j = 0;
+        while j + 4 <= k {
+            for u in 0..4 {
+                let av = _mm512_set1_ps(*a.add(j + u));
+                for q in 0..2 {
+                    acc[u][q] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m[q], w.add((j + u) * n + 16 * q)), acc[u][q]);
+                }
+            }
+            j += 4;
+        }
+        while j < k {
+            let av = _mm512_set1_ps(*a.add(j));
+            for q in 0..2 {
+                acc[0][q] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m[q], w.add(j * n + 16 * q)), acc[0][q]);
+            }
+            j += 1;
+        }
+        for q in 0..2 {
+            let mut v = _mm512_add_ps(_mm512_add_ps(acc[0][q], acc[1][q]), _mm512_add_ps(acc[2][q], acc[3][q]));
+            if !bias.is_null() {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[q], bias.add(16 * q)));
+            }
+            _mm512_mask_storeu_ps(y.add(16 * q), m[q], v);
+        }
+    }
+
+    /// Blocks of `R` rows × `16·NV` columns, then the leftover rows one at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn panels<const R: usize, const NV: usize>(
+        rows: usize,
+        ar: impl Fn(usize) -> *const f32 + Copy,
+        k: usize,
+        pw: *const f32,
+        n: usize,
+        pb: *const f32,
+        yr: impl Fn(usize) -> *mut f32 + Copy,
+    ) {
         let mut c = 0;
         while c < n {
             // masks of the 16-wide vectors of this panel (zero past the end of the row)
@@ -267,14 +347,14 @@ mod x86 {
                 let kk = KC.min(k - j0);
                 let (wp, first) = (pw.add(j0 * n + c), j0 == 0);
                 let mut r = 0;
-                if NV <= 4 {
-                    while r + 4 <= rows {
-                        panel::<4, NV>(pa.add(r * k + j0), k, wp, n, kk, py.add(r * n + c), n, first, bc, m);
-                        r += 4;
+                if R > 1 {
+                    while r + R <= rows {
+                        panel::<R, NV>(std::array::from_fn(|i| ar(r + i).add(j0)), wp, n, kk, std::array::from_fn(|i| yr(r + i).add(c)), first, bc, m);
+                        r += R;
                     }
                 }
                 while r < rows {
-                    panel::<1, NV>(pa.add(r * k + j0), k, wp, n, kk, py.add(r * n + c), n, first, bc, m);
+                    panel::<1, NV>([ar(r).add(j0)], wp, n, kk, [yr(r).add(c)], first, bc, m);
                     r += 1;
                 }
                 j0 += kk;
@@ -289,13 +369,11 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn panel<const R: usize, const NV: usize>(
-        a: *const f32,
-        lda: usize,
+        a: [*const f32; R],
         w: *const f32,
         ldw: usize,
         kk: usize,
-        y: *mut f32,
-        ldy: usize,
+        y: [*mut f32; R],
         first: bool,
         bias: *const f32,
         m: [__mmask16; NV],
@@ -305,7 +383,7 @@ mod x86 {
             for q in 0..NV {
                 if m[q] != 0 {
                     acc[r][q] = if !first {
-                        _mm512_maskz_loadu_ps(m[q], y.add(r * ldy + 16 * q))
+                        _mm512_maskz_loadu_ps(m[q], y[r].add(16 * q))
                     } else if bias.is_null() {
                         _mm512_setzero_ps()
                     } else {
@@ -318,7 +396,7 @@ mod x86 {
             for j in 0..kk {
                 let wr: [__m512; NV] = std::array::from_fn(|q| _mm512_loadu_ps(w.add(j * ldw + 16 * q)));
                 for r in 0..R {
-                    let av = _mm512_set1_ps(*a.add(r * lda + j));
+                    let av = _mm512_set1_ps(*a[r].add(j));
                     for q in 0..NV {
                         acc[r][q] = _mm512_fmadd_ps(av, wr[q], acc[r][q]);
                     }
@@ -328,7 +406,7 @@ mod x86 {
             for j in 0..kk {
                 let wr: [__m512; NV] = std::array::from_fn(|q| _mm512_maskz_loadu_ps(m[q], w.add(j * ldw + 16 * q)));
                 for r in 0..R {
-                    let av = _mm512_set1_ps(*a.add(r * lda + j));
+                    let av = _mm512_set1_ps(*a[r].add(j));
                     for q in 0..NV {
                         acc[r][q] = _mm512_fmadd_ps(av, wr[q], acc[r][q]);
                     }
@@ -338,7 +416,7 @@ mod x86 {
         for r in 0..R {
             for q in 0..NV {
                 if m[q] != 0 {
-                    _mm512_mask_storeu_ps(y.add(r * ldy + 16 * q), m[q], acc[r][q]);
+                    _mm512_mask_storeu_ps(y[r].add(16 * q), m[q], acc[r][q]);
                 }
             }
         }
@@ -362,84 +440,6 @@ mod x86 {
             }
         }
         acc.map(|v| _mm512_reduce_add_ps(v))
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm_rows_avx512<const R: usize>(h: [&[f32]; R], w: &[f32], bias: &[f32], y: [&mut [f32]; R]) {
-        let (kk, n) = (h[0].len(), bias.len());
-        let (pw, pb) = (w.as_ptr(), bias.as_ptr());
-        let ph = h.map(|s| s.as_ptr());
-        let py = y.map(|s| s.as_mut_ptr());
-        let mut c = 0;
-        // 64 columns at a time when R ≤ 2 or the output is wide: four accumulators per row, one
-        // broadcast feeds four FMAs (fewer loads per FMA, more independent FMA chains)
-        if R <= 2 || n >= 128 {
-            while c + 64 <= n {
-                let mut a = [[_mm512_setzero_ps(); 4]; R];
-                for k in 0..R {
-                    for q in 0..4 {
-                        a[k][q] = _mm512_loadu_ps(pb.add(c + 16 * q));
-                    }
-                }
-                for j in 0..kk {
-                    let wr = [0, 1, 2, 3].map(|q| _mm512_loadu_ps(pw.add(j * n + c + 16 * q)));
-                    for k in 0..R {
-                        let hv = _mm512_set1_ps(*ph[k].add(j));
-                        for q in 0..4 {
-                            a[k][q] = _mm512_fmadd_ps(hv, wr[q], a[k][q]);
-                        }
-                    }
-                }
-                for k in 0..R {
-                    for q in 0..4 {
-                        _mm512_storeu_ps(py[k].add(c + 16 * q), a[k][q]);
-                    }
-                }
-                c += 64;
-            }
-        }
-        // one row, 32 columns: four partial sums over j so that four FMA chains run at once
-        // (a single chain waits on the FMA latency at every step)
-        if R == 1 {
-            while c + 32 <= n {
-                let mut a = [[_mm512_setzero_ps(); 2]; 4];
-                let mut j = 0;
-                while j + 4 <= kk {
-                    for u in 0..4 {
-                        let hv = _mm512_set1_ps(*ph[0].add(j + u));
-                        a[u][0] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add((j + u) * n + c)), a[u][0]);
-                        a[u][1] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add((j + u) * n + c + 16)), a[u][1]);
-                    }
-                    j += 4;
-                }
-                while j < kk {
-                    let hv = _mm512_set1_ps(*ph[0].add(j));
-                    a[0][0] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add(j * n + c)), a[0][0]);
-                    a[0][1] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(pw.add(j * n + c + 16)), a[0][1]);
-                    j += 1;
-                }
-                for q in 0..2 {
-                    let sum = _mm512_add_ps(_mm512_add_ps(a[0][q], a[1][q]), _mm512_add_ps(a[2][q], a[3][q]));
-                    _mm512_storeu_ps(py[0].add(c + 16 * q), _mm512_add_ps(sum, _mm512_loadu_ps(pb.add(c + 16 * q))));
-                }
-                c += 32;
-            }
-        }
-        // 32 columns at a time: two accumulators per row, one broadcast feeds two FMAs
-        while c < n {
-            let m: __mmask16 = if c + 16 <= n { 0xffff } else { ((1u32 << (n - c)) - 1) as u16 };
-            let mut a0 = [_mm512_maskz_loadu_ps(m, pb.add(c)); R];
-            for j in 0..kk {
-                let w0 = _mm512_maskz_loadu_ps(m, pw.add(j * n + c));
-                for k in 0..R {
-                    a0[k] = _mm512_fmadd_ps(_mm512_set1_ps(*ph[k].add(j)), w0, a0[k]);
-                }
-            }
-            for k in 0..R {
-                _mm512_mask_storeu_ps(py[k].add(c), m, a0[k]);
-            }
-            c += 16;
-        }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -521,30 +521,44 @@ mod tests {
     use crate::core::Rng;
 
     #[test]
-    fn gemm_rows_matches_naive_on_every_column_path() {
+    fn gemm_small_family_matches_naive_on_every_path() {
         let mut r = Rng::new(9);
-        for &k in &[1usize, 3, 4, 5, 9, 33] {
+        // k = 300 crosses a KC block; n ≤ 32 takes the narrow paths; rows < 4, 8-row and 4-row
+        // blocks and their leftovers
+        for &k in &[1usize, 3, 4, 5, 9, 33, 300] {
             for &n in &[1usize, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 130, 200] {
-                let w: Vec<f32> = (0..k * n).map(|_| r.normal()).collect();
-                let bias: Vec<f32> = (0..n).map(|_| r.normal()).collect();
-                let h: Vec<Vec<f32>> = (0..4).map(|_| (0..k).map(|_| r.normal()).collect()).collect();
-                let want =
-                    |row: &[f32]| -> Vec<f64> { (0..n).map(|c| bias[c] as f64 + (0..k).map(|j| row[j] as f64 * w[j * n + c] as f64).sum::<f64>()).collect() };
-                let mut y4 = vec![vec![0.0f32; n]; 4];
-                {
-                    let [a, b, c, d] = &mut y4[..] else { unreachable!() };
-                    gemm_rows([&h[0][..], &h[1], &h[2], &h[3]], &w, &bias, [a, b, c, d]);
-                }
-                let mut y1 = vec![0.0f32; n];
-                gemm_rows([&h[2][..]], &w, &bias, [&mut y1]);
-                let mut y2 = vec![vec![0.0f32; n]; 2];
-                {
-                    let [a, b] = &mut y2[..] else { unreachable!() };
-                    gemm_rows([&h[0][..], &h[1]], &w, &bias, [a, b]);
-                }
-                for (got, row) in y4.iter().zip(&h).chain([(&y1, &h[2])]).chain(y2.iter().zip(&h)) {
-                    for (g, w) in got.iter().zip(want(row)) {
-                        assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "k={k} n={n}: {g} vs {w}");
+                for &rows in &[1usize, 2, 3, 4, 5, 8, 9, 13] {
+                    let w: Vec<f32> = (0..k * n).map(|_| r.normal()).collect();
+                    let bias: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+                    let a: Vec<f32> = (0..rows * k).map(|_| r.normal()).collect();
+                    let want = |row: &[f32], b: bool| -> Vec<f64> {
+                        (0..n).map(|c| if b { bias[c] as f64 } else { 0.0 } + (0..k).map(|j| row[j] as f64 * w[j * n + c] as f64).sum::<f64>()).collect()
+                    };
+                    let close = |got: &[f32], want: Vec<f64>, what: &str| {
+                        for (g, w) in got.iter().zip(want) {
+                            assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{what} rows={rows} k={k} n={n}: {g} vs {w}");
+                        }
+                    };
+                    let mut y = vec![f32::NAN; rows * n];
+                    gemm_small(&a, k, &w, n, Some(&bias), &mut y);
+                    for i in 0..rows {
+                        close(&y[i * n..(i + 1) * n], want(&a[i * k..(i + 1) * k], true), "gemm_small");
+                    }
+                    gemm_small(&a, k, &w, n, None, &mut y);
+                    close(&y[..n], want(&a[..k], false), "gemm_small without bias");
+                    // gather: reversed order with a repeat; scatter: reversed
+                    let idx: Vec<u32> = (0..rows as u32).rev().chain([0]).collect();
+                    let mut yg = vec![f32::NAN; idx.len() * n];
+                    gemm_small_gather(&a, &idx, k, &w, n, Some(&bias), &mut yg);
+                    for (i, &src) in idx.iter().enumerate() {
+                        close(&yg[i * n..(i + 1) * n], want(&a[src as usize * k..(src as usize + 1) * k], true), "gather");
+                    }
+                    let rev: Vec<u32> = (0..rows as u32).rev().collect();
+                    let mut ys = vec![f32::NAN; rows * n];
+                    // SAFETY: the indices are a permutation of the rows of ys.
+                    unsafe { gemm_small_scatter(&a, k, &w, n, Some(&bias), ys.as_mut_ptr(), &rev) };
+                    for (i, &dst) in rev.iter().enumerate() {
+                        close(&ys[dst as usize * n..(dst as usize + 1) * n], want(&a[i * k..(i + 1) * k], true), "scatter");
                     }
                 }
             }
@@ -566,22 +580,19 @@ mod tests {
                 assert!((*got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot4 n={n}");
             }
             if n > 0 {
-                // gemm_rows with k = 3 rows of width n, R = 4 and R = 1
+                // gemm_small with k = 3 rows of width n, four rows and one
                 let w: Vec<f32> = (0..3 * n).map(|i| (i % 7) as f32 - 3.0).collect();
-                let hs = [[1.0f32, 2.0, 3.0], [0.5, 0.0, -1.0], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.25]];
-                let mut ys = vec![vec![0.0f32; n]; 4];
-                {
-                    let [y0, y1, y2, y3] = &mut ys[..] else { unreachable!() };
-                    gemm_rows([&hs[0], &hs[1], &hs[2], &hs[3]], &w, &b, [y0, y1, y2, y3]);
-                }
+                let hs = [1.0f32, 2.0, 3.0, 0.5, 0.0, -1.0, 0.0, 0.0, 0.0, -2.0, 1.0, 0.25];
+                let mut ys = vec![0.0f32; 4 * n];
+                gemm_small(&hs, 3, &w, n, Some(&b), &mut ys);
                 let mut y1 = vec![0.0f32; n];
-                gemm_rows([&hs[3]], &w, &b, [&mut y1]);
+                gemm_small(&hs[9..], 3, &w, n, Some(&b), &mut y1);
                 for k in 0..4 {
                     for i in 0..n {
-                        let want = b[i] + (0..3).map(|j| hs[k][j] * w[j * n + i]).sum::<f32>();
-                        assert!((ys[k][i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_rows n={n}");
+                        let want = b[i] + (0..3).map(|j| hs[3 * k + j] * w[j * n + i]).sum::<f32>();
+                        assert!((ys[k * n + i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_small n={n}");
                         if k == 3 {
-                            assert!((y1[i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_rows R=1 n={n}");
+                            assert!((y1[i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_small one row n={n}");
                         }
                     }
                 }

@@ -4,10 +4,11 @@
 use rayon::prelude::*;
 
 use super::ufff::TreeStrategy;
-use super::{check_io, counting_sort, InferKernel, SyncPtr, Workspace};
+use super::grouped::dispatch;
+use super::{check_io, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
-use crate::core::simd::gemm_rows;
+use crate::core::simd::{gemm_small, gemm_small_gather, gemm_small_scatter};
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -27,8 +28,9 @@ pub struct MasterWeights {
     pub gate_b: f32,
 }
 
-/// Inference copy of an [`crate::layers::Fff`]. Both leaf layers are applied with
-/// [`gemm_rows`]: register-blocked, each weight row read once per one or four samples.
+/// Inference copy of an [`crate::layers::Fff`]. Both leaf layers are applied with the unpacked
+/// register-blocked [`gemm_small`] family: one sample at batch < 8, else every leaf's group of
+/// samples at once, read from `x` and written to `y` in place.
 pub struct FffKernel {
     in_features: usize,
     out_features: usize,
@@ -103,33 +105,12 @@ impl FffKernel {
     fn leaf_forward(&self, leaf: usize, x: &[f32], y: &mut [f32], h: &mut [f32]) {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
         let hl = &mut h[..lw];
-        gemm_rows([x], &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.b1[leaf * lw..(leaf + 1) * lw], [&mut *hl]);
+        gemm_small(x, ni, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hl);
         self.activation.apply_inplace(hl);
-        gemm_rows([&*hl], &self.w2[leaf * lw * no..(leaf + 1) * lw * no], &self.b2[leaf * no..(leaf + 1) * no], [y]);
+        gemm_small(hl, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), y);
         if let Some(m) = &self.master {
-            let mw = m.b1.len();
-            let g = sigmoid(dot(&m.gate_w, x) + m.gate_b);
-            for (k, hk) in h[..mw].iter_mut().enumerate() {
-                *hk = self.activation.apply(dot(&m.w1[k * ni..(k + 1) * ni], x) + m.b1[k]);
-            }
-            for (j, yj) in y.iter_mut().enumerate() {
-                let mo = dot(&m.w2[j * mw..(j + 1) * mw], &h[..mw]) + m.b2[j];
-                *yj = (1.0 - g) * *yj + g * mo;
-            }
+            blend_master(m, self.activation, x, y, h);
         }
-    }
-
-    /// Leaf MLP of four samples that reached the same leaf (no master leaf).
-    fn leaf_forward4(&self, leaf: usize, x: [&[f32]; 4], y: [&mut [f32]; 4], h: [&mut [f32]; 4]) {
-        let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
-        let [h0, h1, h2, h3] = h;
-        let hs = [&mut h0[..lw], &mut h1[..lw], &mut h2[..lw], &mut h3[..lw]];
-        gemm_rows(x, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.b1[leaf * lw..(leaf + 1) * lw], hs);
-        for hk in [&mut h0[..lw], &mut h1[..lw], &mut h2[..lw], &mut h3[..lw]] {
-            self.activation.apply_inplace(hk);
-        }
-        let w2 = &self.w2[leaf * lw * no..(leaf + 1) * lw * no];
-        gemm_rows([&h0[..lw], &h1[..lw], &h2[..lw], &h3[..lw]], w2, &self.b2[leaf * no..(leaf + 1) * no], y);
     }
 
     fn scratch(&self) -> usize {
@@ -177,36 +158,58 @@ impl FffKernel {
         Ok(nodes.iter().map(|&n| n as usize - self.nodes()).collect())
     }
 
+    /// Batched: descent per sample, then the samples are counting-sorted by leaf and every leaf
+    /// runs its two products over its group of rows (the grouped dispatch of a mixture with
+    /// one expert per sample and gate 1): the first reads the group's rows of `x` in place, the
+    /// second writes straight into their rows of `y`, so each leaf's weights are read once
+    /// per batch and no row is copied.
     fn grouped(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
-        let (ni, no, hw) = (self.in_features, self.out_features, self.scratch());
+        let (ni, no, lw, hw) = (self.in_features, self.out_features, self.leaf, self.scratch());
         let leaves = 1usize << self.depth;
-        let ([h, _, _, _], [nodes, order, counts, _]) = ws.take([batch * hw, 0, 0, 0], [batch, batch, leaves + 1, 0]);
+        let ([h], [nodes, order, pos, offsets]) = ws.take([batch * hw], [batch, batch, batch, leaves + 1]);
         self.descend_batch(x, nodes);
-        counting_sort(nodes, self.nodes() as u32, leaves, counts, order);
-        let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
-        let (yp, hp) = (SyncPtr(y.as_mut_ptr()), SyncPtr(h.as_mut_ptr()));
-        let nodes = &*nodes;
-        let leaf_of = |s: u32| nodes[s as usize] as usize - self.nodes();
-        order.par_chunks(chunk).for_each(|run| {
-            // runs are sorted by leaf: take four samples of one leaf together when we can
-            let mut i = 0;
-            while i < run.len() {
-                let leaf = leaf_of(run[i]);
-                // SAFETY (both branches): `order` is a permutation of 0..batch, so each
-                // sample's rows of y and h belong to exactly one run and one call here.
-                if self.master.is_none() && i + 4 <= run.len() && leaf_of(run[i + 3]) == leaf {
-                    let s = [run[i] as usize, run[i + 1] as usize, run[i + 2] as usize, run[i + 3] as usize];
-                    let (ys, hs) = unsafe { (s.map(|s| yp.slice(s * no, no)), s.map(|s| hp.slice(s * hw, hw))) };
-                    self.leaf_forward4(leaf, s.map(|s| &x[s * ni..(s + 1) * ni]), ys, hs);
-                    i += 4;
-                } else {
-                    let s = run[i] as usize;
-                    let (ys, hs) = unsafe { (yp.slice(s * no, no), hp.slice(s * hw, hw)) };
-                    self.leaf_forward(leaf, &x[s * ni..(s + 1) * ni], ys, hs);
-                    i += 1;
-                }
+        let first_leaf = self.nodes() as u32;
+        nodes.iter_mut().for_each(|n| *n -= first_leaf);
+        dispatch(nodes, leaves, offsets, order, pos);
+        let (order, offsets) = (&*order, &*offsets);
+        let (hp, yp) = (SyncPtr(h.as_mut_ptr()), SyncPtr(y.as_mut_ptr()));
+        let run = |leaf: usize| {
+            let (r0, r1) = (offsets[leaf] as usize, offsets[leaf + 1] as usize);
+            if r0 == r1 {
+                return;
             }
-        });
+            let idx = &order[r0..r1];
+            // SAFETY: leaves own disjoint segments of h.
+            let hs = unsafe { hp.slice(r0 * lw, (r1 - r0) * lw) };
+            gemm_small_gather(x, idx, ni, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hs);
+            self.activation.apply_inplace(hs);
+            // SAFETY: `order` is a permutation of 0..batch, so the leaves write disjoint rows of
+            // y (batch × out), and nothing else touches y meanwhile.
+            unsafe { gemm_small_scatter(hs, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), yp.ptr(), idx) };
+        };
+        if rayon::current_num_threads() > 1 && batch >= 8 {
+            (0..leaves).into_par_iter().for_each(run);
+        } else {
+            (0..leaves).for_each(run);
+        }
+        if let Some(m) = &self.master {
+            let act = self.activation;
+            y.par_chunks_mut(no).zip(x.par_chunks(ni)).zip(h.par_chunks_mut(hw)).with_min_len(8).for_each(|((ys, xs), hs)| blend_master(m, act, xs, ys, hs));
+        }
+    }
+}
+
+/// `y = (1 − g)·y + g·master(x)` for one sample, `g = σ(gate·x + b)`; `h` has room for the
+/// master's hidden units.
+fn blend_master(m: &MasterWeights, act: Activation, x: &[f32], y: &mut [f32], h: &mut [f32]) {
+    let (ni, mw) = (x.len(), m.b1.len());
+    let g = sigmoid(dot(&m.gate_w, x) + m.gate_b);
+    for (k, hk) in h[..mw].iter_mut().enumerate() {
+        *hk = act.apply(dot(&m.w1[k * ni..(k + 1) * ni], x) + m.b1[k]);
+    }
+    for (j, yj) in y.iter_mut().enumerate() {
+        let mo = dot(&m.w2[j * mw..(j + 1) * mw], &h[..mw]) + m.b2[j];
+        *yj = (1.0 - g) * *yj + g * mo;
     }
 }
 

@@ -8,8 +8,9 @@
 //!   activation → axpy, threads over samples. A level-major variant that sorts samples by node
 //!   at every level (the "conditional matrix multiplication") is kept as
 //!   [`ufff::TreeStrategy::Grouped`]; on this machine it is slower (see `UfffKernel::forward`).
-//! * [`FffKernel`]: fast feedforward networks. Level-wise grouped descent, then samples sorted
-//!   by leaf and each leaf's MLP applied to its group with a register-blocked kernel.
+//! * [`FffKernel`]: fast feedforward networks. Each sample descends on its own, then samples
+//!   are counting-sorted by leaf (`grouped::dispatch`) and each leaf's MLP runs once over its
+//!   group, gathering rows of `x` and scattering rows of `y` inside the register-blocked kernel.
 //!
 //! Shapes: `x` is `batch × in_features`, `y` is `batch × out_features`, row-major.
 
@@ -110,6 +111,11 @@ unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
 impl<T> SyncPtr<T> {
+    /// The pointer (a method, so closures capture the whole `SyncPtr`, not its raw field).
+    pub(crate) fn ptr(&self) -> *mut T {
+        self.0
+    }
+
     /// The mutable slice `[offset, offset + len)`.
     ///
     /// # Safety
