@@ -104,7 +104,8 @@ fn ufff_case(depth: usize, x: &[f32], batch: usize, rng: &mut Rng) -> Case {
     let w_in = randn(rng, n * D, 1.0);
     let b_in = randn(rng, n, 0.1);
     let w_out = randn(rng, n * D, 0.05);
-    let make = |s| -> Box<dyn InferKernel> { Box::new(UfffKernel::new(w_in.clone(), b_in.clone(), w_out.clone(), D, D, levels, Activation::Gelu).with_strategy(s)) };
+    let make =
+        |s| -> Box<dyn InferKernel> { Box::new(UfffKernel::new(w_in.clone(), b_in.clone(), w_out.clone(), D, D, levels, Activation::Gelu).with_strategy(s)) };
     let mut visited = std::collections::HashSet::new();
     for xs in x.chunks(D).take(batch) {
         let mut node = 0;
@@ -126,7 +127,12 @@ fn main() {
     let arg = |name: &str, default: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default);
     let (batch, rounds) = (arg("--batch", 256), arg("--rounds", 15));
     let mut rng = Rng::new(7);
-    let x = randn(&mut rng, batch * D, 1.0);
+    let mut x = randn(&mut rng, batch * D, 1.0);
+    if args.iter().any(|a| a == "--same-path") {
+        // every sample equal: one path, all rows cached (the compute-only time)
+        let first = x[..D].to_vec();
+        x.chunks_mut(D).for_each(|r| r.copy_from_slice(&first));
+    }
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
     let mut cases = Vec::new();
     if "ufff".contains(&only) || only.contains("ufff") {

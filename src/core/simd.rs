@@ -60,6 +60,28 @@ pub fn axpy4(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
     }
 }
 
+/// `y (+)= Σᵢ coef[i] · w[rows[i]·n .. rows[i]·n + n]` with `n = y.len()` (added to `y` when
+/// `accumulate`, else overwriting it): a weighted sum of scattered rows of `w`, `y` written once (each column block of `y` stays in a register while
+/// all the rows pass, which also keeps one memory stream per row in flight).
+#[inline]
+pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], accumulate: bool) {
+    let n = y.len();
+    assert!(coef.len() == rows.len() && rows.iter().all(|&r| (r + 1) * n <= w.len()), "weighted_row_sum: shapes");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F; every row is in bounds (asserted).
+            return unsafe { x86::weighted_row_sum_avx512(coef, w, rows, y, accumulate) };
+        }
+    }
+    if !accumulate {
+        y.fill(0.0);
+    }
+    for (&c, &r) in coef.iter().zip(rows) {
+        axpy(c, &w[r * n..(r + 1) * n], y);
+    }
+}
+
 /// Four independent dot products `a[k]·b[k]` in one interleaved pass (all slices of one
 /// length): four memory streams in flight instead of one.
 #[inline]
@@ -443,6 +465,36 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_row_sum_avx512(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], accumulate: bool) {
+        let n = y.len();
+        let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
+        let mut c = 0;
+        // 64 columns at a time: four independent FMA chains
+        while c + 64 <= n {
+            let mut acc: [__m512; 4] = std::array::from_fn(|q| if accumulate { _mm512_loadu_ps(py.add(c + 16 * q)) } else { _mm512_setzero_ps() });
+            for (&a, &r) in coef.iter().zip(rows) {
+                let (va, p) = (_mm512_set1_ps(a), pw.add(r * n + c));
+                for q in 0..4 {
+                    acc[q] = _mm512_fmadd_ps(va, _mm512_loadu_ps(p.add(16 * q)), acc[q]);
+                }
+            }
+            for q in 0..4 {
+                _mm512_storeu_ps(py.add(c + 16 * q), acc[q]);
+            }
+            c += 64;
+        }
+        while c < n {
+            let m: __mmask16 = if c + 16 <= n { 0xFFFF } else { ((1u32 << (n - c)) - 1) as u16 };
+            let mut acc = if accumulate { _mm512_maskz_loadu_ps(m, py.add(c)) } else { _mm512_setzero_ps() };
+            for (&a, &r) in coef.iter().zip(rows) {
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_maskz_loadu_ps(m, pw.add(r * n + c)), acc);
+            }
+            _mm512_mask_storeu_ps(py.add(c), m, acc);
+            c += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn axpy4_avx512(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
         let n = y.len();
         let py = y.as_mut_ptr();
@@ -595,6 +647,20 @@ mod tests {
                             assert!((y1[i] - want).abs() < 1e-4 * (1.0 + want.abs()), "gemm_small one row n={n}");
                         }
                     }
+                }
+            }
+            if n > 0 {
+                // rows 2, 0, 2 of a 3 × n matrix, overwriting and accumulating
+                let w: Vec<f32> = (0..3 * n).map(|_| r.normal()).collect();
+                let (coef, rows) = ([0.5f32, -1.0, 2.0], [2usize, 0, 2]);
+                let mut y = b.clone();
+                weighted_row_sum(&coef, &w, &rows, &mut y, false);
+                let mut acc = b.clone();
+                weighted_row_sum(&coef, &w, &rows, &mut acc, true);
+                for i in 0..n {
+                    let want = 2.5 * w[2 * n + i] - w[i];
+                    assert!((y[i] - want).abs() < 1e-5 * (1.0 + want.abs()), "weighted_row_sum n={n}");
+                    assert!((acc[i] - b[i] - want).abs() < 1e-5 * (1.0 + want.abs()), "weighted_row_sum accumulate n={n}");
                 }
             }
             let mut y4 = b.clone();

@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::ufff::TreeStrategy;
 use super::grouped::dispatch;
+use super::ufff::TreeStrategy;
 use super::{check_io, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
@@ -185,7 +185,9 @@ impl FffKernel {
             self.activation.apply_inplace(hs);
             // SAFETY: `order` is a permutation of 0..batch, so the leaves write disjoint rows of
             // y (batch × out), and nothing else touches y meanwhile.
-            unsafe { gemm_small_scatter(hs, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), yp.ptr(), idx) };
+            unsafe {
+                gemm_small_scatter(hs, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), yp.ptr(), idx)
+            };
         };
         if rayon::current_num_threads() > 1 && batch >= 8 {
             (0..leaves).into_par_iter().for_each(run);

