@@ -83,7 +83,8 @@ pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], 
 }
 
 /// Four independent dot products `a[k]·b[k]` in one interleaved pass (all slices of one
-/// length): four memory streams in flight instead of one.
+/// length): four memory streams in flight instead of one. Each result is bit-identical to
+/// [`dot`]'s, so lockstep and one-at-a-time tree walks take the same branches.
 #[inline]
 pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
     let n = a[0].len();
@@ -289,7 +290,14 @@ mod x86 {
         } else if rows < 4 {
             panels::<1, 8>(rows, ar, k, pw, n, pb, yr);
         } else if n <= 32 {
-            panels::<8, 2>(rows, ar, k, pw, n, pb, yr);
+            // blocks of eight rows, then of four, then single rows with partial sums over k
+            let eights = rows / 8 * 8;
+            panels::<8, 2>(eights, ar, k, pw, n, pb, yr);
+            let fours = (rows - eights) / 4 * 4;
+            panels::<4, 2>(fours, |r| ar(eights + r), k, pw, n, pb, |r| yr(eights + r));
+            for r in eights + fours..rows {
+                narrow_row(ar(r), k, pw, n, pb, yr(r));
+            }
         } else {
             panels::<4, 4>(rows, ar, k, pw, n, pb, yr);
         }
@@ -446,22 +454,32 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot4_avx512(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+        // the accumulation order of `dot_avx512`, so each result is bit-identical to `dot`'s
+        // (tree walks must pick the same child whichever path computed the logit)
         let n = a[0].len();
-        let mut acc = [_mm512_setzero_ps(); 4];
+        let (pa, pb) = (a.map(|s| s.as_ptr()), b.map(|s| s.as_ptr()));
+        let (mut s0, mut s1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
         let mut i = 0;
-        while i + 16 <= n {
+        while i + 32 <= n {
             for k in 0..4 {
-                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a[k].as_ptr().add(i)), _mm512_loadu_ps(b[k].as_ptr().add(i)), acc[k]);
+                s0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(pa[k].add(i)), _mm512_loadu_ps(pb[k].add(i)), s0[k]);
+                s1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(pa[k].add(i + 16)), _mm512_loadu_ps(pb[k].add(i + 16)), s1[k]);
+            }
+            i += 32;
+        }
+        if i + 16 <= n {
+            for k in 0..4 {
+                s0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(pa[k].add(i)), _mm512_loadu_ps(pb[k].add(i)), s0[k]);
             }
             i += 16;
         }
         if i < n {
             let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
             for k in 0..4 {
-                acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[k].as_ptr().add(i)), _mm512_maskz_loadu_ps(m, b[k].as_ptr().add(i)), acc[k]);
+                s1[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa[k].add(i)), _mm512_maskz_loadu_ps(m, pb[k].add(i)), s1[k]);
             }
         }
-        acc.map(|v| _mm512_reduce_add_ps(v))
+        std::array::from_fn(|k| _mm512_reduce_add_ps(_mm512_add_ps(s0[k], s1[k])))
     }
 
     #[target_feature(enable = "avx512f")]
@@ -627,6 +645,8 @@ mod tests {
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "dot n={n}");
             assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
             let d4 = dot4([&a, &b, &a, &b], [&b, &a, &a, &b]);
+            assert_eq!(d4[0].to_bits(), dot(&a, &b).to_bits(), "dot4 and dot differ in rounding, n={n}");
+            assert_eq!(d4[3].to_bits(), dot(&b, &b).to_bits(), "dot4 and dot differ in rounding, n={n}");
             let (wa, wb): (f64, f64) = (a.iter().map(|x| (*x as f64).powi(2)).sum(), b.iter().map(|x| (*x as f64).powi(2)).sum());
             for (got, w) in d4.iter().zip([want, want, wa, wb]) {
                 assert!((*got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "dot4 n={n}");
