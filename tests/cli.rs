@@ -64,6 +64,9 @@ fn train_save_eval_predict_round_trip() {
     let want = loaded.predict(&split.test.x[..5 * 64], 5).unwrap();
     let got: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(got, want);
+    // layers without a bf16 kernel say so
+    let err = fails(&ffwd(&["eval", "--model", p(&model), "--bf16"]));
+    assert!(err.contains("bf16") && err.contains("fff"), "{err}");
 }
 
 #[test]
@@ -320,6 +323,16 @@ fn bench_a_saved_model() {
     assert_eq!(m["layer"], "ufff");
     assert_eq!(m["neurons_per_inference"], 6);
     assert!(m["latency_us_batch1"].as_f64().unwrap() > 0.0 && m["samples_per_s_batch1024"].as_f64().unwrap() > 0.0, "{m}");
+    // bf16 weights: the same model, its accuracy within a point of f32's
+    let out = ok(&ffwd(&["bench", "--model", p(&model), "--json", "--budget-ms", "20", "--bf16"]));
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["weights"], "bf16");
+    let acc = |out: &str| -> f64 { out.split("test accuracy ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap() };
+    let (f32_acc, bf16_acc) = (acc(&ok(&ffwd(&["eval", "--model", p(&model)]))), acc(&ok(&ffwd(&["eval", "--model", p(&model), "--bf16"]))));
+    assert!((f32_acc - bf16_acc).abs() <= 0.01, "f32 {f32_acc} vs bf16 {bf16_acc}");
+    let row = digits::split().unwrap().test.row(0).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+    let got: u32 = ok(&ffwd_stdin(&["predict", "--model", p(&model), "--bf16"], &row)).trim().parse().unwrap();
+    assert!(got < 10);
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! (including 1 and odd sizes): each equals a naive reference within 1e-4 relative, the
 //! batched tree kernels pick exactly the leaves of the per-sample walk, and bad calls are errors.
 
+use ffwd::core::bf16::Bf16;
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::ufff::TreeStrategy;
-use ffwd::kernels::{FffKernel, InferKernel, UfffKernel, Workspace};
+use ffwd::kernels::{FffKernel, InferKernel, Precision, UfffKernel, Workspace};
 use ffwd::layers::{Dense, DenseConfig, Fff, FffConfig, Layer, Ufff, UfffConfig};
 
 fn randn(n: usize, r: &mut Rng) -> Vec<f32> {
@@ -90,6 +91,57 @@ fn ufff_kernels_match_naive_and_each_other() {
         // both walks visit the same neurons (outputs agree to rounding of the dot products)
         close(&outs[1], &outs[0], &format!("ufff case {case}: grouped vs per sample"));
     }
+}
+
+#[test]
+fn ufff_bf16_kernels_match_the_rounded_reference() {
+    let mut r = Rng::new(12);
+    let mut ws = Workspace::new();
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&w| Bf16::from_f32(w).to_f32()).collect() };
+    for case in 0..24 {
+        // widths past 32 and 64 exercise the paired blocks and the in-order tails
+        let (ni, no, depth) = (1 + r.below(100), 1 + r.below(100), r.below(7));
+        let batch = [1, 3, 4, 9, 64, 101][case % 6];
+        let act = ACTS[case % 3];
+        let u = Ufff::new(UfffConfig { depth, activation: act, ..Default::default() }, ni, no, &mut r).unwrap();
+        let x = randn(batch * ni, &mut r);
+        let p = u.params();
+        let (w_in, b_in, w_out) = (round(&p[0].value), &p[1].value, round(&p[2].value));
+        let mut want = vec![0.0f32; batch * no];
+        for b in 0..batch {
+            let mut node = 0;
+            for _ in 0..=depth {
+                let z: f64 = (0..ni).map(|k| w_in[node * ni + k] as f64 * x[b * ni + k] as f64).sum::<f64>() + b_in[node] as f64;
+                let a = act.apply(z as f32);
+                for j in 0..no {
+                    want[b * no + j] += a * w_out[node * no + j];
+                }
+                node = 2 * node + 1 + usize::from(z > 0.0);
+            }
+        }
+        let mut outs = Vec::new();
+        for s in [TreeStrategy::PerSample, TreeStrategy::Grouped] {
+            let k =
+                UfffKernel::new(p[0].value.clone(), b_in.clone(), p[2].value.clone(), ni, no, depth + 1, act).with_strategy(s).with_precision(Precision::Bf16);
+            let mut y = vec![f32::NAN; batch * no];
+            k.forward(&x, batch, &mut y, &mut ws).unwrap();
+            close(&y, &want, &format!("ufff bf16 case {case} {s:?}"));
+            outs.push(y);
+        }
+        close(&outs[1], &outs[0], &format!("ufff bf16 case {case}: grouped vs per sample"));
+        // through the layer, and back to f32: the rounded weights, in order
+        let mut y = vec![f32::NAN; batch * no];
+        u.kernel_with(Precision::Bf16).unwrap().forward(&x, batch, &mut y, &mut ws).unwrap();
+        close(&y, &want, &format!("ufff bf16 case {case} via the layer"));
+        let back = UfffKernel::new(p[0].value.clone(), b_in.clone(), p[2].value.clone(), ni, no, depth + 1, act)
+            .with_precision(Precision::Bf16)
+            .with_precision(Precision::F32);
+        back.forward(&x, batch, &mut y, &mut ws).unwrap();
+        close(&y, &want, &format!("ufff bf16 case {case} widened back"));
+    }
+    let dense = Dense::new(DenseConfig { width: 8, layers: 2, activation: Activation::Relu }, 4, 3, &mut r).unwrap();
+    let err = dense.kernel_with(Precision::Bf16).err().expect("dense has no bf16 kernel").to_string();
+    assert!(err.contains("bf16") && err.contains("dense"), "{err}");
 }
 
 #[test]

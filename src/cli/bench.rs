@@ -10,7 +10,7 @@ use serde_json::json;
 use ffwd::checkpoint::load_classifier;
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::pkm::PkmScoring;
-use ffwd::kernels::{InferKernel, Workspace};
+use ffwd::kernels::{InferKernel, Precision, Workspace};
 use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 
 /// Options of `ffwd bench`.
@@ -28,12 +28,15 @@ pub struct BenchArgs {
     /// Measure a trained checkpoint end to end instead of the suite.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Run only the suite rows of these layers (comma-separated: ufff,fff,smoe,moe,pkm).
+    /// Run only the suite rows of these layers (comma-separated: ufff,ufff-bf16,fff,smoe,moe,pkm).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
+    /// With --model: store the layer's weights in bfloat16 (ufff layers).
+    #[arg(long, requires = "model")]
+    bf16: bool,
 }
 
 /// Median and 90th percentile of a call's duration in µs.
@@ -51,11 +54,17 @@ fn time_it(budget_ms: u64, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn kernel(cfg: LayerConfig, ni: usize, no: usize, seed: u64) -> anyhow::Result<Box<dyn InferKernel>> {
-    Ok(cfg.build(ni, no, &mut Rng::new(seed))?.kernel())
+    kernel_in(cfg, ni, no, seed, Precision::F32)
+}
+
+fn kernel_in(cfg: LayerConfig, ni: usize, no: usize, seed: u64, precision: Precision) -> anyhow::Result<Box<dyn InferKernel>> {
+    Ok(cfg.build(ni, no, &mut Rng::new(seed))?.kernel_with(precision)?)
 }
 
 struct Case {
     name: String,
+    /// Weight storage of the conditional layer (the dense baseline is always f32).
+    weights: &'static str,
     /// Input and output width.
     d: usize,
     shape: String,
@@ -68,12 +77,25 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
     let (d, batches) = (768, if quick { vec![1, 256] } else { vec![1, 16, 256, 4096] });
     let mut cases = Vec::new();
     // UltraFastBERT: depth 11 → 4095 GELU neurons, 12 per token; dense twin 768-4095-768 GELU.
+    let ufff = LayerConfig::Ufff(UfffConfig { depth: 11, activation: Activation::Gelu, ..Default::default() });
+    let ufff_dense = || kernel(LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu }), d, d, 2);
     cases.push(Case {
         name: "ufff".into(),
+        weights: "f32",
         d,
         shape: "768-[4095 tree, depth 11]-768".into(),
-        tree: kernel(LayerConfig::Ufff(UfffConfig { depth: 11, activation: Activation::Gelu, ..Default::default() }), d, d, 1)?,
-        dense: kernel(LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu }), d, d, 2)?,
+        tree: kernel(ufff.clone(), d, d, 1)?,
+        dense: ufff_dense()?,
+        batches: batches.clone(),
+    });
+    // the same tree with bf16 weight rows (half the bytes per sample) against the f32 dense
+    cases.push(Case {
+        name: "ufff-bf16".into(),
+        weights: "bf16",
+        d,
+        shape: "768-[4095 tree, depth 11]-768, bf16 weights".into(),
+        tree: kernel_in(ufff, d, d, 1, Precision::Bf16)?,
+        dense: ufff_dense()?,
         batches: batches.clone(),
     });
     // FFF paper shape: leaf 32, depth 1..11; dense twin of width 2^d · 32 (ReLU both).
@@ -82,6 +104,7 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         let width = 32usize << depth;
         cases.push(Case {
             name: "fff".into(),
+            weights: "f32",
             d,
             shape: format!("768-[{} leaves x 32, depth {depth}]-768", 1 << depth),
             tree: kernel(LayerConfig::Fff(FffConfig { depth, leaf: 32, ..Default::default() }), d, d, 3)?,
@@ -98,6 +121,7 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
     let smoe = SmoeConfig { experts: 32, expert_width: 128, k: 4, ..Default::default() };
     cases.push(Case {
         name: "smoe".into(),
+        weights: "f32",
         d: dm,
         shape: "512-[32 experts x 128, K=4]-512".into(),
         tree: kernel(LayerConfig::Smoe(smoe), dm, dm, 6)?,
@@ -108,6 +132,7 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         let moe = MoeConfig { experts: 32, expert_width: 128, k: 4, ..Default::default() };
         cases.push(Case {
             name: "moe".into(),
+            weights: "f32",
             d: dm,
             shape: "512-[32 experts x 128, top-4 softmax]-512".into(),
             tree: kernel(LayerConfig::Moe(moe), dm, dm, 7)?,
@@ -117,6 +142,7 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         let pkm = PkmConfig { n_keys: 64, heads: 4, k: 32, key_dim: 128, scoring: PkmScoring::Relu };
         cases.push(Case {
             name: "pkm".into(),
+            weights: "f32",
             d: dm,
             shape: "512-[64^2 values, 4 heads x 32]-512".into(),
             tree: kernel(LayerConfig::Pkm(pkm), dm, dm, 8)?,
@@ -164,7 +190,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             if a.json {
                 println!(
                     "{}",
-                    json!({"layer": case.name, "shape": case.shape, "batch": batch, "threads": threads, "median_us": med, "p90_us": p90,
+                    json!({"layer": case.name, "weights": case.weights, "shape": case.shape, "batch": batch, "threads": threads, "median_us": med, "p90_us": p90,
                            "dense_median_us": dense_med, "dense_p90_us": dense_p90, "speedup_vs_dense": speedup, "flop_ratio": flop_ratio})
                 );
             } else {
@@ -195,7 +221,7 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
         return Ok(());
     }
     let model = load_classifier(path)?;
-    let k = model.layer().kernel();
+    let k = model.layer().kernel_with(if a.bf16 { Precision::Bf16 } else { Precision::F32 })?;
     let (ni, no) = (k.in_features(), k.out_features());
     let mut rng = Rng::new(3);
     let mut ws = Workspace::new();
@@ -212,7 +238,7 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
     if a.json {
         println!(
             "{}",
-            json!({"model": path.display().to_string(), "layer": k.kind(), "threads": threads, "latency_us_batch1": lat, "latency_p90_us_batch1": lat90,
+            json!({"model": path.display().to_string(), "layer": k.kind(), "weights": if a.bf16 { "bf16" } else { "f32" }, "threads": threads, "latency_us_batch1": lat, "latency_p90_us_batch1": lat90,
                    "samples_per_s_batch1024": sps, "neurons_per_inference": k.neurons_per_inference()})
         );
     } else {

@@ -7,6 +7,7 @@ use clap::Args;
 use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
 use ffwd::data::csv::LabelColumn;
 use ffwd::data::DataSpec;
+use ffwd::kernels::Precision;
 use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd eval`.
@@ -27,6 +28,10 @@ pub struct EvalArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Run inference with the layer's weights rounded to bfloat16 (ufff layers): half the
+    /// memory traffic, each weight kept to 8 significant bits.
+    #[arg(long)]
+    bf16: bool,
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
@@ -46,7 +51,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let model = load_classifier(&a.model)?;
+    let mut model = load_classifier(&a.model)?;
+    if a.bf16 {
+        model.set_precision(Precision::Bf16)?;
+    }
     let t0 = std::time::Instant::now();
     let test = model.accuracy(&split.test)?;
     let secs = t0.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@ use clap::Args;
 
 use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
 use ffwd::data::csv::split_fields;
+use ffwd::kernels::Precision;
 use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd predict`.
@@ -20,12 +21,20 @@ pub struct PredictArgs {
     /// reads stdin when absent.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
+    /// Run inference with the layer's weights rounded to bfloat16 (ufff layers).
+    #[arg(long)]
+    bf16: bool,
 }
 
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     // a Forward-Forward checkpoint predicts with its softmax head (one neutral-label pass)
     let mut ff = if format_of(&a.model)? == FF_FORMAT { Some(FfNet::load(&a.model)?) } else { None };
-    let model = if ff.is_none() { Some(load_classifier(&a.model)?) } else { None };
+    let mut model = if ff.is_none() { Some(load_classifier(&a.model)?) } else { None };
+    match (&mut model, a.bf16) {
+        (Some(m), true) => m.set_precision(Precision::Bf16)?,
+        (None, true) => bail!("--bf16: Forward-Forward checkpoints run in f32 only"),
+        _ => {}
+    }
     let (text, name) = match &a.input {
         Some(p) => (std::fs::read_to_string(p).with_context(|| p.display().to_string())?, p.display().to_string()),
         None => {

@@ -1,7 +1,9 @@
-//! The compute core: tensors and parameters, GEMM, element-wise kernels, the loss, and the RNG.
+//! The compute core: tensors and parameters, GEMM, element-wise kernels, bf16 weight kernels,
+//! the loss, and the RNG.
 //! Everything here works on row-major `f32` slices and never allocates on its own.
 
 pub mod activation;
+pub mod bf16;
 pub mod gemm;
 pub mod loss;
 pub mod param;

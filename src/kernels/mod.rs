@@ -29,6 +29,18 @@ pub use ufff::UfffKernel;
 
 use crate::error::{check_matrix, Result};
 
+/// How an inference kernel stores its weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// As trained.
+    #[default]
+    F32,
+    /// bfloat16 weight rows (biases stay f32), widened on load, f32 arithmetic: half the
+    /// bytes for memory-bound kernels (tree layers at batch), each weight rounded to 8
+    /// significant bits.
+    Bf16,
+}
+
 /// A ready-to-run inference path of one layer.
 pub trait InferKernel: Send + Sync {
     /// Kind name of the layer (`dense`, `fff`, `ufff`).

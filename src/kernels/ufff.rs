@@ -1,8 +1,11 @@
-//! UltraFastBERT tree inference (see `layers::ufff` for the definition).
+//! UltraFastBERT tree inference (see `layers::ufff` for the definition). The weight rows are
+//! kept in f32, or in bf16 ([`Precision::Bf16`]) to halve the bytes each sample streams: at
+//! batch sizes where every sample walks its own rows the walk is bound by memory, not FLOPs.
 
 use rayon::prelude::*;
 
-use super::{check_io, counting_sort, InferKernel, SyncPtr, Workspace};
+use super::{check_io, counting_sort, InferKernel, Precision, SyncPtr, Workspace};
+use crate::core::bf16::{dot4_bf16, dot_bf16, paired_index, to_bf16_paired, weighted_row_sum_bf16, Bf16};
 use crate::core::gemm::{axpy, dot};
 use crate::core::simd::{dot4, weighted_row_sum};
 use crate::core::Activation;
@@ -22,28 +25,94 @@ pub enum TreeStrategy {
 /// Most levels a kernel walks (the layer allows depth ≤ 24).
 const MAX_LEVELS: usize = 32;
 
+/// A row-major matrix of weight rows in some storage, read by the tree walks.
+trait Rows: Sync {
+    /// `row · x`.
+    fn dot(&self, row: usize, x: &[f32]) -> f32;
+    /// Four `rows[k] · xs[k]`, each bit-identical to [`Rows::dot`].
+    fn dot4(&self, rows: [usize; 4], xs: [&[f32]; 4]) -> [f32; 4];
+    /// `y = Σ coef[l] · row(path[l])`.
+    fn sum(&self, coef: &[f32], path: &[usize], y: &mut [f32]);
+    /// `y += a · row`.
+    fn axpy(&self, row: usize, a: f32, y: &mut [f32]);
+}
+
+/// `data` viewed as rows of `cols` values.
+struct Mat<T> {
+    data: Vec<T>,
+    cols: usize,
+}
+
+impl Rows for Mat<f32> {
+    fn dot(&self, row: usize, x: &[f32]) -> f32 {
+        dot(&self.data[row * self.cols..(row + 1) * self.cols], x)
+    }
+    fn dot4(&self, rows: [usize; 4], xs: [&[f32]; 4]) -> [f32; 4] {
+        dot4(rows.map(|r| &self.data[r * self.cols..(r + 1) * self.cols]), xs)
+    }
+    fn sum(&self, coef: &[f32], path: &[usize], y: &mut [f32]) {
+        weighted_row_sum(coef, &self.data, path, y, false);
+    }
+    fn axpy(&self, row: usize, a: f32, y: &mut [f32]) {
+        axpy(a, &self.data[row * self.cols..(row + 1) * self.cols], y);
+    }
+}
+
+impl Mat<Bf16> {
+    /// Back to f32 in natural column order.
+    fn widen(&self) -> Mat<f32> {
+        let n = self.cols;
+        let data = (0..self.data.len()).map(|i| self.data[i / n * n + paired_index(i % n, n)].to_f32()).collect();
+        Mat { data, cols: n }
+    }
+}
+
+impl Rows for Mat<Bf16> {
+    fn dot(&self, row: usize, x: &[f32]) -> f32 {
+        dot_bf16(&self.data[row * self.cols..(row + 1) * self.cols], x)
+    }
+    fn dot4(&self, rows: [usize; 4], xs: [&[f32]; 4]) -> [f32; 4] {
+        dot4_bf16(rows.map(|r| &self.data[r * self.cols..(r + 1) * self.cols]), xs)
+    }
+    fn sum(&self, coef: &[f32], path: &[usize], y: &mut [f32]) {
+        weighted_row_sum_bf16(coef, &self.data, path, y, false);
+    }
+    fn axpy(&self, row: usize, a: f32, y: &mut [f32]) {
+        let w = &self.data[row * self.cols..(row + 1) * self.cols];
+        for (c, v) in y.iter_mut().enumerate() {
+            *v += a * w[paired_index(c, self.cols)].to_f32();
+        }
+    }
+}
+
+/// The two weight matrices in one storage.
+enum Weights {
+    F32 { w_in: Mat<f32>, w_out: Mat<f32> },
+    Bf16 { w_in: Mat<Bf16>, w_out: Mat<Bf16> },
+}
+
 /// Inference copy of a [`crate::layers::Ufff`].
 pub struct UfffKernel {
     in_features: usize,
     out_features: usize,
     levels: usize,
     activation: Activation,
-    w_in: Vec<f32>,
+    weights: Weights,
     b_in: Vec<f32>,
-    w_out: Vec<f32>,
     strategy: TreeStrategy,
 }
 
 impl UfffKernel {
     /// From the layer's parameters: `w_in` (neurons × in), `b_in` (neurons), `w_out`
-    /// (neurons × out), with `levels` = depth + 1.
+    /// (neurons × out), with `levels` = depth + 1; f32 weights.
     ///
     /// # Panics
     /// If `levels` exceeds 32 (the layer allows at most 25).
     pub fn new(w_in: Vec<f32>, b_in: Vec<f32>, w_out: Vec<f32>, in_features: usize, out_features: usize, levels: usize, activation: Activation) -> Self {
         assert!((1..=MAX_LEVELS).contains(&levels), "ufff kernel: {levels} levels, at most {MAX_LEVELS}");
         debug_assert_eq!(b_in.len(), (1 << levels) - 1);
-        UfffKernel { in_features, out_features, levels, activation, w_in, b_in, w_out, strategy: TreeStrategy::Auto }
+        let weights = Weights::F32 { w_in: Mat { data: w_in, cols: in_features }, w_out: Mat { data: w_out, cols: out_features } };
+        UfffKernel { in_features, out_features, levels, activation, weights, b_in, strategy: TreeStrategy::Auto }
     }
 
     /// Forces a strategy (for tests and benchmarks).
@@ -52,32 +121,47 @@ impl UfffKernel {
         self
     }
 
+    /// The same kernel with its weight rows stored in `precision` (biases stay f32). bf16
+    /// rounds every weight to 8 significant bits; a logit near zero may then send a sample
+    /// down the other branch than the f32 kernel would.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.weights = match (self.weights, precision) {
+            (Weights::F32 { w_in, w_out }, Precision::Bf16) => Weights::Bf16 {
+                w_in: Mat { data: to_bf16_paired(&w_in.data, w_in.cols), cols: w_in.cols },
+                w_out: Mat { data: to_bf16_paired(&w_out.data, w_out.cols), cols: w_out.cols },
+            },
+            (Weights::Bf16 { w_in, w_out }, Precision::F32) => Weights::F32 { w_in: w_in.widen(), w_out: w_out.widen() },
+            (w, _) => w,
+        };
+        self
+    }
+
     /// One sample down its path: the path's dot products first (x stays in L1), then
     /// `y = Σ act(z) · w_out[node]` over the path in one pass, so `y` is written once instead
     /// of read and written at every level (measured: 1.4x faster at batch 256 than fused
     /// dot → axpy per level, `cargo bench --bench tree_kernels`).
     #[inline]
-    fn walk(&self, x: &[f32], y: &mut [f32]) {
-        let (ni, levels) = (self.in_features, self.levels);
+    fn walk<R: Rows>(&self, w_in: &R, w_out: &R, x: &[f32], y: &mut [f32]) {
+        let levels = self.levels;
         let (mut path, mut coef) = ([0usize; MAX_LEVELS], [0.0f32; MAX_LEVELS]);
         let mut node = 0;
         for l in 0..levels {
-            let z = dot(&self.w_in[node * ni..(node + 1) * ni], x) + self.b_in[node];
+            let z = w_in.dot(node, x) + self.b_in[node];
             (path[l], coef[l]) = (node, self.activation.apply(z));
             node = 2 * node + 1 + usize::from(z > 0.0);
         }
-        weighted_row_sum(&coef[..levels], &self.w_out, &path[..levels], y, false);
+        w_out.sum(&coef[..levels], &path[..levels], y);
     }
 
-    /// Four samples down their paths: the dot products in lockstep (at each level their four
-    /// row reads are independent, so the memory system works on four streams instead of
+    /// Four samples down their paths: the dot products in lockstep (at each level their
+    /// four row reads are independent, so the memory system works on four streams instead of
     /// waiting on one), then each sample's output in one pass over its path.
-    fn walk4(&self, xs: [&[f32]; 4], ys: [&mut [f32]; 4]) {
-        let (ni, levels) = (self.in_features, self.levels);
+    fn walk4<R: Rows>(&self, w_in: &R, w_out: &R, xs: [&[f32]; 4], ys: [&mut [f32]; 4]) {
+        let levels = self.levels;
         let (mut path, mut coef) = ([[0usize; MAX_LEVELS]; 4], [[0.0f32; MAX_LEVELS]; 4]);
         let mut node = [0usize; 4];
         for l in 0..levels {
-            let z = dot4(node.map(|n| &self.w_in[n * ni..(n + 1) * ni]), xs);
+            let z = w_in.dot4(node, xs);
             for k in 0..4 {
                 let zk = z[k] + self.b_in[node[k]];
                 (path[k][l], coef[k][l]) = (node[k], self.activation.apply(zk));
@@ -85,28 +169,28 @@ impl UfffKernel {
             }
         }
         for (k, y) in ys.into_iter().enumerate() {
-            weighted_row_sum(&coef[k][..levels], &self.w_out, &path[k][..levels], y, false);
+            w_out.sum(&coef[k][..levels], &path[k][..levels], y);
         }
     }
 
-    fn per_sample(&self, x: &[f32], y: &mut [f32]) {
+    fn per_sample<R: Rows>(&self, w_in: &R, w_out: &R, x: &[f32], y: &mut [f32]) {
         let (ni, no) = (self.in_features, self.out_features);
         if y.len() == no {
-            self.walk(x, y);
+            self.walk(w_in, w_out, x, y);
             return;
         }
         x.par_chunks(4 * ni).zip(y.par_chunks_mut(4 * no)).for_each(|(xq, yq)| {
             if yq.len() == 4 * no {
-                self.walk4(rows4(xq, ni), rows4_mut(yq, no));
+                self.walk4(w_in, w_out, rows4(xq, ni), rows4_mut(yq, no));
             } else {
                 for (xi, yi) in xq.chunks(ni).zip(yq.chunks_mut(no)) {
-                    self.walk(xi, yi);
+                    self.walk(w_in, w_out, xi, yi);
                 }
             }
         });
     }
 
-    fn grouped(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
+    fn grouped<R: Rows>(&self, w_in: &R, w_out: &R, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
         let (ni, no) = (self.in_features, self.out_features);
         let max_width = 1usize << (self.levels - 1);
         let (_, [nodes, order, counts, _]) = ws.take([0; 4], [batch, batch, max_width + 1, 0]);
@@ -125,11 +209,24 @@ impl UfffKernel {
                     // samples: disjoint rows of y and entries of nodes.
                     let (ys, node) = unsafe { (yp.slice(s * no, no), &mut np.slice(s, 1)[0]) };
                     let n = *node as usize;
-                    let z = dot(&self.w_in[n * ni..(n + 1) * ni], &x[s * ni..(s + 1) * ni]) + self.b_in[n];
-                    axpy(self.activation.apply(z), &self.w_out[n * no..(n + 1) * no], ys);
+                    let z = w_in.dot(n, &x[s * ni..(s + 1) * ni]) + self.b_in[n];
+                    w_out.axpy(n, self.activation.apply(z), ys);
                     *node = (2 * n + 1 + usize::from(z > 0.0)) as u32;
                 }
             });
+        }
+    }
+
+    fn run<R: Rows>(&self, w_in: &R, w_out: &R, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
+        match self.strategy {
+            TreeStrategy::PerSample => self.per_sample(w_in, w_out, x, y),
+            TreeStrategy::Grouped => self.grouped(w_in, w_out, x, batch, y, ws),
+            // Measured here (768-wide rows, 2 MB L2 per core): walking each sample down its whole
+            // path keeps its x row in L1 and writes its y row once, and is ~1.9x faster at batch
+            // 256 than the level-major grouped walk, which re-reads x and y at every level
+            // (`cargo bench --bench tree_kernels`); the rows of the top levels, shared by all
+            // samples, stay cache-resident either way.
+            TreeStrategy::Auto => self.per_sample(w_in, w_out, x, y),
         }
     }
 }
@@ -162,15 +259,9 @@ impl InferKernel for UfffKernel {
 
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()> {
         check_io(self, x, batch, y)?;
-        match self.strategy {
-            TreeStrategy::PerSample => self.per_sample(x, y),
-            TreeStrategy::Grouped => self.grouped(x, batch, y, ws),
-            // Measured here (768-wide rows, 2 MB L2 per core): walking each sample down its whole
-            // path keeps its x row in L1 and writes its y row once, and is ~1.9x faster at batch
-            // 256 than the level-major grouped walk, which re-reads x and y at every level
-            // (`cargo bench --bench tree_kernels`); the rows of the top levels, shared by all
-            // samples, stay cache-resident either way.
-            TreeStrategy::Auto => self.per_sample(x, y),
+        match &self.weights {
+            Weights::F32 { w_in, w_out } => self.run(w_in, w_out, x, batch, y, ws),
+            Weights::Bf16 { w_in, w_out } => self.run(w_in, w_out, x, batch, y, ws),
         }
         Ok(())
     }

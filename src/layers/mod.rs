@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{Param, Rng};
 use crate::error::{Error, Result};
-use crate::kernels::{InferKernel, Workspace};
+use crate::kernels::{InferKernel, Precision, Workspace};
 
 pub use dense::{Dense, DenseConfig};
 pub use fff::{Fff, FffConfig};
@@ -55,6 +55,14 @@ pub trait Layer: Send + Sync {
     /// The inference kernel of this layer (a copy of the weights in the layout it reads
     /// fastest); build once, call many times with a reused [`Workspace`].
     fn kernel(&self) -> Box<dyn InferKernel>;
+    /// [`Layer::kernel`] with its weights stored in `precision`. Layers without a bf16 kernel
+    /// (all but `ufff` so far) return an error for [`Precision::Bf16`].
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision {
+            Precision::F32 => Ok(self.kernel()),
+            Precision::Bf16 => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kind()))),
+        }
+    }
     /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
     /// Convenience: builds the kernel and a workspace on every call.
     fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {

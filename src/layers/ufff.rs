@@ -27,7 +27,7 @@ use crate::core::gemm::{axpy, dot};
 use crate::core::simd::weighted_row_sum;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
-use crate::kernels::{InferKernel, UfffKernel};
+use crate::kernels::{InferKernel, Precision, UfffKernel};
 
 /// Configuration of [`Ufff`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,6 +120,11 @@ impl Ufff {
         }
         let lv = self.levels();
         weighted_row_sum(&coef[..lv], &self.out_weight.value, &nodes[..lv], y, false);
+    }
+
+    fn tree_kernel(&self) -> UfffKernel {
+        let (w_in, b_in, w_out) = (self.in_weight.value.clone(), self.in_bias.value.clone(), self.out_weight.value.clone());
+        UfffKernel::new(w_in, b_in, w_out, self.in_features, self.out_features, self.levels(), self.cfg.activation)
     }
 
     /// Neurons visited by the last training batch (first-visit order).
@@ -256,15 +261,11 @@ impl Layer for Ufff {
     }
 
     fn kernel(&self) -> Box<dyn InferKernel> {
-        Box::new(UfffKernel::new(
-            self.in_weight.value.clone(),
-            self.in_bias.value.clone(),
-            self.out_weight.value.clone(),
-            self.in_features,
-            self.out_features,
-            self.levels(),
-            self.cfg.activation,
-        ))
+        Box::new(self.tree_kernel())
+    }
+
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        Ok(Box::new(self.tree_kernel().with_precision(precision)))
     }
 
     fn params(&self) -> Vec<&Param> {

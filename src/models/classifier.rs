@@ -7,7 +7,7 @@ use crate::core::loss::{argmax_rows, softmax_cross_entropy};
 use crate::core::{Param, Rng};
 use crate::data::Dataset;
 use crate::error::{check_dim, check_matrix, Error, Result};
-use crate::kernels::Workspace;
+use crate::kernels::{InferKernel, Precision, Workspace};
 use crate::layers::{param_count, Layer, LayerConfig};
 
 /// Everything needed to rebuild a classifier (stored in checkpoint metadata).
@@ -37,6 +37,8 @@ pub struct StepStats {
 pub struct Classifier {
     cfg: ModelConfig,
     layer: Box<dyn Layer>,
+    /// Weight storage of the inference kernel ([`Classifier::logits`], `predict`, `accuracy`).
+    precision: Precision,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
 }
@@ -49,7 +51,7 @@ impl Classifier {
     pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed).fork(0x1a7e);
         let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
-        Ok(Classifier { cfg, layer, logits: Vec::new(), dlogits: Vec::new() })
+        Ok(Classifier { cfg, layer, precision: Precision::F32, logits: Vec::new(), dlogits: Vec::new() })
     }
 
     /// The configuration.
@@ -101,11 +103,24 @@ impl Classifier {
         Ok(StepStats { loss, aux: self.layer.aux_loss(), correct })
     }
 
+    /// Runs inference with the layer's weights stored in `precision` (an error if the layer
+    /// has no kernel in that precision).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.layer.kernel_with(precision)?;
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The inference kernel in the chosen precision.
+    pub fn kernel(&self) -> Result<Box<dyn InferKernel>> {
+        self.layer.kernel_with(self.precision)
+    }
+
     /// Inference logits: `x` (`batch × in_features`) → `batch × n_classes`.
     pub fn logits(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
         let mut y = vec![0.0; batch * self.cfg.n_classes];
-        self.layer.kernel().forward(x, batch, &mut y, &mut Workspace::new())?;
+        self.kernel()?.forward(x, batch, &mut y, &mut Workspace::new())?;
         Ok(y)
     }
 
@@ -124,7 +139,7 @@ impl Classifier {
             return Err(Error::Invalid("cannot evaluate on an empty data set".into()));
         }
         const CHUNK: usize = 1024;
-        let (kernel, mut ws, c) = (self.layer.kernel(), Workspace::new(), self.cfg.n_classes);
+        let (kernel, mut ws, c) = (self.kernel()?, Workspace::new(), self.cfg.n_classes);
         let mut y = vec![0.0; CHUNK * c];
         let mut pred = vec![0u32; CHUNK];
         let mut correct = 0usize;
