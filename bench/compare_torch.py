@@ -69,7 +69,7 @@ def main():
         d = 512 if layer in ("smoe", "moe", "pkm") else 768
         torch_us = fastff_us = loop_us = None
         if torch is not None:
-            if layer == "ufff":
+            if layer.startswith("ufff"):  # ufff and ufff-bf16: the same f32 dense twin
                 width, act = 4095, torch.nn.GELU()
             elif layer in ("smoe", "moe", "pkm"):
                 width, act = 4096, torch.nn.ReLU()

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::grouped::dispatch;
 use super::ufff::TreeStrategy;
-use super::{check_io, InferKernel, SyncPtr, Workspace};
+use super::{check_io, rows4, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
 use crate::core::simd::{dot4, gemm_small, gemm_small_gather, gemm_small_scatter};
@@ -144,7 +144,7 @@ impl FffKernel {
         let (ni, inner) = (self.in_features, self.nodes());
         nodes.par_chunks_mut(4).zip(x.par_chunks(4 * ni)).with_min_len(2).for_each(|(nq, xq)| {
             if nq.len() == 4 {
-                let xs: [&[f32]; 4] = std::array::from_fn(|k| &xq[k * ni..(k + 1) * ni]);
+                let xs = rows4(xq, ni);
                 let mut n = [0usize; 4];
                 // every leaf is at the same depth, so the four walks end together
                 while n[0] < inner {

@@ -4,10 +4,12 @@
 //!
 //! * [`DenseKernel`]: the baseline. Batch 1 is a threaded SIMD GEMV; larger batches use the
 //!   best GEMM we have (`core::gemm`).
-//! * [`UfffKernel`]: UltraFastBERT trees. Each sample walks its path with fused dot →
-//!   activation → axpy, threads over samples. A level-major variant that sorts samples by node
-//!   at every level (the "conditional matrix multiplication") is kept as
-//!   [`ufff::TreeStrategy::Grouped`]; on this machine it is slower (see `UfffKernel::forward`).
+//! * [`UfffKernel`]: UltraFastBERT trees. Each sample walks its path (four in lockstep): the
+//!   path's dot products first, then its output as one weighted sum of the path's output rows;
+//!   threads over samples; weight rows in f32 or bf16 ([`Precision`]). A level-major variant
+//!   that sorts samples by node at every level (the "conditional matrix multiplication") is
+//!   kept as [`ufff::TreeStrategy::Grouped`]; on this machine it is slower (see
+//!   `UfffKernel::forward`).
 //! * [`FffKernel`]: fast feedforward networks. Each sample descends on its own, then samples
 //!   are counting-sorted by leaf (`grouped::dispatch`) and each leaf's MLP runs once over its
 //!   group, gathering rows of `x` and scattering rows of `y` inside the register-blocked kernel.
@@ -138,41 +140,15 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Sorts `items` (indices into `keys`) by key with a counting sort into `out`; `counts` must
-/// have `n_keys + 1` entries. Stable, O(items + n_keys). Returns nothing; group `g` occupies
-/// `out[counts[g]..counts[g + 1]]` afterwards.
-pub(crate) fn counting_sort(keys: &[u32], key_base: u32, n_keys: usize, counts: &mut [u32], out: &mut [u32]) {
-    let counts = &mut counts[..n_keys + 1];
-    counts.fill(0);
-    for &k in keys {
-        counts[(k - key_base) as usize + 1] += 1;
-    }
-    for g in 0..n_keys {
-        counts[g + 1] += counts[g];
-    }
-    // place, using counts[g] as the cursor, then shift back
-    for (s, &k) in keys.iter().enumerate() {
-        let g = (k - key_base) as usize;
-        out[counts[g] as usize] = s as u32;
-        counts[g] += 1;
-    }
-    for g in (1..=n_keys).rev() {
-        counts[g] = counts[g - 1];
-    }
-    counts[0] = 0;
+/// The four rows of a `4 × n` block.
+pub(crate) fn rows4(x: &[f32], n: usize) -> [&[f32]; 4] {
+    std::array::from_fn(|k| &x[k * n..(k + 1) * n])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counting_sort_groups_stably() {
-        let keys = [5u32, 3, 5, 4, 3, 3];
-        let mut counts = [0u32; 4];
-        let mut out = [0u32; 6];
-        counting_sort(&keys, 3, 3, &mut counts, &mut out);
-        assert_eq!(out, [1, 4, 5, 3, 0, 2]);
-        assert_eq!(counts, [0, 3, 4, 6]);
-    }
+/// The four rows of a `4 × n` block, mutable.
+pub(crate) fn rows4_mut(y: &mut [f32], n: usize) -> [&mut [f32]; 4] {
+    let (a, rest) = y.split_at_mut(n);
+    let (b, rest) = rest.split_at_mut(n);
+    let (c, d) = rest.split_at_mut(n);
+    [a, b, c, &mut d[..n]]
 }

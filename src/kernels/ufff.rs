@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use super::{check_io, counting_sort, InferKernel, Precision, SyncPtr, Workspace};
+use super::grouped::dispatch;
+use super::{check_io, rows4, rows4_mut, InferKernel, Precision, SyncPtr, Workspace};
 use crate::core::bf16::{dot4_bf16, dot_bf16, paired_index, to_bf16_paired, weighted_row_sum_bf16, Bf16};
 use crate::core::gemm::{axpy, dot};
 use crate::core::simd::{dot4, weighted_row_sum};
@@ -193,25 +194,26 @@ impl UfffKernel {
     fn grouped<R: Rows>(&self, w_in: &R, w_out: &R, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) {
         let (ni, no) = (self.in_features, self.out_features);
         let max_width = 1usize << (self.levels - 1);
-        let (_, [nodes, order, counts, _]) = ws.take([0; 4], [batch, batch, max_width + 1, 0]);
+        // nodes[s]: sample s's node as an index within its level (heap index − 2^level + 1)
+        let (_, [nodes, order, pos, offsets]) = ws.take([], [batch, batch, batch, max_width + 1]);
         nodes.fill(0);
         y.fill(0.0);
         let (yp, np) = (SyncPtr(y.as_mut_ptr()), SyncPtr(nodes.as_mut_ptr()));
         // about four runs of the order per thread keeps threads busy without splitting groups much
         let chunk = batch.div_ceil(4 * rayon::current_num_threads()).max(8);
         for level in 0..self.levels {
-            let base = (1u32 << level) - 1;
-            counting_sort(nodes, base, 1 << level, counts, order);
+            let base = (1usize << level) - 1;
+            dispatch(nodes, 1 << level, offsets, order, pos);
             order.par_chunks(chunk).for_each(|run| {
                 for &s in run {
                     let s = s as usize;
                     // SAFETY: `order` is a permutation of 0..batch, so runs touch disjoint
                     // samples: disjoint rows of y and entries of nodes.
                     let (ys, node) = unsafe { (yp.slice(s * no, no), &mut np.slice(s, 1)[0]) };
-                    let n = *node as usize;
+                    let n = base + *node as usize;
                     let z = w_in.dot(n, &x[s * ni..(s + 1) * ni]) + self.b_in[n];
                     w_out.axpy(n, self.activation.apply(z), ys);
-                    *node = (2 * n + 1 + usize::from(z > 0.0)) as u32;
+                    *node = 2 * *node + u32::from(z > 0.0);
                 }
             });
         }
@@ -229,19 +231,6 @@ impl UfffKernel {
             TreeStrategy::Auto => self.per_sample(w_in, w_out, x, y),
         }
     }
-}
-
-/// The four rows of a `4 × n` block.
-fn rows4(x: &[f32], n: usize) -> [&[f32]; 4] {
-    std::array::from_fn(|k| &x[k * n..(k + 1) * n])
-}
-
-/// The four rows of a `4 × n` block, mutable.
-fn rows4_mut(y: &mut [f32], n: usize) -> [&mut [f32]; 4] {
-    let (a, rest) = y.split_at_mut(n);
-    let (b, rest) = rest.split_at_mut(n);
-    let (c, d) = rest.split_at_mut(n);
-    [a, b, c, &mut d[..n]]
 }
 
 impl InferKernel for UfffKernel {
