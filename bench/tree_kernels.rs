@@ -4,9 +4,10 @@
 //! own way), while the dense layer of equal width reuses each weight 256 times. So the wall
 //! clock of a tree kernel is bounded below by `bytes touched / bandwidth`, not by its FLOPs.
 //! For each shape this prints the kernel strategies' medians, the bytes the batch touches
-//! (distinct rows of the tree actually visited), the effective bandwidth, and the floor that
-//! the streaming bandwidth measured here (a two-thread sum over a buffer of the same size)
-//! puts on the call.
+//! (distinct rows of the tree actually visited), the effective bandwidth, the floor that the
+//! streaming bandwidth measured here (a two-thread sum over a buffer of the same size) puts on
+//! the call, the dense layer of equal width (as in `ffwd bench`), the speedup over it, and the
+//! ceiling on that speedup: dense time / floor.
 //!
 //! Run: `cargo bench --bench tree_kernels [-- --batch 256 --rounds 15 --only ufff|'fff d=4' --strategy grouped]`.
 
@@ -15,6 +16,7 @@ use std::time::Instant;
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::ufff::TreeStrategy;
 use ffwd::kernels::{FffKernel, InferKernel, UfffKernel, Workspace};
+use ffwd::layers::{DenseConfig, LayerConfig};
 use rayon::prelude::*;
 
 const D: usize = 768;
@@ -54,9 +56,17 @@ fn sum(a: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// The dense `D → width → D` layer the tree is compared with in `ffwd bench`.
+fn dense(width: usize, activation: Activation) -> Box<dyn InferKernel> {
+    let cfg = LayerConfig::Dense(DenseConfig { width, layers: 2, activation });
+    cfg.build(D, D, &mut Rng::new(1)).expect("valid dense config").kernel()
+}
+
 struct Case {
     name: String,
     kernels: Vec<(&'static str, Box<dyn InferKernel>)>,
+    /// The dense layer of equal hidden width.
+    dense: Box<dyn InferKernel>,
     /// Bytes of weights the batch touches.
     bytes: usize,
 }
@@ -94,6 +104,7 @@ fn fff_case(depth: usize, x: &[f32], batch: usize, rng: &mut Rng) -> Case {
     Case {
         name: format!("fff d={depth:<2} ({leaves} leaves x 32)"),
         kernels: vec![("per-sample", make(TreeStrategy::PerSample)), ("grouped", make(TreeStrategy::Grouped))],
+        dense: dense(32 << depth, Activation::Relu),
         bytes,
     }
 }
@@ -118,6 +129,7 @@ fn ufff_case(depth: usize, x: &[f32], batch: usize, rng: &mut Rng) -> Case {
     Case {
         name: format!("ufff depth {depth} ({n} neurons)"),
         kernels: vec![("per-sample", make(TreeStrategy::PerSample)), ("grouped", make(TreeStrategy::Grouped))],
+        dense: dense(n, Activation::Gelu),
         bytes: visited.len() * 4 * (2 * D + 1),
     }
 }
@@ -144,13 +156,21 @@ fn main() {
         }
     }
     println!("batch {batch}, {} threads, median of {rounds} interleaved rounds", rayon::current_num_threads());
-    println!("{:<28} {:>10} {:>12} {:>10} {:>10} {:>10}", "shape", "strategy", "median_us", "MB touched", "GB/s", "floor_us");
+    println!(
+        "{:<28} {:>10} {:>11} {:>10} {:>8} {:>9} {:>10} {:>8} {:>8}",
+        "shape", "strategy", "median_us", "MB touched", "GB/s", "floor_us", "dense_us", "speedup", "ceiling"
+    );
     let mut ws = Workspace::new();
     for case in &cases {
         let mut y = vec![0.0f32; batch * D];
         let strategy = args.iter().position(|a| a == "--strategy").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
         let mut times = vec![Vec::new(); case.kernels.len()];
+        let mut dense_t = Vec::new();
         for _ in 0..rounds {
+            case.dense.forward(&x, batch, &mut y, &mut ws).expect("shapes match");
+            let s = Instant::now();
+            case.dense.forward(&x, batch, &mut y, &mut ws).expect("shapes match");
+            dense_t.push(s.elapsed().as_secs_f64() * 1e6);
             for (k, (_, kern)) in case.kernels.iter().enumerate().filter(|(_, (n, _))| n.contains(strategy.as_str())) {
                 kern.forward(&x, batch, &mut y, &mut ws).expect("shapes match");
                 let s = Instant::now();
@@ -160,10 +180,22 @@ fn main() {
                 times[k].push(s.elapsed().as_secs_f64() * 1e6 / 5.0);
             }
         }
-        let floor = stream_us(case.bytes, rounds);
+        let (floor, dense_us) = (stream_us(case.bytes, rounds), median(dense_t));
         for ((name, _), t) in case.kernels.iter().zip(times).filter(|(_, t)| !t.is_empty()) {
             let m = median(t);
-            println!("{:<28} {:>10} {:>12.1} {:>10.1} {:>10.1} {:>10.1}", case.name, name, m, case.bytes as f64 / 1e6, case.bytes as f64 / m / 1e3, floor);
+            let mb = case.bytes as f64 / 1e6;
+            println!(
+                "{:<28} {:>10} {:>11.1} {:>10.1} {:>8.1} {:>9.1} {:>10.1} {:>7.1}x {:>7.1}x",
+                case.name,
+                name,
+                m,
+                mb,
+                mb / m * 1e3,
+                floor,
+                dense_us,
+                dense_us / m,
+                dense_us / floor
+            );
         }
     }
 }
