@@ -19,6 +19,24 @@ fn close(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
+/// The UltraFastBERT walk with f64 logits: `y = Σ act(z) · w_out[node]` down each path.
+#[allow(clippy::too_many_arguments)]
+fn naive_ufff(w_in: &[f32], b_in: &[f32], w_out: &[f32], x: &[f32], batch: usize, ni: usize, no: usize, depth: usize, act: Activation) -> Vec<f32> {
+    let mut want = vec![0.0f32; batch * no];
+    for b in 0..batch {
+        let mut node = 0;
+        for _ in 0..=depth {
+            let z: f64 = (0..ni).map(|k| w_in[node * ni + k] as f64 * x[b * ni + k] as f64).sum::<f64>() + b_in[node] as f64;
+            let a = act.apply(z as f32);
+            for j in 0..no {
+                want[b * no + j] += a * w_out[node * no + j];
+            }
+            node = 2 * node + 1 + usize::from(z > 0.0);
+        }
+    }
+    want
+}
+
 const ACTS: [Activation; 3] = [Activation::Relu, Activation::Gelu, Activation::Silu];
 
 #[test]
@@ -68,18 +86,7 @@ fn ufff_kernels_match_naive_and_each_other() {
         let x = randn(batch * ni, &mut r);
         let p = u.params();
         let (w_in, b_in, w_out) = (&p[0].value, &p[1].value, &p[2].value);
-        let mut want = vec![0.0f32; batch * no];
-        for b in 0..batch {
-            let mut node = 0;
-            for _ in 0..=depth {
-                let z: f64 = (0..ni).map(|k| w_in[node * ni + k] as f64 * x[b * ni + k] as f64).sum::<f64>() + b_in[node] as f64;
-                let a = act.apply(z as f32);
-                for j in 0..no {
-                    want[b * no + j] += a * w_out[node * no + j];
-                }
-                node = 2 * node + 1 + usize::from(z > 0.0);
-            }
-        }
+        let want = naive_ufff(w_in, b_in, w_out, &x, batch, ni, no, depth, act);
         let mk = |s| UfffKernel::new(w_in.clone(), b_in.clone(), w_out.clone(), ni, no, depth + 1, act).with_strategy(s);
         let mut outs = Vec::new();
         for s in [TreeStrategy::PerSample, TreeStrategy::Grouped, TreeStrategy::Auto] {
@@ -107,18 +114,7 @@ fn ufff_bf16_kernels_match_the_rounded_reference() {
         let x = randn(batch * ni, &mut r);
         let p = u.params();
         let (w_in, b_in, w_out) = (round(&p[0].value), &p[1].value, round(&p[2].value));
-        let mut want = vec![0.0f32; batch * no];
-        for b in 0..batch {
-            let mut node = 0;
-            for _ in 0..=depth {
-                let z: f64 = (0..ni).map(|k| w_in[node * ni + k] as f64 * x[b * ni + k] as f64).sum::<f64>() + b_in[node] as f64;
-                let a = act.apply(z as f32);
-                for j in 0..no {
-                    want[b * no + j] += a * w_out[node * no + j];
-                }
-                node = 2 * node + 1 + usize::from(z > 0.0);
-            }
-        }
+        let want = naive_ufff(&w_in, b_in, &w_out, &x, batch, ni, no, depth, act);
         let mut outs = Vec::new();
         for s in [TreeStrategy::PerSample, TreeStrategy::Grouped] {
             let k =
