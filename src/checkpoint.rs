@@ -150,9 +150,21 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
 /// Saves a language model, its vocabulary, the run's options and state, and AdamW's moments
 /// (`optim.m.<name>`, `optim.v.<name>`) so that training can resume exactly.
 pub fn save_lm(ck: &LmCheckpoint, path: &Path) -> Result<()> {
-    let named = ck.lm.named_params();
+    save_lm_run(&ck.lm, &ck.tokenizer, &ck.options, &ck.state, &ck.optimizer, path)
+}
+
+/// [`save_lm`] from borrowed parts (a checkpoint in the middle of a run).
+pub fn save_lm_run(
+    lm: &crate::models::Lm,
+    tokenizer: &crate::data::text::CharTokenizer,
+    options: &crate::train::lm::LmTrainOptions,
+    state: &crate::train::lm::LmTrainState,
+    optimizer: &crate::optim::AdamW,
+    path: &Path,
+) -> Result<()> {
+    let named = lm.named_params();
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = named.iter().map(|(n, p)| (n.clone(), p.shape.clone(), p.value.as_slice())).collect();
-    let (m, v) = ck.optimizer.moments();
+    let (m, v) = optimizer.moments();
     if m.len() == named.len() {
         for (((n, p), mi), vi) in named.iter().zip(m).zip(v) {
             tensors.push((format!("optim.m.{n}"), p.shape.clone(), mi.as_slice()));
@@ -161,11 +173,11 @@ pub fn save_lm(ck: &LmCheckpoint, path: &Path) -> Result<()> {
     }
     let mut meta = HashMap::new();
     meta.insert(FORMAT_KEY.to_string(), LM_FORMAT.to_string());
-    meta.insert(CONFIG_KEY.to_string(), json(ck.lm.config())?);
-    meta.insert(VOCAB_KEY.to_string(), json(&ck.tokenizer)?);
-    meta.insert(TRAIN_KEY.to_string(), json(&ck.options)?);
-    meta.insert(STATE_KEY.to_string(), json(&ck.state)?);
-    meta.insert(OPTIM_STEP_KEY.to_string(), ck.optimizer.steps().to_string());
+    meta.insert(CONFIG_KEY.to_string(), json(lm.config())?);
+    meta.insert(VOCAB_KEY.to_string(), json(tokenizer)?);
+    meta.insert(TRAIN_KEY.to_string(), json(options)?);
+    meta.insert(STATE_KEY.to_string(), json(state)?);
+    meta.insert(OPTIM_STEP_KEY.to_string(), optimizer.steps().to_string());
     meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
     write_atomic(path, &to_safetensors_bytes(&tensors, meta)?)
 }
@@ -209,7 +221,6 @@ pub fn load_lm(path: &Path) -> Result<LmCheckpoint> {
             p.value = val;
         }
     });
-    lm.refresh_kernels();
     let mut optimizer = crate::optim::AdamW::new(0.0);
     if steps > 0 {
         optimizer.restore(steps, m, v);

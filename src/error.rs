@@ -6,12 +6,15 @@ use std::path::PathBuf;
 /// The error type of every fallible `ffwd` library call.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    /// Reading or writing a file failed. The message already says why, so the I/O error is
+    /// not also reported as this error's `source()` (that printed the cause twice in
+    /// `error: {e:#}` chains).
+    #[error("{path}: {cause}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        /// What the operating system said.
+        cause: std::io::Error,
     },
     /// A file's content is not in the expected format (bad magic, truncated, unparsable).
     #[error("{path}: {msg}")]
@@ -38,8 +41,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { path: path.into(), cause }
     }
 
     /// A format error for `path`.

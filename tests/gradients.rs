@@ -246,7 +246,7 @@ fn pkm_values_keys_queries_both_scorings() {
         let touched = p.values.touched_rows.clone().unwrap();
         assert!(!touched.is_empty() && touched.len() <= 7 * 2 * 3);
         for r in 0..25u32 {
-            if !touched.contains(&r) {
+            if !touched.contains(r) {
                 assert!(p.values.grad[r as usize * 3..(r as usize + 1) * 3].iter().all(|&g| g == 0.0));
             }
         }

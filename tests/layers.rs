@@ -232,6 +232,7 @@ fn ufff_sparse_update_touches_only_visited_neurons() {
         let before: Vec<Vec<f32>> = u.params().iter().map(|p| p.value.clone()).collect();
         let mut y = vec![0.0; batch * no];
         u.forward_train(&x, batch, &mut y, &mut Rng::new(0)).unwrap();
+        u.zero_grad();
         u.backward(&x, batch, &randn(batch * no, 7), None).unwrap();
         let touched: Vec<u32> = u.touched().to_vec();
         assert!(!touched.is_empty() && touched.len() <= batch * 7);

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use ffwd::checkpoint::{load_lm, save_lm, LmCheckpoint};
+use ffwd::checkpoint::{load_lm, save_lm, save_lm_run, LmCheckpoint};
 use ffwd::core::{Activation, Rng};
 use ffwd::data::text::{tiny_shakespeare, CharTokenizer};
 use ffwd::layers::hash::balanced_table;
@@ -154,6 +154,10 @@ pub struct LmTrainArgs {
     /// Save the model (with optimizer state, for --resume) here.
     #[arg(long, value_name = "PATH")]
     save: Option<PathBuf>,
+    /// Also save to --save every N steps (atomically: a kill leaves the previous complete
+    /// checkpoint), so that --resume can continue an interrupted run.
+    #[arg(long, value_name = "N", requires = "save")]
+    save_every: Option<usize>,
     /// Write metrics JSON here.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
@@ -245,12 +249,21 @@ fn ffn_config(a: &LmTrainArgs, d: usize, text_freqs: &dyn Fn() -> Vec<u64>) -> a
     }))
 }
 
-struct Bar {
+struct Bar<'a> {
     pb: ProgressBar,
     quiet: bool,
+    /// `--save` with what a checkpoint needs besides the model and optimizer.
+    save: Option<(&'a std::path::Path, &'a CharTokenizer, &'a LmTrainOptions)>,
 }
 
-impl LmProgress for Bar {
+impl LmProgress for Bar<'_> {
+    fn checkpoint(&mut self, lm: &Lm, opt: &AdamW, state: &LmTrainState) -> ffwd::Result<()> {
+        if let Some((path, tokenizer, options)) = self.save {
+            save_lm_run(lm, tokenizer, options, state, opt, path)?;
+        }
+        Ok(())
+    }
+
     fn step(&mut self, step: usize, _total: usize, loss: f32, tps: f64) {
         self.pb.set_position(step as u64);
         if step.is_multiple_of(10) {
@@ -319,14 +332,8 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
         let seed = a.seed.unwrap_or(opts.seed);
         opts.seed = seed;
         let lm = Lm::new(cfg, seed)?;
-        let mut opt = AdamW::new(opts.weight_decay);
-        // β₂ = 0.99 as nanoGPT for small character models (few tokens per step)
-        opt.beta2 = 0.99;
-        (lm, tokenizer, opts, LmTrainState::default(), opt)
+        (lm, tokenizer, opts, LmTrainState::default(), AdamW::new(0.0))
     };
-    if a.resume.is_some() {
-        opt.beta2 = 0.99;
-    }
     let set = |v: Option<usize>, f: &mut usize| {
         if let Some(v) = v {
             *f = v;
@@ -339,6 +346,7 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     set(a.warmup, &mut opts.warmup);
     set(a.eval_every, &mut opts.eval_every);
     set(a.eval_batches, &mut opts.eval_batches);
+    set(a.save_every, &mut opts.save_every);
     for (v, f) in [
         (a.lr, &mut opts.lr),
         (a.min_lr_ratio, &mut opts.min_lr_ratio),
@@ -380,7 +388,7 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "),
     );
     pb.set_position(state.step as u64);
-    let mut bar = Bar { pb, quiet: a.quiet };
+    let mut bar = Bar { pb, quiet: a.quiet, save: a.save.as_deref().map(|p| (p, &tokenizer, &opts)) };
     let budget = a.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     train_lm(&mut lm, &data, &opts, &mut opt, &mut state, budget, a.stop_at, &mut bar)?;
     bar.pb.finish_and_clear();

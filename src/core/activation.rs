@@ -110,11 +110,11 @@ impl Activation {
     pub fn forward(self, pre: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::core::cpu::avx512() {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { simd_x86::forward_avx512(self, pre, out) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if crate::core::cpu::avx2() {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { simd_x86::forward_avx2(self, pre, out) };
             }
@@ -126,11 +126,11 @@ impl Activation {
     pub fn backward_inplace(self, pre: &[f32], g: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::core::cpu::avx512() {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { simd_x86::backward_avx512(self, pre, g) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if crate::core::cpu::avx2() {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { simd_x86::backward_avx2(self, pre, g) };
             }

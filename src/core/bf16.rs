@@ -64,7 +64,7 @@ pub fn dot_bf16(w: &[Bf16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_bf16: lengths");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; lengths checked.
             return unsafe { x86::dot4(&[w], &[x])[0] };
         }
@@ -81,7 +81,7 @@ pub fn dot4_bf16(w: [&[Bf16]; 4], x: [&[f32]; 4]) -> [f32; 4] {
     assert!(w.iter().all(|r| r.len() == n) && x.iter().all(|r| r.len() == n), "dot4_bf16: lengths");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; lengths checked.
             let r = unsafe { x86::dot4(&w, &x) };
             return [r[0], r[1], r[2], r[3]];
@@ -98,7 +98,7 @@ pub fn weighted_row_sum_bf16(coef: &[f32], w: &[Bf16], rows: &[usize], y: &mut [
     assert!(coef.len() == rows.len() && rows.iter().all(|&r| (r + 1) * n <= w.len()), "weighted_row_sum_bf16: shapes");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; rows in bounds (asserted).
             return unsafe { x86::weighted_row_sum(coef, w, rows, y, accumulate) };
         }

@@ -178,9 +178,15 @@ pub fn add_row_bias(y: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `out[j] = Σ_i x[i, j]` over the rows of a `rows × cols` matrix (a bias gradient).
+/// `out[j] = Σ_i x[i, j]` over the rows of a `rows × cols` matrix.
 pub fn sum_rows(x: &[f32], cols: usize, out: &mut [f32]) {
     out.fill(0.0);
+    add_sum_rows(x, cols, out);
+}
+
+/// `out[j] += Σ_i x[i, j]` over the rows of a `rows × cols` matrix (a bias gradient,
+/// accumulated).
+pub fn add_sum_rows(x: &[f32], cols: usize, out: &mut [f32]) {
     if cols == 0 {
         return;
     }

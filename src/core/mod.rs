@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod bf16;
+pub mod cpu;
 pub mod gemm;
 pub mod loss;
 pub mod param;
@@ -12,6 +13,6 @@ pub mod simd;
 pub mod tensor;
 
 pub use activation::Activation;
-pub use param::{Param, ParamVisitor};
+pub use param::{Param, ParamVisitor, RowSet};
 pub use rng::Rng;
 pub use tensor::Tensor;

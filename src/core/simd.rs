@@ -2,18 +2,18 @@
 //! The crate is compiled for baseline x86-64, so these functions pick the widest unit the
 //! running CPU has (the check is a cached atomic load).
 
-/// Dot product of the common prefix of `a` and `b`.
+/// Dot product of `a` and `b`; panics when their lengths differ (a caller bug, not input).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    assert_eq!(a.len(), b.len(), "dot: slices of different lengths");
+    let n = a.len();
     #[cfg(target_arch = "x86_64")]
     {
-        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if n >= 16 && crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F (checked above); slices have equal length n.
             return unsafe { x86::dot_avx512(a, b) };
         }
-        if n >= 8 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if n >= 8 && crate::core::cpu::avx2() {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
             return unsafe { x86::dot_avx2(a, b) };
         }
@@ -21,18 +21,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// `y[i] += alpha * x[i]` over the common prefix.
+/// `y[i] += alpha * x[i]`; panics when the lengths differ (a caller bug, not input).
 #[inline]
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &mut y[..n]);
+    assert_eq!(x.len(), y.len(), "axpy: slices of different lengths");
+    let n = x.len();
     #[cfg(target_arch = "x86_64")]
     {
-        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if n >= 16 && crate::core::cpu::avx512() {
             // SAFETY: as in `dot`.
             return unsafe { x86::axpy_avx512(alpha, x, y) };
         }
-        if n >= 8 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if n >= 8 && crate::core::cpu::avx2() {
             // SAFETY: as in `dot`.
             return unsafe { x86::axpy_avx2(alpha, x, y) };
         }
@@ -50,7 +50,7 @@ pub fn axpy4(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
     let r = [&r[0][..n], &r[1][..n], &r[2][..n], &r[3][..n]];
     #[cfg(target_arch = "x86_64")]
     {
-        if n >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if n >= 16 && crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; every row has n values.
             return unsafe { x86::axpy4_avx512(a, r, y) };
         }
@@ -69,7 +69,7 @@ pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], 
     assert!(coef.len() == rows.len() && rows.iter().all(|&r| (r + 1) * n <= w.len()), "weighted_row_sum: shapes");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; every row is in bounds (asserted).
             return unsafe { x86::weighted_row_sum_avx512(coef, w, rows, y, accumulate) };
         }
@@ -88,9 +88,10 @@ pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], 
 #[inline]
 pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
     let n = a[0].len();
+    assert!(a.iter().chain(&b).all(|s| s.len() == n), "dot4: slices of different lengths");
     #[cfg(target_arch = "x86_64")]
     {
-        if n >= 16 && a.iter().chain(&b).all(|s| s.len() == n) && std::arch::is_x86_feature_detected!("avx512f") {
+        if n >= 16 && crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; all eight slices have n values.
             return unsafe { x86::dot4_avx512(a, b) };
         }
@@ -157,7 +158,7 @@ unsafe fn small_product(
     assert!(w.len() >= k * n && bias.is_none_or(|b| b.len() == n), "gemm_small: weight or bias length");
     #[cfg(target_arch = "x86_64")]
     {
-        if (rows >= 4 || n <= 32) && std::arch::is_x86_feature_detected!("avx512f") {
+        if (rows >= 4 || n <= 32) && crate::core::cpu::avx512() {
             // SAFETY: the CPU supports AVX-512F; rows are valid per the caller.
             return unsafe { x86::gemm_small_avx512(rows, ar, k, w, n, bias, yr) };
         }

@@ -14,6 +14,7 @@ use super::SyncPtr;
 use crate::core::gemm::{matmul_serial, MatMut, MatRef};
 use crate::core::simd::{dot, gemm_small};
 use crate::core::Activation;
+use crate::error::{Error, Result};
 
 /// Marks a slot that is routed nowhere (dropped by the capacity limit).
 pub const DROPPED: u32 = u32::MAX;
@@ -56,6 +57,42 @@ pub struct ExpertGrads<'a> {
     pub w2: &'a mut [f32],
 }
 
+impl ExpertWeights<'_> {
+    /// Checks that the weight slices hold exactly the bank's sizes.
+    fn check(&self) -> Result<()> {
+        let ExpertShape { experts: e, in_features: d, width: g, out_features: o } = self.shape;
+        for (name, len, want) in [("w1", self.w1.len(), e * d * g), ("b1", self.b1.len(), e * g), ("w2", self.w2.len(), e * g * o)] {
+            if len != want {
+                return Err(Error::Invalid(format!("expert bank {name}: {len} values, shape {:?} needs {want}", self.shape)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the segment table of a dispatch: `E + 1` non-decreasing offsets starting at 0, and
+/// each buffer (`name`, length, row width) long enough for its last row. Returns `S`.
+fn check_segments(offsets: &[u32], experts: usize, buffers: &[(&str, usize, usize)]) -> Result<usize> {
+    if offsets.len() < experts + 1 {
+        return Err(Error::Invalid(format!("grouped dispatch: {} offsets for {experts} experts (need {})", offsets.len(), experts + 1)));
+    }
+    let offsets = &offsets[..experts + 1];
+    if offsets[0] != 0 {
+        return Err(Error::Invalid(format!("grouped dispatch: offsets[0] is {}, expected 0", offsets[0])));
+    }
+    if let Some(e) = offsets.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::Invalid(format!("grouped dispatch: offsets decrease at expert {e} ({} > {})", offsets[e], offsets[e + 1])));
+    }
+    let s = offsets[experts] as usize;
+    for &(name, len, width) in buffers {
+        let need = s.checked_mul(width).ok_or_else(|| Error::Invalid(format!("grouped dispatch: {s} rows of {width} overflow")))?;
+        if len < need {
+            return Err(Error::Invalid(format!("grouped dispatch: `{name}` holds {len} values, {s} rows of {width} need {need}")));
+        }
+    }
+    Ok(s)
+}
+
 /// Sorts slots by expert. `assign[s]` is the expert of slot `s` or [`DROPPED`].
 /// Writes `offsets` (`E + 1`: expert `e` owns sorted rows `offsets[e]..offsets[e+1]`), `order`
 /// (sorted row → slot, stable) and `pos` (slot → sorted row, or `DROPPED`).
@@ -94,6 +131,10 @@ pub fn dispatch(assign: &[u32], experts: usize, offsets: &mut [u32], order: &mut
 /// `order`/`offsets` from [`dispatch`]; writes `xs`: `S × in`, `h`: `S × G`, `ys`: `S × out`,
 /// and `pre` (`S × G`) when given (training). Experts run in parallel, each on one thread,
 /// and each gathers its own rows right before its GEMM (they are still in cache).
+///
+/// Errors (nothing is written) when the weights do not match `w.shape`, `offsets` is not a
+/// valid segment table, a buffer is too short for `S` rows, or `order` names a slot outside
+/// `x`.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
     w: &ExpertWeights<'_>,
@@ -105,8 +146,15 @@ pub fn experts_forward(
     pre: Option<&mut [f32]>,
     h: &mut [f32],
     ys: &mut [f32],
-) {
+) -> Result<()> {
     let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape;
+    w.check()?;
+    let pre_len = pre.as_ref().map_or(usize::MAX, |p| p.len());
+    let s = check_segments(offsets, experts, &[("xs", xs.len(), d), ("h", h.len(), g), ("ys", ys.len(), o), ("pre", pre_len, g), ("order", order.len(), 1)])?;
+    let tokens = if k == 0 { 0 } else { x.len() / d.max(1) };
+    if let Some(&bad) = order[..s].iter().find(|&&slot| k == 0 || slot as usize / k >= tokens) {
+        return Err(Error::Invalid(format!("grouped dispatch: slot {bad} is outside the {tokens} tokens × {k} slots of x")));
+    }
     let pre_ptr = pre.map(|p| SyncPtr(p.as_mut_ptr()));
     let (h_ptr, ys_ptr, xs_ptr) = (SyncPtr(h.as_mut_ptr()), SyncPtr(ys.as_mut_ptr()), SyncPtr(xs.as_mut_ptr()));
     let run = |e: usize| {
@@ -131,12 +179,12 @@ pub fn experts_forward(
         w.act.apply_inplace(hs);
         product(hs, g, w2, o, None, yo);
     };
-    let rows = offsets[experts] as usize;
-    if rows * d * g >= 1 << 17 && rayon::current_num_threads() > 1 {
+    if s * d * g >= 1 << 17 && rayon::current_num_threads() > 1 {
         (0..experts).into_par_iter().for_each(run);
     } else {
         (0..experts).for_each(run);
     }
+    Ok(())
 }
 
 /// `y = a·w (+ bias)` for one expert segment (`a`: `rows × k`, `w`: `k × n`): the unpacked
@@ -197,9 +245,12 @@ pub fn combine_backward(dy: &[f32], ys: &[f32], pos: &[u32], gates: &[f32], k: u
     }
 }
 
-/// Backward of [`experts_forward`] over the same segments. Overwrites every expert's weight
-/// gradients (zero for experts that got no rows) and writes `dxs` (`S × in`), the gradient
+/// Backward of [`experts_forward`] over the same segments. Adds into every expert's weight
+/// gradients (nothing for experts that got no rows) and writes `dxs` (`S × in`), the gradient
 /// of the gathered rows. `dh` is scratch of `S × G`.
+///
+/// Errors (nothing is written) when the weights or gradients do not match `w.shape`,
+/// `offsets` is not a valid segment table, or a buffer is too short for `S` rows.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_backward(
     w: &ExpertWeights<'_>,
@@ -211,8 +262,15 @@ pub fn experts_backward(
     dys: &[f32],
     dh: &mut [f32],
     dxs: &mut [f32],
-) {
+) -> Result<()> {
     let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape;
+    w.check()?;
+    ExpertWeights { shape: w.shape, w1: &*grads.w1, b1: &*grads.b1, w2: &*grads.w2, act: w.act }.check()?;
+    let s = check_segments(
+        offsets,
+        experts,
+        &[("xs", xs.len(), d), ("pre", pre.len(), g), ("h", h.len(), g), ("dys", dys.len(), o), ("dh", dh.len(), g), ("dxs", dxs.len(), d)],
+    )?;
     let ptrs = (SyncPtr(grads.w1.as_mut_ptr()), SyncPtr(grads.b1.as_mut_ptr()), SyncPtr(grads.w2.as_mut_ptr()));
     let (dh_ptr, dxs_ptr) = (SyncPtr(dh.as_mut_ptr()), SyncPtr(dxs.as_mut_ptr()));
     let run = |e: usize| {
@@ -222,9 +280,6 @@ pub fn experts_backward(
         let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
         let n = r1 - r0;
         if n == 0 {
-            gw1.fill(0.0);
-            gb1.fill(0.0);
-            gw2.fill(0.0);
             return;
         }
         // SAFETY: as above.
@@ -232,18 +287,19 @@ pub fn experts_backward(
         let (hs, dy, x) = (&h[r0 * g..r1 * g], &dys[r0 * o..r1 * o], &xs[r0 * d..r1 * d]);
         let w1 = MatRef::new(&w.w1[e * d * g..(e + 1) * d * g], d, g);
         let w2 = MatRef::new(&w.w2[e * g * o..(e + 1) * g * o], g, o);
-        matmul_serial(MatMut::new(gw2, g, o), MatRef::new(hs, n, g).t(), MatRef::new(dy, n, o), false);
+        matmul_serial(MatMut::new(gw2, g, o), MatRef::new(hs, n, g).t(), MatRef::new(dy, n, o), true);
         matmul_serial(MatMut::new(dhs, n, g), MatRef::new(dy, n, o), w2.t(), false);
         w.act.backward_inplace(&pre[r0 * g..r1 * g], dhs);
-        matmul_serial(MatMut::new(gw1, d, g), MatRef::new(x, n, d).t(), MatRef::new(dhs, n, g), false);
-        crate::core::gemm::sum_rows(dhs, g, gb1);
+        matmul_serial(MatMut::new(gw1, d, g), MatRef::new(x, n, d).t(), MatRef::new(dhs, n, g), true);
+        crate::core::gemm::add_sum_rows(dhs, g, gb1);
         matmul_serial(MatMut::new(dx, n, d), MatRef::new(dhs, n, g), w1.t(), false);
     };
-    if experts > 1 && rayon::current_num_threads() > 1 && offsets[experts] as usize * d * g >= 1 << 16 {
+    if experts > 1 && rayon::current_num_threads() > 1 && s * d * g >= 1 << 16 {
         (0..experts).into_par_iter().for_each(run);
     } else {
         (0..experts).for_each(run);
     }
+    Ok(())
 }
 
 /// `dx[b] (+)= Σⱼ dxs[pos[b·k+j]]`: the input gradient of each token from its kept slots.

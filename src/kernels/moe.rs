@@ -180,7 +180,7 @@ impl MoeKernel {
         }
         let s = grouped::dispatch(assign, experts, offsets, order, pos);
         let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
-        grouped::experts_forward(&w, x, k, &order[..s], offsets, &mut xs[..s * d], None, &mut h[..s * g], &mut ys[..s * o]);
+        grouped::experts_forward(&w, x, k, &order[..s], offsets, &mut xs[..s * d], None, &mut h[..s * g], &mut ys[..s * o])?;
         grouped::combine(ys, pos, gates, k, &self.b2, y);
         Ok(())
     }

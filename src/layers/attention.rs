@@ -117,8 +117,8 @@ impl CausalSelfAttention {
         self.proj.forward(&self.merged, rows, y);
     }
 
-    /// Backward of the last forward on the same `x`: overwrites the parameter gradients and
-    /// adds dL/dx into `dx` (`b·t × d`).
+    /// Backward of the last forward on the same `x`: adds the parameter gradients and adds
+    /// dL/dx into `dx` (`b·t × d`).
     pub fn backward(&mut self, x: &[f32], b: usize, t: usize, dy: &[f32], dx: &mut [f32]) {
         let (d, nh) = (self.dim(), self.heads);
         let hd = d / nh;

@@ -89,7 +89,7 @@ impl ExpertBank {
 
     /// Training forward. `x`: `batch × in`; `assign`, `gates`: `batch·k` (expert of each slot or
     /// [`DROPPED`], and its gate); writes `y`: `batch × out`. Sizes are checked by the layer.
-    pub fn forward(&mut self, x: &[f32], batch: usize, k: usize, assign: &[u32], gates: &[f32], y: &mut [f32]) {
+    pub fn forward(&mut self, x: &[f32], batch: usize, k: usize, assign: &[u32], gates: &[f32], y: &mut [f32]) -> Result<()> {
         let ExpertShape { experts, in_features: d, width: g, out_features: o } = self.shape;
         let slots = batch * k;
         self.k = k;
@@ -117,14 +117,15 @@ impl ExpertBank {
             Some(&mut self.pre[..s * g]),
             &mut self.h[..s * g],
             &mut self.ys[..s * o],
-        );
+        )?;
         grouped::combine(&self.ys, &self.pos[..slots], &self.gates, k, &self.b2.value, &mut y[..batch * o]);
+        Ok(())
     }
 
-    /// Backward of the last [`ExpertBank::forward`]. Overwrites the bank's gradients, writes
+    /// Backward of the last [`ExpertBank::forward`]. Adds into the bank's gradients, writes
     /// `dgates` (`batch·k`, dL/dgate of every slot, 0 when dropped) and, when given, writes or
     /// adds (`accumulate_dx`) the experts' part of dL/dx into `dx`: `batch × in`.
-    pub fn backward(&mut self, batch: usize, dy: &[f32], dgates: &mut [f32], dx: Option<&mut [f32]>, accumulate_dx: bool) {
+    pub fn backward(&mut self, batch: usize, dy: &[f32], dgates: &mut [f32], dx: Option<&mut [f32]>, accumulate_dx: bool) -> Result<()> {
         let ExpertShape { experts, in_features: d, width: g, out_features: o } = self.shape;
         let (k, slots) = (self.k, batch * self.k);
         let s = self.offsets[experts] as usize;
@@ -132,7 +133,7 @@ impl ExpertBank {
         ensure_len(&mut self.dh, s * g);
         ensure_len(&mut self.dxs, s * d);
         grouped::combine_backward(dy, &self.ys, &self.pos[..slots], &self.gates, k, o, &mut self.dys, &mut dgates[..slots]);
-        crate::core::gemm::sum_rows(&dy[..batch * o], o, &mut self.b2.grad);
+        crate::core::gemm::add_sum_rows(&dy[..batch * o], o, &mut self.b2.grad);
         let w = ExpertWeights { shape: self.shape, w1: &self.w1.value, b1: &self.b1.value, w2: &self.w2.value, act: self.act };
         let grads = ExpertGrads { w1: &mut self.w1.grad, b1: &mut self.b1.grad, w2: &mut self.w2.grad };
         grouped::experts_backward(
@@ -145,10 +146,11 @@ impl ExpertBank {
             &self.dys[..s * o],
             &mut self.dh[..s * g],
             &mut self.dxs[..s * d],
-        );
+        )?;
         if let Some(dx) = dx {
             grouped::scatter_rows_add(&self.dxs, &self.pos[..slots], k, d, &mut dx[..batch * d], accumulate_dx);
         }
+        Ok(())
     }
 
     /// Share of the kept slots each expert received in the last forward.
@@ -209,12 +211,12 @@ pub(crate) fn router_logits(router: &Param, x: &[f32], batch: usize, logits: &mu
     matmul(MatMut::new(&mut logits[..batch * e], batch, e), MatRef::new(x, batch, d), MatRef::new(&router.value, e, d).t(), false);
 }
 
-/// Backward of [`router_logits`]: writes the router's gradient `dlᵀ · x` and adds `dl · W`
+/// Backward of [`router_logits`]: adds the router's gradient `dlᵀ · x` and adds `dl · W`
 /// into `dx` when given. `dl`: `batch × E`.
 pub(crate) fn router_backward(router: &mut Param, x: &[f32], batch: usize, dl: &[f32], dx: Option<&mut [f32]>) {
     let (e, d) = (router.shape[0], router.shape[1]);
     let dl = MatRef::new(&dl[..batch * e], batch, e);
-    matmul(MatMut::new(&mut router.grad, e, d), dl.t(), MatRef::new(x, batch, d), false);
+    matmul(MatMut::new(&mut router.grad, e, d), dl.t(), MatRef::new(x, batch, d), true);
     if let Some(dx) = dx {
         matmul(MatMut::new(dx, batch, d), dl, MatRef::new(&router.value, e, d), true);
     }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Layer, LayerConfig, Linear};
 use crate::core::activation::sigmoid;
-use crate::core::gemm::{add_row_bias, axpy, dot, matmul, sum_rows, MatMut, MatRef};
+use crate::core::gemm::{add_row_bias, add_sum_rows, axpy, dot, matmul, MatMut, MatRef};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::fff::MasterWeights;
@@ -515,7 +515,7 @@ impl Layer for Fff {
                 MatMut::new(&mut self.w2s.grad[l * lw * no..(l + 1) * lw * no], lw, no),
                 MatRef::strided(&self.h[l * lw..], batch, lw, lh, 1).t(),
                 MatRef::strided(&do_[l * no..], batch, no, lo, 1),
-                false,
+                true,
             );
             matmul(
                 MatMut::strided(&mut self.dh[l * lw..], batch, lw, lh, 1),
@@ -524,7 +524,7 @@ impl Layer for Fff {
                 false,
             );
         }
-        sum_rows(do_, lo, &mut self.b2s.grad);
+        add_sum_rows(do_, lo, &mut self.b2s.grad);
         if self.cfg.dropout > 0.0 {
             for (g, d) in self.dh[..batch * lh].iter_mut().zip(&self.drop[..batch * lh]) {
                 *g *= d;
@@ -532,10 +532,10 @@ impl Layer for Fff {
         }
         self.cfg.activation.backward_inplace(&self.pre1[..batch * lh], &mut self.dh[..batch * lh]);
         let dpre1 = &self.dh[..batch * lh];
-        sum_rows(dpre1, lh, &mut self.b1s.grad);
+        add_sum_rows(dpre1, lh, &mut self.b1s.grad);
         for l in 0..leaves {
             let dpre_l = MatRef::strided(&dpre1[l * lw..], batch, lw, lh, 1);
-            matmul(MatMut::new(&mut self.w1s.grad[l * ni * lw..(l + 1) * ni * lw], ni, lw), MatRef::new(x, batch, ni).t(), dpre_l, false);
+            matmul(MatMut::new(&mut self.w1s.grad[l * ni * lw..(l + 1) * ni * lw], ni, lw), MatRef::new(x, batch, ni).t(), dpre_l, true);
             if let Some(d) = dx.as_deref_mut() {
                 matmul(MatMut::new(d, batch, ni), dpre_l, MatRef::new(&self.w1s.value[l * ni * lw..(l + 1) * ni * lw], ni, lw).t(), dx_written);
                 dx_written = true;
@@ -560,8 +560,8 @@ impl Layer for Fff {
                 }
             }
             let dz = &self.dz[..batch * nodes];
-            matmul(MatMut::new(&mut self.node_weights.grad, nodes, ni), MatRef::new(dz, batch, nodes).t(), MatRef::new(x, batch, ni), false);
-            sum_rows(dz, nodes, &mut self.node_biases.grad);
+            matmul(MatMut::new(&mut self.node_weights.grad, nodes, ni), MatRef::new(dz, batch, nodes).t(), MatRef::new(x, batch, ni), true);
+            add_sum_rows(dz, nodes, &mut self.node_biases.grad);
             if let Some(d) = dx {
                 matmul(MatMut::new(d, batch, ni), MatRef::new(dz, batch, nodes), MatRef::new(&self.node_weights.value, nodes, ni), dx_written);
             }

@@ -124,7 +124,7 @@ impl Layer for Hash {
         self.assign.extend(self.ids.iter().map(|&id| routing.expert(id, e)));
         self.gates.clear();
         self.gates.resize(batch, 1.0);
-        self.bank.forward(x, batch, 1, &self.assign, &self.gates, y);
+        self.bank.forward(x, batch, 1, &self.assign, &self.gates, y)?;
         Ok(())
     }
 
@@ -135,7 +135,7 @@ impl Layer for Hash {
             check_matrix("hash input gradient dx", dx.len(), batch, self.in_features())?;
         }
         self.dgates.resize(batch, 0.0);
-        self.bank.backward(batch, dy, &mut self.dgates, dx, false);
+        self.bank.backward(batch, dy, &mut self.dgates, dx, false)?;
         Ok(())
     }
 

@@ -51,12 +51,10 @@ impl LayerNorm {
         }
     }
 
-    /// Backward of the last [`LayerNorm::forward`] on the same `x`: overwrites the parameter
+    /// Backward of the last [`LayerNorm::forward`] on the same `x`: adds the parameter
     /// gradients and adds dL/dx into `dx` (the residual stream's gradient accumulates).
     pub fn backward(&mut self, x: &[f32], rows: usize, dy: &[f32], dx: &mut [f32]) {
         let d = self.dim();
-        self.weight.grad.fill(0.0);
-        self.bias.grad.fill(0.0);
         let inv_d = 1.0 / d as f32;
         for i in 0..rows {
             let (xr, dyr, dxr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d], &mut dx[i * d..(i + 1) * d]);

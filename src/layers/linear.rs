@@ -1,7 +1,7 @@
 //! `y = x Wᵀ + b`, the building block of the dense layers. `weight` is `out × in`
 //! (PyTorch's layout), `bias` is `out`.
 
-use crate::core::gemm::{add_row_bias, matmul, sum_rows, MatMut, MatRef};
+use crate::core::gemm::{add_row_bias, add_sum_rows, matmul, MatMut, MatRef};
 use crate::core::{Param, Rng};
 
 /// A fully connected map with PyTorch's layout and initialisation (uniform ±1/√in).
@@ -42,12 +42,13 @@ impl Linear {
         matmul(MatMut::new(y, batch, o), MatRef::new(x, batch, i), MatRef::new(&self.weight.value, o, i).t(), true);
     }
 
-    /// Writes dW = dyᵀx and db = Σ dy; writes (or adds, with `accumulate_dx`) dx = dy W.
+    /// Adds dW = dyᵀx and db = Σ dy into the gradients; writes (or adds, with
+    /// `accumulate_dx`) dx = dy W.
     pub fn backward(&mut self, x: &[f32], batch: usize, dy: &[f32], dx: Option<&mut [f32]>, accumulate_dx: bool) {
         let (i, o) = (self.in_features(), self.out_features());
         let dy = &dy[..batch * o];
-        matmul(MatMut::new(&mut self.weight.grad, o, i), MatRef::new(dy, batch, o).t(), MatRef::new(x, batch, i), false);
-        sum_rows(dy, o, &mut self.bias.grad);
+        matmul(MatMut::new(&mut self.weight.grad, o, i), MatRef::new(dy, batch, o).t(), MatRef::new(x, batch, i), true);
+        add_sum_rows(dy, o, &mut self.bias.grad);
         if let Some(dx) = dx {
             matmul(MatMut::new(dx, batch, i), MatRef::new(dy, batch, o), MatRef::new(&self.weight.value, o, i), accumulate_dx);
         }

@@ -45,9 +45,15 @@ pub trait Layer: Send + Sync {
     /// Caches what [`Layer::backward`] needs; `rng` drives stochastic parts (region leak).
     fn forward_train(&mut self, x: &[f32], batch: usize, y: &mut [f32], rng: &mut Rng) -> Result<()>;
     /// Backward of the last `forward_train` on the same `x`. `dy`: `batch × out` is dL/dy.
-    /// Overwrites every parameter gradient (adding the gradient of [`Layer::aux_loss`]) and,
-    /// when given, writes dL/dx into `dx`: `batch × in`.
+    /// *Adds* this batch's gradient (including that of [`Layer::aux_loss`]) into every
+    /// parameter's `grad`, so that several micro-batches accumulate; call
+    /// [`Layer::zero_grad`] before the first backward of a step. When given, writes (not adds)
+    /// dL/dx into `dx`: `batch × in`.
     fn backward(&mut self, x: &[f32], batch: usize, dy: &[f32], dx: Option<&mut [f32]>) -> Result<()>;
+    /// Zeroes every parameter gradient (only the touched rows of sparse ones).
+    fn zero_grad(&mut self) {
+        self.visit_params_mut(&mut |p| p.zero_grad());
+    }
     /// Auxiliary loss of the last `forward_train` (hardening, load balancing), already weighted.
     fn aux_loss(&self) -> f32 {
         0.0

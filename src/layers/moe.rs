@@ -192,7 +192,7 @@ impl Layer for Moe {
         if cap != usize::MAX {
             apply_capacity(&mut self.assign, e, cap, &mut self.counts);
         }
-        self.bank.forward(x, batch, k, &self.assign, &self.gates, y);
+        self.bank.forward(x, batch, k, &self.assign, &self.gates, y)?;
         Ok(())
     }
 
@@ -206,7 +206,7 @@ impl Layer for Moe {
         ensure_len(&mut self.dgates, batch * k);
         ensure_len(&mut self.dlogits, batch * e);
         let mut dx = dx;
-        self.bank.backward(batch, dy, &mut self.dgates, dx.as_deref_mut(), false);
+        self.bank.backward(batch, dy, &mut self.dgates, dx.as_deref_mut(), false)?;
         // router: gates → probabilities → logits
         let inv_b = 1.0 / batch as f32;
         for b in 0..batch {

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Layer, LayerConfig};
-use crate::core::gemm::{matmul, sum_rows, MatMut, MatRef};
+use crate::core::gemm::{add_sum_rows, matmul, MatMut, MatRef};
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
 use crate::error::{check_matrix, Error, Result};
@@ -70,8 +70,6 @@ pub struct Pkm {
     sub2: Vec<u32>,
     score: Vec<f32>,
     weight: Vec<f32>,
-    touched: Vec<u32>,
-    seen: Vec<bool>,
 }
 
 impl Pkm {
@@ -94,6 +92,7 @@ impl Pkm {
         for v in &mut values.value {
             *v = rng.normal() / (out_features as f32).sqrt();
         }
+        values.track_rows();
         Ok(Pkm {
             shape,
             query_w: Param::uniform("query.weight", &[hd, in_features], qb, true, rng),
@@ -113,8 +112,6 @@ impl Pkm {
             sub2: Vec::new(),
             score: Vec::new(),
             weight: Vec::new(),
-            touched: Vec::new(),
-            seen: vec![false; n * n],
         })
     }
 
@@ -138,9 +135,10 @@ impl Pkm {
         Ok(out)
     }
 
-    /// Value rows read by the last training forward (sorted, unique).
+    /// Value rows that hold gradient: read by a training forward since the last
+    /// [`Param::zero_grad`] (unique, in first-use order).
     pub fn touched(&self) -> &[u32] {
-        &self.touched
+        self.values.touched_rows.as_ref().map_or(&[], |s| s.rows())
     }
 }
 
@@ -210,15 +208,9 @@ impl Layer for Pkm {
             check_matrix("pkm input gradient dx", dx.len(), batch, d)?;
         }
         let (hd, sw, half) = (heads * key_dim, self.shape.scores_per_row(), key_dim / 2);
-        sum_rows(&dy[..batch * o], o, &mut self.bias.grad);
-        // values: clear the rows touched last time, then accumulate the new ones
-        for &r in &self.touched {
-            let r = r as usize;
-            self.values.grad[r * o..(r + 1) * o].fill(0.0);
-            self.seen[r] = false;
-        }
-        self.touched.clear();
-        self.touched.reserve(self.seen.len()); // all value rows at once: never grows mid-training
+        add_sum_rows(&dy[..batch * o], o, &mut self.bias.grad);
+        // values: only the selected rows get gradient, and they join the parameter's row set
+        let rows = self.values.touched_rows.get_or_insert_with(|| crate::core::RowSet::new(n * n));
         ensure_len(&mut self.ds, batch * sw);
         let ds = &mut self.ds[..batch * sw];
         ds.fill(0.0);
@@ -234,10 +226,7 @@ impl Layer for Pkm {
                     if self.weight[s] != 0.0 {
                         axpy(self.weight[s], dyb, &mut self.values.grad[r * o..(r + 1) * o]);
                     }
-                    if !self.seen[r] {
-                        self.seen[r] = true;
-                        self.touched.push(r as u32);
-                    }
+                    rows.insert(r as u32);
                 }
                 let w = &self.weight[t.clone()];
                 let wdw: f32 = w.iter().zip(dw.iter()).map(|(a, b)| a * b).sum();
@@ -258,12 +247,6 @@ impl Layer for Pkm {
                 }
             }
         }
-        self.touched.sort_unstable();
-        let mut rows = self.values.touched_rows.take().unwrap_or_default();
-        rows.clear();
-        rows.reserve(self.seen.len());
-        rows.extend_from_slice(&self.touched);
-        self.values.touched_rows = Some(rows);
         // sub-keys and queries: dK_a = dS_aᵀ Q_a, dQ_a = dS_a K_a
         ensure_len(&mut self.dq, batch * hd);
         let dq = &mut self.dq[..batch * hd];
@@ -271,13 +254,13 @@ impl Layer for Pkm {
             for (a, (keys, grad)) in [(&self.keys1.value, &mut self.keys1.grad), (&self.keys2.value, &mut self.keys2.grad)].into_iter().enumerate() {
                 let dsa = MatRef::strided(&ds[(2 * h + a) * n..], batch, n, sw, 1);
                 let qa = MatRef::strided(&self.q[h * key_dim + a * half..], batch, half, hd, 1);
-                matmul(MatMut::new(&mut grad[h * n * half..(h + 1) * n * half], n, half), dsa.t(), qa, false);
+                matmul(MatMut::new(&mut grad[h * n * half..(h + 1) * n * half], n, half), dsa.t(), qa, true);
                 let ka = MatRef::new(&keys[h * n * half..(h + 1) * n * half], n, half);
                 matmul(MatMut::strided(&mut dq[h * key_dim + a * half..], batch, half, hd, 1), dsa, ka, false);
             }
         }
-        matmul(MatMut::new(&mut self.query_w.grad, hd, d), MatRef::new(dq, batch, hd).t(), MatRef::new(x, batch, d), false);
-        sum_rows(dq, hd, &mut self.query_b.grad);
+        matmul(MatMut::new(&mut self.query_w.grad, hd, d), MatRef::new(dq, batch, hd).t(), MatRef::new(x, batch, d), true);
+        add_sum_rows(dq, hd, &mut self.query_b.grad);
         if let Some(dx) = dx {
             matmul(MatMut::new(dx, batch, d), MatRef::new(dq, batch, hd), MatRef::new(&self.query_w.value, hd, d), false);
         }

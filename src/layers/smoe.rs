@@ -159,7 +159,7 @@ impl Layer for Smoe {
             }
         }
         self.aux = if self.cfg.entropy > 0.0 { Self::entropy_loss(self.cfg.entropy, &self.mean_p) } else { 0.0 };
-        self.bank.forward(x, batch, k, &self.assign[..batch * k], &self.gates[..batch * k], y);
+        self.bank.forward(x, batch, k, &self.assign[..batch * k], &self.gates[..batch * k], y)?;
         Ok(())
     }
 
@@ -173,7 +173,7 @@ impl Layer for Smoe {
         ensure_len(&mut self.dgates, batch * k);
         ensure_len(&mut self.dlogits, batch * e);
         let mut dx = dx;
-        self.bank.backward(batch, dy, &mut self.dgates, dx.as_deref_mut(), false);
+        self.bank.backward(batch, dy, &mut self.dgates, dx.as_deref_mut(), false)?;
         let gamma = self.cfg.entropy;
         let inv_b = 1.0 / batch as f32;
         for b in 0..batch {

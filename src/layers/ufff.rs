@@ -63,9 +63,6 @@ pub struct Ufff {
     z: Vec<f32>,
     /// dL/dz at each level, `batch × (D+1)`.
     dz: Vec<f32>,
-    /// Neurons visited by the last batch, in first-visit order, and a membership mask.
-    touched: Vec<u32>,
-    seen: Vec<bool>,
     last_batch: usize,
 }
 
@@ -78,20 +75,15 @@ impl Ufff {
         let n = (1usize << (cfg.depth + 1)) - 1;
         let bi = (1.0 / in_features as f32).sqrt();
         let bo = (1.0 / (cfg.depth + 1) as f32).sqrt();
-        Ok(Ufff {
-            in_weight: Param::uniform("in_weight", &[n, in_features], bi, true, rng),
-            in_bias: Param::uniform("in_bias", &[n], bi, false, rng),
-            out_weight: Param::uniform("out_weight", &[n, out_features], bo, true, rng),
-            cfg,
-            in_features,
-            out_features,
-            path: Vec::new(),
-            z: Vec::new(),
-            dz: Vec::new(),
-            touched: Vec::new(),
-            seen: vec![false; n],
-            last_batch: 0,
-        })
+        let mut in_weight = Param::uniform("in_weight", &[n, in_features], bi, true, rng);
+        let mut in_bias = Param::uniform("in_bias", &[n], bi, false, rng);
+        let mut out_weight = Param::uniform("out_weight", &[n, out_features], bo, true, rng);
+        if cfg.sparse_update {
+            for p in [&mut in_weight, &mut in_bias, &mut out_weight] {
+                p.track_rows();
+            }
+        }
+        Ok(Ufff { in_weight, in_bias, out_weight, cfg, in_features, out_features, path: Vec::new(), z: Vec::new(), dz: Vec::new(), last_batch: 0 })
     }
 
     /// Total neurons, `2^(D+1) − 1`.
@@ -127,9 +119,10 @@ impl Ufff {
         UfffKernel::new(w_in, b_in, w_out, self.in_features, self.out_features, self.levels(), self.cfg.activation)
     }
 
-    /// Neurons visited by the last training batch (first-visit order).
+    /// Neurons that hold gradient with `sparse_update`: visited by a training batch since the
+    /// last [`Param::zero_grad`], in first-visit order (empty without `sparse_update`).
     pub fn touched(&self) -> &[u32] {
-        &self.touched
+        self.in_weight.touched_rows.as_ref().map_or(&[], |s| s.rows())
     }
 
     /// Neurons visited by each sample. `x`: `batch × in` → `batch × (D+1)` neuron indices.
@@ -211,50 +204,21 @@ impl Layer for Ufff {
                 }
             });
         }
-        // Parameter gradients: only path rows are touched; accumulated in sample order so the
-        // result does not depend on the thread count.
-        if self.cfg.sparse_update {
-            for &node in &self.touched {
-                let node = node as usize;
-                self.in_weight.grad[node * ni..(node + 1) * ni].fill(0.0);
-                self.in_bias.grad[node] = 0.0;
-                self.out_weight.grad[node * no..(node + 1) * no].fill(0.0);
-            }
-        } else {
-            self.in_weight.zero_grad();
-            self.in_bias.zero_grad();
-            self.out_weight.zero_grad();
-        }
-        self.touched.clear();
-        // capacity for every node at once: the list never grows (and allocates) mid-training
-        self.touched.reserve(self.seen.len());
+        // Parameter gradients, added in sample order (the result does not depend on the thread
+        // count). Only path rows are written; with sparse updates they join the row sets.
         for b in 0..batch {
             let (xb, dyb) = (&x[b * ni..(b + 1) * ni], &dy[b * no..(b + 1) * no]);
             for l in 0..lv {
                 let node = self.path[b * lv + l] as usize;
-                if !self.seen[node] {
-                    self.seen[node] = true;
-                    self.touched.push(node as u32);
+                for p in [&mut self.in_weight, &mut self.in_bias, &mut self.out_weight] {
+                    if let Some(rows) = &mut p.touched_rows {
+                        rows.insert(node as u32);
+                    }
                 }
                 let (zv, d) = (self.z[b * lv + l], self.dz[b * lv + l]);
                 axpy(act.apply(zv), dyb, &mut self.out_weight.grad[node * no..(node + 1) * no]);
                 axpy(d, xb, &mut self.in_weight.grad[node * ni..(node + 1) * ni]);
                 self.in_bias.grad[node] += d;
-            }
-        }
-        for &node in &self.touched {
-            self.seen[node as usize] = false;
-        }
-        for p in [&mut self.in_weight, &mut self.in_bias, &mut self.out_weight] {
-            if self.cfg.sparse_update {
-                // reuse the row list's buffer: no allocation once it has grown
-                let mut rows = p.touched_rows.take().unwrap_or_default();
-                rows.clear();
-                rows.reserve(self.seen.len());
-                rows.extend_from_slice(&self.touched);
-                p.touched_rows = Some(rows);
-            } else {
-                p.touched_rows = None;
             }
         }
         Ok(())

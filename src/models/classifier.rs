@@ -1,6 +1,8 @@
 //! A classifier: one feedforward layer from the input features to the class logits, then
 //! softmax cross-entropy. Trees (`fff`, `ufff`) train soft and predict with hard routing.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::loss::{argmax_rows, softmax_cross_entropy};
@@ -39,6 +41,9 @@ pub struct Classifier {
     layer: Box<dyn Layer>,
     /// Weight storage of the inference kernel ([`Classifier::logits`], `predict`, `accuracy`).
     precision: Precision,
+    /// The inference kernel of the current weights in `precision`, built on first use and
+    /// dropped by every mutable access to the layer, so it never goes stale.
+    kernel: OnceLock<Box<dyn InferKernel>>,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
 }
@@ -51,7 +56,7 @@ impl Classifier {
     pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed).fork(0x1a7e);
         let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
-        Ok(Classifier { cfg, layer, precision: Precision::F32, logits: Vec::new(), dlogits: Vec::new() })
+        Ok(Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() })
     }
 
     /// The configuration.
@@ -64,8 +69,9 @@ impl Classifier {
         self.layer.as_ref()
     }
 
-    /// The feedforward layer, mutably.
+    /// The feedforward layer, mutably (drops the cached inference kernel).
     pub fn layer_mut(&mut self) -> &mut dyn Layer {
+        self.kernel.take();
         self.layer.as_mut()
     }
 
@@ -79,13 +85,21 @@ impl Classifier {
         self.layer.params().into_iter().map(|p| (format!("{LAYER_PREFIX}{}", p.name), p)).collect()
     }
 
-    /// Visits the parameters mutably (for optimizers and loaders).
+    /// Zeroes every gradient (the touched rows only of sparse ones).
+    pub fn zero_grad(&mut self) {
+        self.layer.zero_grad()
+    }
+
+    /// Visits the parameters mutably (for optimizers and loaders); drops the cached inference
+    /// kernel.
     pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.kernel.take();
         self.layer.visit_params_mut(f)
     }
 
     /// Forward and backward on one batch: `x` is `batch × in_features`, `labels` has `batch`
-    /// entries. Leaves the gradient of (mean cross-entropy + auxiliary loss) in the parameters.
+    /// entries. *Adds* the gradient of (mean cross-entropy + auxiliary loss) into the
+    /// parameters' `grad` (call [`Classifier::zero_grad`] before a step).
     pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], rng: &mut Rng) -> Result<StepStats> {
         let batch = labels.len();
         let c = self.cfg.n_classes;
@@ -106,14 +120,20 @@ impl Classifier {
     /// Runs inference with the layer's weights stored in `precision` (an error if the layer
     /// has no kernel in that precision).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.layer.kernel_with(precision)?;
+        let kernel = self.layer.kernel_with(precision)?;
         self.precision = precision;
+        self.kernel = OnceLock::from(kernel);
         Ok(())
     }
 
-    /// The inference kernel in the chosen precision.
-    pub fn kernel(&self) -> Result<Box<dyn InferKernel>> {
-        self.layer.kernel_with(self.precision)
+    /// The inference kernel of the current weights in the chosen precision (built once, then
+    /// reused until the parameters are borrowed mutably).
+    pub fn kernel(&self) -> Result<&dyn InferKernel> {
+        if let Some(k) = self.kernel.get() {
+            return Ok(k.as_ref());
+        }
+        let k = self.layer.kernel_with(self.precision)?;
+        Ok(self.kernel.get_or_init(|| k).as_ref())
     }
 
     /// Inference logits: `x` (`batch × in_features`) → `batch × n_classes`.

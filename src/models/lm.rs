@@ -14,6 +14,8 @@
 //! `pos_emb.weight`, `blocks.{i}.ln1.*`, `blocks.{i}.attn.{qkv,proj}.*`, `blocks.{i}.ln2.*`,
 //! `blocks.{i}.ffn.<the layer's own names>`, `ln_f.*`.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::gemm::{matmul, MatMut, MatRef};
@@ -102,7 +104,9 @@ pub struct Lm {
     g: Vec<f32>,
     da: Vec<f32>,
     dtmp: Vec<f32>,
-    kernels: Vec<Box<dyn InferKernel>>,
+    /// FFN inference kernels, built from the weights on first use and dropped by every
+    /// mutable access to the parameters ([`Lm::visit_params_mut`]), so they never go stale.
+    kernels: OnceLock<Vec<Box<dyn InferKernel>>>,
     ws: Workspace,
 }
 
@@ -144,7 +148,7 @@ impl Lm {
             });
         }
         let caches = (0..cfg.layers).map(|_| Cache::default()).collect();
-        let mut lm = Lm {
+        Ok(Lm {
             ln_f: LayerNorm::new("ln_f", d),
             cfg,
             tok_emb,
@@ -158,11 +162,9 @@ impl Lm {
             g: Vec::new(),
             da: Vec::new(),
             dtmp: Vec::new(),
-            kernels: Vec::new(),
+            kernels: OnceLock::new(),
             ws: Workspace::new(),
-        };
-        lm.refresh_kernels();
-        Ok(lm)
+        })
     }
 
     /// The configuration.
@@ -170,10 +172,10 @@ impl Lm {
         &self.cfg
     }
 
-    /// Rebuilds the FFN inference kernels from the current weights (after training steps or
-    /// loading); [`Lm::logits`] and [`Generator`] use them.
-    pub fn refresh_kernels(&mut self) {
-        self.kernels = self.blocks.iter().map(|b| b.ffn.kernel()).collect();
+    /// The FFN inference kernels of the current weights ([`Lm::logits`], [`Generator`]): built
+    /// on first use after any change of the parameters.
+    fn kernels(&self) -> &[Box<dyn InferKernel>] {
+        self.kernels.get_or_init(|| self.blocks.iter().map(|b| b.ffn.kernel()).collect())
     }
 
     /// Every parameter with its full safetensors key, in a fixed order.
@@ -191,8 +193,10 @@ impl Lm {
         v
     }
 
-    /// Visits every parameter in [`Lm::named_params`] order.
+    /// Visits every parameter in [`Lm::named_params`] order. Drops the cached inference
+    /// kernels (the parameters may change).
     pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.kernels.take();
         f(&mut self.tok_emb);
         f(&mut self.pos_emb);
         for b in &mut self.blocks {
@@ -204,6 +208,12 @@ impl Lm {
             b.ffn.visit_params_mut(f);
         }
         self.ln_f.visit_params_mut(f);
+    }
+
+    /// Zeroes every gradient (the touched rows only of sparse ones): call before the first
+    /// micro-batch of a step.
+    pub fn zero_grad(&mut self) {
+        self.visit_params_mut(&mut |p| p.zero_grad());
     }
 
     /// Number of parameters.
@@ -219,7 +229,7 @@ impl Lm {
     /// FFN parameters one token touches at inference, summed over blocks (the multiply-adds
     /// of the FFN inference kernels per token).
     pub fn ffn_active_params_per_token(&self) -> usize {
-        self.kernels.iter().map(|k| k.macs_per_sample()).sum()
+        self.kernels().iter().map(|k| k.macs_per_sample()).sum()
     }
 
     fn check_tokens(&self, tokens: &[u32], b: usize, t: usize, what: &str) -> Result<()> {
@@ -262,6 +272,9 @@ impl Lm {
         let mut x0 = std::mem::take(&mut self.caches[0].x);
         self.embed(tokens, t, &mut x0[..rows * d]);
         self.caches[0].x = x0;
+        if !train {
+            self.kernels();
+        }
         let parallel = self.cfg.parallel;
         for l in 0..self.blocks.len() {
             let (head, tail) = self.caches.split_at_mut(l + 1);
@@ -282,7 +295,8 @@ impl Lm {
                 blk.ffn.set_token_ids(tokens);
                 blk.ffn.forward_train(ffn_in, rows, &mut c.f[..n], rng)?;
             } else {
-                self.kernels[l].forward_tokens(ffn_in, tokens, rows, &mut c.f[..n], &mut self.ws)?;
+                let kernel = &self.kernels.get().ok_or_else(|| Error::Invalid("lm: inference kernels missing".into()))?[l];
+                kernel.forward_tokens(ffn_in, tokens, rows, &mut c.f[..n], &mut self.ws)?;
             }
             let base: &[f32] = if parallel { &c.x[..n] } else { &c.mid[..n] };
             let next = match tail.first_mut() {
@@ -309,9 +323,11 @@ impl Lm {
         Ok(())
     }
 
-    /// One training step's forward and backward on `b` sequences of `t` tokens (`tokens`,
-    /// `targets`: `b·t`, the targets being the next tokens). Overwrites every gradient and
-    /// returns `(mean cross-entropy in nats per token, summed FFN auxiliary loss)`.
+    /// One micro-batch's forward and backward on `b` sequences of `t` tokens (`tokens`,
+    /// `targets`: `b·t`, the targets being the next tokens). *Adds* the gradient of the mean
+    /// cross-entropy plus the FFN auxiliary losses into every parameter's `grad` (call
+    /// [`Lm::zero_grad`] before a step's first micro-batch) and returns `(mean cross-entropy in
+    /// nats per token, summed FFN auxiliary loss)`.
     pub fn forward_backward(&mut self, tokens: &[u32], targets: &[u32], b: usize, t: usize, rng: &mut Rng) -> Result<(f32, f32)> {
         self.check_tokens(tokens, b, t, "lm training batch")?;
         self.check_tokens(targets, b, t, "lm training targets")?;
@@ -323,7 +339,7 @@ impl Lm {
         let aux: f32 = self.blocks.iter().map(|b| b.ffn.aux_loss()).sum();
         // output layer (tied): dE = dlogitsᵀ · xf, dxf = dlogits · E
         let dl = MatRef::new(&self.dlogits[..rows * v], rows, v);
-        matmul(MatMut::new(&mut self.tok_emb.grad, v, d), dl.t(), MatRef::new(&self.xf[..n], rows, d), false);
+        matmul(MatMut::new(&mut self.tok_emb.grad, v, d), dl.t(), MatRef::new(&self.xf[..n], rows, d), true);
         fit(&mut self.da, n);
         fit(&mut self.g, n);
         fit(&mut self.dtmp, n);
@@ -352,7 +368,6 @@ impl Lm {
             blk.ln1.backward(&c.x[..n], rows, da, g);
         }
         // embeddings: scatter-add the stream's gradient
-        self.pos_emb.grad.fill(0.0);
         for (r, (row, &tok)) in self.g[..n].chunks_exact(d).zip(tokens).enumerate() {
             for (e, &gv) in self.tok_emb.grad[tok as usize * d..][..d].iter_mut().zip(row) {
                 *e += gv;
@@ -382,11 +397,13 @@ impl Lm {
         Ok(softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]).0)
     }
 
-    /// A generator that feeds one token at a time through KV caches.
+    /// A generator that feeds one token at a time through KV caches. It borrows the model, so
+    /// the weights cannot change while it lives.
     pub fn generator(&self) -> Generator<'_> {
         let (d, ctx) = (self.cfg.d_model, self.cfg.context);
         Generator {
             lm: self,
+            kernels: self.kernels(),
             k: vec![vec![0.0; ctx * d]; self.blocks.len()],
             v: vec![vec![0.0; ctx * d]; self.blocks.len()],
             pos: 0,
@@ -406,6 +423,7 @@ impl Lm {
 /// inference kernel at batch 1 (hard routing for trees).
 pub struct Generator<'a> {
     lm: &'a Lm,
+    kernels: &'a [Box<dyn InferKernel>],
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     pos: usize,
@@ -455,7 +473,7 @@ impl Generator<'_> {
             blk.attn.step(&self.a, p, &mut self.k[l], &mut self.v[l], &mut self.scratch, &mut self.att);
             let ids = [token];
             if lm.cfg.parallel {
-                lm.kernels[l].forward_tokens(&self.a, &ids, 1, &mut self.f, &mut self.ws)?;
+                self.kernels[l].forward_tokens(&self.a, &ids, 1, &mut self.f, &mut self.ws)?;
                 for ((x, a), f) in self.x.iter_mut().zip(&self.att).zip(&self.f) {
                     *x += a + f;
                 }
@@ -464,7 +482,7 @@ impl Generator<'_> {
                     *x += a;
                 }
                 blk.ln2.as_ref().expect("sequential block has ln2").forward_row(&self.x, &mut self.bn);
-                lm.kernels[l].forward_tokens(&self.bn, &ids, 1, &mut self.f, &mut self.ws)?;
+                self.kernels[l].forward_tokens(&self.bn, &ids, 1, &mut self.f, &mut self.ws)?;
                 for (x, f) in self.x.iter_mut().zip(&self.f) {
                     *x += f;
                 }

@@ -93,9 +93,9 @@ impl Optimizer for AdamW {
             }
             let (m, v) = (&mut ms[idx], &mut vs[idx]);
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
-            if let Some(rows) = &p.touched_rows {
+            if let Some(set) = &p.touched_rows {
                 let w = p.row_len();
-                for &r in rows {
+                for &r in set.rows() {
                     let r = r as usize * w..(r as usize + 1) * w;
                     update(&mut p.value[r.clone()], &p.grad[r.clone()], &mut m[r.clone()], &mut v[r], lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
                 }

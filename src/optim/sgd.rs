@@ -41,8 +41,8 @@ impl Optimizer for Sgd {
             };
             match &p.touched_rows {
                 None => apply(0..n),
-                Some(rows) => {
-                    for &r in rows {
+                Some(set) => {
+                    for &r in set.rows() {
                         apply(r as usize * row..(r as usize + 1) * row);
                     }
                 }

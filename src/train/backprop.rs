@@ -140,6 +140,7 @@ pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progres
                     *v = if input_rng.uniform() < opts.input_dropout { 0.0 } else { *v * keep };
                 }
             }
+            model.zero_grad();
             let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_rng)?;
             if !stats.loss.is_finite() {
                 return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));

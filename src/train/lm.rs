@@ -1,8 +1,18 @@
 //! Training of the language model: random windows of the training text, AdamW with warmup +
 //! cosine decay, global-norm clipping, gradient accumulation, and evaluation of the inference
-//! path on fixed windows of the held-out tail. The batch of step `s` is drawn from an RNG
+//! path on fixed windows of the held-out tail. The windows of step `s` are drawn from an RNG
 //! seeded by `(seed, s)`, so a resumed run sees exactly the batches the uninterrupted run
 //! would have seen.
+//!
+//! Gradient accumulation: a step draws its `accum · batch` windows once, in order, and splits
+//! them into `accum` micro-batches of `batch`; their gradients are summed into the parameters
+//! and averaged. So `accum = k, batch = b` trains on exactly the windows of `accum = 1,
+//! batch = k·b`, and for every FFN whose loss is a mean over tokens (dense, fff without
+//! load balancing, dropout or region leak, ufff, hash, pkm) gives the same parameters up to
+//! rounding. The mixtures' balance (`moe`), z-loss and entropy (`smoe`) terms are computed per
+//! micro-batch and averaged, which is not the term of the whole batch: their statistics
+//! (expert shares, the batch-mean router distribution) are nonlinear in the batch, and so
+//! are capacity drops and fff's load balancing.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +45,12 @@ pub struct LmTrainOptions {
     pub weight_decay: f32,
     /// Max global gradient norm (0 = off).
     pub clip: f32,
+    /// AdamW β₁.
+    pub beta1: f32,
+    /// AdamW β₂ (0.99 as nanoGPT for small character models: few tokens per step).
+    pub beta2: f32,
+    /// AdamW ε.
+    pub eps: f32,
     /// Evaluate every this many steps (and at the end).
     pub eval_every: usize,
     /// Batches of held-out windows per evaluation.
@@ -43,12 +59,15 @@ pub struct LmTrainOptions {
     pub val_fraction: f32,
     /// Seed of initialisation and batch sampling.
     pub seed: u64,
+    /// Call [`LmProgress::checkpoint`] every this many steps (0 = never); the CLI saves the
+    /// run there (`--save-every`).
+    pub save_every: usize,
 }
 
 impl Default for LmTrainOptions {
     fn default() -> Self {
-        // nanoGPT's Shakespeare-char recipe (lr 1e-3, min lr 1e-4, β₂ 0.99 there; 0.999 here),
-        // scaled down to what two cores train in about ten minutes
+        // nanoGPT's Shakespeare-char recipe (lr 1e-3, min lr 1e-4, β₂ 0.99), scaled down to
+        // what two cores train in about ten minutes
         LmTrainOptions {
             steps: 3000,
             batch: 16,
@@ -59,10 +78,14 @@ impl Default for LmTrainOptions {
             min_lr_ratio: 0.1,
             weight_decay: 0.1,
             clip: 1.0,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
             eval_every: 250,
             eval_batches: 16,
             val_fraction: 0.1,
             seed: 0,
+            save_every: 0,
         }
     }
 }
@@ -101,6 +124,11 @@ pub trait LmProgress {
     fn step(&mut self, _step: usize, _total: usize, _loss: f32, _tokens_per_s: f64) {}
     /// After every evaluation.
     fn eval(&mut self, _e: &LmEval) {}
+    /// Every `save_every` steps (with the model, the optimizer and the run state as they are
+    /// after that step): the place to write a resumable checkpoint. An error stops training.
+    fn checkpoint(&mut self, _lm: &Lm, _opt: &AdamW, _state: &LmTrainState) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Progress sink that ignores everything.
@@ -156,7 +184,7 @@ pub fn validate(lm: &mut Lm, val: &[u32], batch: usize, t: usize, batches: usize
 /// Trains `lm` from `state.step` to `opts.steps` (or until `budget` runs out, or up to step
 /// `stop_at` — the schedule still spans `opts.steps`, so a later resume continues the same
 /// run), evaluating every `opts.eval_every` steps and when it stops. `opt` carries AdamW's
-/// moments (restored when resuming).
+/// moments (restored when resuming); its hyper-parameters are set from `opts`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_lm(
     lm: &mut Lm,
@@ -178,58 +206,45 @@ pub fn train_lm(
     if data.train.len() <= t + 1 || data.val.len() <= t + 1 {
         return Err(Error::Invalid(format!("text too short for windows of {t} tokens")));
     }
-    let b = opts.batch;
+    let (b, k) = (opts.batch, opts.accum);
     let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(opts.steps / 2), total: opts.steps, min_ratio: opts.min_lr_ratio };
-    opt.weight_decay = opts.weight_decay;
-    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
-    let mut acc: Vec<Vec<f32>> = Vec::new();
+    (opt.beta1, opt.beta2, opt.eps, opt.weight_decay) = (opts.beta1, opts.beta2, opts.eps, opts.weight_decay);
+    let (mut x, mut y) = (vec![0u32; k * b * t], vec![0u32; k * b * t]);
     let start = Instant::now();
     let base_seconds = state.seconds;
     let (mut loss_sum, mut loss_n, mut tokens_since, mut since) = (0.0f64, 0usize, 0usize, Instant::now());
     let span = data.train.len() - t - 1;
     let end = stop_at.map_or(opts.steps, |s| s.min(opts.steps));
+    let root = Rng::new(opts.seed);
     while state.step < end {
+        // the step's k·b windows, drawn once, in order; micro-batch m takes windows m·b..(m+1)·b
+        let mut rng = root.fork(state.step as u64 + 1);
+        windows(&data.train, (0..k * b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
+        lm.zero_grad();
         let mut step_loss = 0.0f32;
-        for micro in 0..opts.accum {
-            let mut rng = Rng::new(opts.seed).fork((state.step * opts.accum + micro) as u64 + 1);
-            windows(&data.train, (0..b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
-            let (loss, _aux) = lm.forward_backward(&x, &y, b, t, &mut rng)?;
+        for micro in 0..k {
+            let r = micro * b * t..(micro + 1) * b * t;
+            // stochastic layers draw from a stream of their own per (step, micro-batch)
+            let mut layer_rng = root.fork(((state.step as u64) << 20 | micro as u64) ^ 0x1a7e_0000_0000_0000);
+            let (loss, _aux) = lm.forward_backward(&x[r.clone()], &y[r], b, t, &mut layer_rng)?;
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!("loss became {loss} at step {}: lower the learning rate", state.step)));
             }
-            step_loss += loss / opts.accum as f32;
-            if opts.accum > 1 {
-                let mut i = 0;
-                lm.visit_params_mut(&mut |p| {
-                    if acc.len() <= i {
-                        acc.push(vec![0.0; p.len()]);
-                    }
-                    if micro == 0 {
-                        acc[i].fill(0.0);
-                    }
-                    for (a, g) in acc[i].iter_mut().zip(&p.grad) {
-                        *a += g / opts.accum as f32;
-                    }
-                    if micro + 1 == opts.accum {
-                        p.grad.copy_from_slice(&acc[i]);
-                        p.touched_rows = None; // the union of several backwards: update densely
-                    }
-                    i += 1;
-                });
-            }
+            step_loss += loss / k as f32;
         }
-        let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)), opts.clip) } else { 1.0 };
-        opt.step(&mut |f| lm.visit_params_mut(f), schedule.lr(state.step), scale);
+        // the gradients hold the sum over micro-batches: average (and clip) in the update
+        let inv_k = 1.0 / k as f32;
+        let clip = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)) * inv_k, opts.clip) } else { 1.0 };
+        opt.step(&mut |f| lm.visit_params_mut(f), schedule.lr(state.step), clip * inv_k);
         state.step += 1;
         loss_sum += step_loss as f64;
         loss_n += 1;
-        tokens_since += b * t * opts.accum;
+        tokens_since += b * t * k;
         progress.step(state.step, opts.steps, (loss_sum / loss_n as f64) as f32, tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9));
         let out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd) || state.step == end;
         if state.step.is_multiple_of(opts.eval_every.max(1)) || state.step == opts.steps || out_of_time {
             let tps = tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
-            lm.refresh_kernels();
             let val_loss = validate(lm, &data.val, b, t, opts.eval_batches)?;
             let e = LmEval {
                 step: state.step,
@@ -243,11 +258,15 @@ pub fn train_lm(
             state.history.push(e);
             (loss_sum, loss_n, tokens_since) = (0.0, 0, 0);
             since = Instant::now();
-            if out_of_time {
-                break;
-            }
+        }
+        // after the step's evaluation, so a resumed run's history has every evaluation once
+        if opts.save_every > 0 && state.step.is_multiple_of(opts.save_every) {
+            state.seconds = base_seconds + start.elapsed().as_secs_f64();
+            progress.checkpoint(lm, opt, state)?;
+        }
+        if out_of_time {
+            break;
         }
     }
-    lm.refresh_kernels();
     Ok(())
 }
