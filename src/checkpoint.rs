@@ -1,27 +1,55 @@
-//! Checkpoints: one `.safetensors` file holding every parameter (f32, little endian) under its
-//! name, and in the metadata the model configuration as JSON (`ffwd.config`), so that the file
-//! loads with nothing else. Writes go to a temporary file in the same directory and are renamed
-//! into place, so a failed save never leaves a partial checkpoint.
+//! Persistence in one place: a checkpoint is one `.safetensors` file holding parameters (f32,
+//! little endian) under their names, optimizer state as `optim.{slot}.{name}`, and in the
+//! metadata a format tag (`ffwd.format`: `classifier/1`, `ff/1`, `lm/1`) and JSON documents
+//! (the model configuration under `ffwd.config`, run options and state, a vocabulary), so
+//! that a file loads with nothing else.
+//!
+//! This module knows the file layout, not the models: [`CheckpointWriter`] collects tensors
+//! and metadata and writes them atomically (a temporary file in the same directory, synced,
+//! then renamed: a crash or a kill leaves the previous file or the new one, never a partial
+//! one); [`CheckpointReader`] opens a file, checks its tag, and reads tensors with their dtype
+//! and shape checked. Each model saves and loads itself through them.
+//!
+//! Hostile files: everything a header claims is checked against the file before it is used.
+//! The safetensors header must lie inside the file, tensor offsets inside the data, and a
+//! model configuration is refused when it would need more parameters than the file stores
+//! ([`CheckpointReader::check_claim`]) — before the model is allocated.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::core::{Param, ParamVisitor};
+use crate::core::Param;
 use crate::error::{Error, Result};
-use crate::models::{Classifier, ModelConfig};
+use crate::optim::Optimizer;
 
 /// Metadata key holding the format tag.
 pub const FORMAT_KEY: &str = "ffwd.format";
 /// Metadata key holding the model configuration (JSON).
 pub const CONFIG_KEY: &str = "ffwd.config";
+/// Metadata key of the training options of the run that wrote the file (JSON).
+pub const TRAIN_KEY: &str = "ffwd.train";
+/// Metadata key of the state of that run (JSON: step, history, …).
+pub const STATE_KEY: &str = "ffwd.state";
+/// Metadata key of the optimizer's step count (present when optimizer state is stored).
+pub const OPTIM_STEP_KEY: &str = "ffwd.optim.step";
+/// Metadata key of the optimizer's kind (`adamw`, `sgd`).
+pub const OPTIM_KIND_KEY: &str = "ffwd.optim.kind";
+/// Metadata key of an LM's vocabulary (JSON array of characters).
+pub const VOCAB_KEY: &str = "ffwd.vocab";
 /// Format tag of classifier checkpoints.
 pub const CLASSIFIER_FORMAT: &str = "classifier/1";
+/// Format tag of Forward-Forward checkpoints.
+pub const FF_FORMAT: &str = "ff/1";
+/// Format tag of language-model checkpoints.
+pub const LM_FORMAT: &str = "lm/1";
 
-/// Writes `bytes` to `path` atomically (temporary sibling file, then rename).
+/// Writes `bytes` to `path` atomically (temporary sibling file, synced, then renamed).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
@@ -38,192 +66,246 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Serialises named f32 tensors and metadata to safetensors bytes.
-pub fn to_safetensors_bytes(tensors: &[(String, Vec<usize>, &[f32])], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)).map_err(|e| Error::Invalid(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Invalid(format!("safetensors: {e}")))
+fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Invalid(format!("serialising checkpoint metadata: {e}")))
 }
 
-/// Saves a classifier to `path`.
-pub fn save_classifier(model: &Classifier, path: &Path) -> Result<()> {
-    let named = model.named_params();
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = named.iter().map(|(n, p)| (n.clone(), p.shape.clone(), p.value.as_slice())).collect();
-    let mut meta = HashMap::new();
-    meta.insert(FORMAT_KEY.to_string(), CLASSIFIER_FORMAT.to_string());
-    meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(model.config()).map_err(|e| Error::Invalid(e.to_string()))?);
-    meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    write_atomic(path, &to_safetensors_bytes(&tensors, meta)?)
+/// Collects the tensors and metadata of one checkpoint, then writes it atomically.
+pub struct CheckpointWriter<'a> {
+    tensors: Vec<(String, Vec<usize>, &'a [f32])>,
+    meta: HashMap<String, String>,
 }
 
-/// Reads a tensor as f32 values, checking dtype and shape.
-pub fn read_f32(st: &SafeTensors<'_>, name: &str, shape: &[usize], file: &str) -> Result<Vec<f32>> {
-    let t = st.tensor(name).map_err(|_| Error::Checkpoint { path: file.to_string(), msg: format!("missing tensor `{name}`") })?;
-    if t.shape() != shape {
-        return Err(Error::Checkpoint { path: file.to_string(), msg: format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape()) });
+impl<'a> CheckpointWriter<'a> {
+    /// An empty checkpoint of format `format` (also records the ffwd version).
+    pub fn new(format: &str) -> Self {
+        let mut meta = HashMap::new();
+        meta.insert(FORMAT_KEY.to_string(), format.to_string());
+        meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+        CheckpointWriter { tensors: Vec::new(), meta }
     }
-    match t.dtype() {
-        Dtype::F32 => Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-        other => Err(Error::Checkpoint { path: file.to_string(), msg: format!("tensor `{name}` has dtype {other:?}, expected F32") }),
+
+    /// Adds a tensor of `shape` (row-major f32 values).
+    pub fn tensor(&mut self, name: impl Into<String>, shape: &[usize], values: &'a [f32]) -> &mut Self {
+        self.tensors.push((name.into(), shape.to_vec(), values));
+        self
     }
-}
 
-/// Format tag of Forward-Forward checkpoints.
-pub const FF_FORMAT: &str = "ff/1";
-
-/// The format tag stored in a checkpoint's metadata (`classifier/1`, `ff/1`, …).
-pub fn format_of(path: &Path) -> Result<String> {
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
-    let md = meta.metadata().clone().unwrap_or_default();
-    md.get(FORMAT_KEY).cloned().ok_or(Error::Checkpoint { path: file, msg: format!("metadata has no `{FORMAT_KEY}`") })
-}
-
-/// Loads a classifier saved by [`save_classifier`].
-pub fn load_classifier(path: &Path) -> Result<Classifier> {
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
-    let md = meta.metadata().clone().unwrap_or_default();
-    let format = md.get(FORMAT_KEY).map(String::as_str).unwrap_or("");
-    if format != CLASSIFIER_FORMAT {
-        return Err(Error::Checkpoint { path: file, msg: format!("metadata `{FORMAT_KEY}` is `{format}`, expected `{CLASSIFIER_FORMAT}`") });
+    /// Adds parameters under their given names.
+    pub fn params(&mut self, named: &[(String, &'a Param)]) -> &mut Self {
+        for (n, p) in named {
+            self.tensor(n.clone(), &p.shape, &p.value);
+        }
+        self
     }
-    let cfg_json = md.get(CONFIG_KEY).ok_or_else(|| Error::Checkpoint { path: file.clone(), msg: format!("metadata has no `{CONFIG_KEY}`") })?;
-    let cfg: ModelConfig = serde_json::from_str(cfg_json).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("bad `{CONFIG_KEY}`: {e}") })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: e.to_string() })?;
-    let mut model = Classifier::new(cfg, 0)?;
-    fill_params(&mut |f| model.visit_params_mut(f), &st, crate::models::classifier::LAYER_PREFIX, &file)?;
-    Ok(model)
-}
 
-/// Sets every visited parameter from the tensor `{prefix}{name}` of `st`, checking shapes.
-pub fn fill_params(visit: &mut ParamVisitor<'_>, st: &SafeTensors<'_>, prefix: &str, file: &str) -> Result<()> {
-    let mut err = None;
-    visit(&mut |p: &mut Param| {
-        if err.is_none() {
-            match read_f32(st, &format!("{prefix}{}", p.name), &p.shape, file) {
-                Ok(v) => p.value = v,
-                Err(e) => err = Some(e),
+    /// Adds the optimizer's step count, kind and state (`optim.{slot}.{name}`, for the
+    /// parameters `named` in visiting order). Nothing is stored before its first step.
+    pub fn optimizer(&mut self, kind: &str, opt: &'a dyn Optimizer, named: &[(String, &'a Param)]) -> &mut Self {
+        self.meta.insert(OPTIM_STEP_KEY.to_string(), opt.steps().to_string());
+        self.meta.insert(OPTIM_KIND_KEY.to_string(), kind.to_string());
+        for (slot, tensors) in opt.slot_names().iter().zip(opt.slots()) {
+            if tensors.len() == named.len() {
+                for ((n, p), t) in named.iter().zip(tensors) {
+                    self.tensor(format!("optim.{slot}.{n}"), &p.shape, t);
+                }
             }
         }
-    });
-    err.map_or(Ok(()), Err)
+        self
+    }
+
+    /// Sets a metadata string.
+    pub fn meta(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.meta.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets a metadata entry to the JSON of `value`.
+    pub fn json<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<&mut Self> {
+        self.meta.insert(key.to_string(), to_json(value)?);
+        Ok(self)
+    }
+
+    /// The safetensors bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let bytes: Vec<Vec<u8>> = self.tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)).map_err(|e| Error::Invalid(format!("tensor {name}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| Error::Invalid(format!("safetensors: {e}")))
+    }
+
+    /// Writes the checkpoint to `path` atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &self.to_bytes()?)
+    }
 }
 
-/// Format tag of language-model checkpoints.
-pub const LM_FORMAT: &str = "lm/1";
-/// Metadata key of the LM vocabulary (JSON array of characters).
-pub const VOCAB_KEY: &str = "ffwd.vocab";
-/// Metadata key of the LM training options (JSON).
-pub const TRAIN_KEY: &str = "ffwd.train";
-/// Metadata key of the LM training state (JSON: step, seconds, history).
-pub const STATE_KEY: &str = "ffwd.state";
-/// Metadata key of the AdamW step count.
-pub const OPTIM_STEP_KEY: &str = "ffwd.optim.step";
-
-/// A language model with everything needed to sample from it or resume its training.
-pub struct LmCheckpoint {
-    /// The model.
-    pub lm: crate::models::Lm,
-    /// Its vocabulary.
-    pub tokenizer: crate::data::text::CharTokenizer,
-    /// The options of the run that produced it.
-    pub options: crate::train::lm::LmTrainOptions,
-    /// Where that run stood.
-    pub state: crate::train::lm::LmTrainState,
-    /// AdamW with its moments (fresh when the file has none).
-    pub optimizer: crate::optim::AdamW,
+/// An opened checkpoint: its bytes, its metadata, and how many f32 values its tensors hold.
+pub struct CheckpointReader {
+    path: String,
+    bytes: Vec<u8>,
+    meta: HashMap<String, String>,
+    stored: usize,
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| Error::Invalid(e.to_string()))
-}
+impl CheckpointReader {
+    /// Reads `path` and parses its safetensors header (not the tensors yet).
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(bytes, &path.display().to_string())
+    }
 
-/// Saves a language model, its vocabulary, the run's options and state, and AdamW's moments
-/// (`optim.m.<name>`, `optim.v.<name>`) so that training can resume exactly.
-pub fn save_lm(ck: &LmCheckpoint, path: &Path) -> Result<()> {
-    save_lm_run(&ck.lm, &ck.tokenizer, &ck.options, &ck.state, &ck.optimizer, path)
-}
+    /// Parses checkpoint bytes; `name` is used in error messages.
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Self> {
+        let path = name.to_string();
+        let (_, header) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("not a safetensors file ({e})") })?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let stored = header.tensors().values().map(|t| t.shape.iter().product::<usize>()).fold(0usize, usize::saturating_add);
+        Ok(CheckpointReader { path, bytes, meta, stored })
+    }
 
-/// [`save_lm`] from borrowed parts (a checkpoint in the middle of a run).
-pub fn save_lm_run(
-    lm: &crate::models::Lm,
-    tokenizer: &crate::data::text::CharTokenizer,
-    options: &crate::train::lm::LmTrainOptions,
-    state: &crate::train::lm::LmTrainState,
-    optimizer: &crate::optim::AdamW,
-    path: &Path,
-) -> Result<()> {
-    let named = lm.named_params();
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = named.iter().map(|(n, p)| (n.clone(), p.shape.clone(), p.value.as_slice())).collect();
-    let (m, v) = optimizer.moments();
-    if m.len() == named.len() {
-        for (((n, p), mi), vi) in named.iter().zip(m).zip(v) {
-            tensors.push((format!("optim.m.{n}"), p.shape.clone(), mi.as_slice()));
-            tensors.push((format!("optim.v.{n}"), p.shape.clone(), vi.as_slice()));
+    /// The file name, as errors show it.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// An error about this file.
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        Error::Checkpoint { path: self.path.clone(), msg: msg.into() }
+    }
+
+    /// The format tag (empty when absent).
+    pub fn format(&self) -> &str {
+        self.meta.get(FORMAT_KEY).map_or("", String::as_str)
+    }
+
+    /// Errors unless the format tag is `tag`.
+    pub fn expect_format(&self, tag: &str) -> Result<()> {
+        match self.format() {
+            f if f == tag => Ok(()),
+            "" => Err(self.error(format!("metadata has no `{FORMAT_KEY}` (not an ffwd checkpoint; expected `{tag}`)"))),
+            f => Err(self.error(format!("metadata `{FORMAT_KEY}` is `{f}`, expected `{tag}`"))),
         }
     }
-    let mut meta = HashMap::new();
-    meta.insert(FORMAT_KEY.to_string(), LM_FORMAT.to_string());
-    meta.insert(CONFIG_KEY.to_string(), json(lm.config())?);
-    meta.insert(VOCAB_KEY.to_string(), json(tokenizer)?);
-    meta.insert(TRAIN_KEY.to_string(), json(options)?);
-    meta.insert(STATE_KEY.to_string(), json(state)?);
-    meta.insert(OPTIM_STEP_KEY.to_string(), optimizer.steps().to_string());
-    meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    write_atomic(path, &to_safetensors_bytes(&tensors, meta)?)
+
+    /// A metadata string.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta.get(key).map(String::as_str)
+    }
+
+    /// A required metadata entry parsed as JSON.
+    pub fn json<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
+        self.json_opt(key)?.ok_or_else(|| self.error(format!("metadata has no `{key}`")))
+    }
+
+    /// An optional metadata entry parsed as JSON.
+    pub fn json_opt<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.meta(key).map(|s| serde_json::from_str(s).map_err(|e| self.error(format!("bad `{key}`: {e}")))).transpose()
+    }
+
+    /// Errors unless the file stores at least `count` values: a configuration read from the
+    /// metadata must not make the loader allocate more than the file holds (`None` = the
+    /// count overflows).
+    pub fn check_claim(&self, what: &str, count: Option<usize>) -> Result<()> {
+        match count {
+            Some(n) if n <= self.stored => Ok(()),
+            Some(n) => Err(self.error(format!("the configuration of {what} needs {n} parameters, the file stores {}", self.stored))),
+            None => Err(self.error(format!("the configuration of {what} overflows"))),
+        }
+    }
+
+    /// The tensor table (validates every tensor's offsets against the data).
+    pub fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| self.error(e.to_string()))
+    }
+
+    /// Reads tensor `name` as f32 values, checking dtype and shape.
+    pub fn read_f32(&self, st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| self.error(format!("missing tensor `{name}`")))?;
+        if t.shape() != shape {
+            return Err(self.error(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape())));
+        }
+        match t.dtype() {
+            Dtype::F32 => Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+            other => Err(self.error(format!("tensor `{name}` has dtype {other:?}, expected F32"))),
+        }
+    }
+
+    /// Sets every visited parameter from the tensor `{prefix}{name}`, checking shapes; all
+    /// are read before any is set, so a failed load changes nothing.
+    pub fn fill_params(&self, st: &SafeTensors<'_>, prefix: &str, visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> Result<()> {
+        let mut wanted = Vec::new();
+        visit(&mut |p: &mut Param| wanted.push((format!("{prefix}{}", p.name), p.shape.clone())));
+        self.fill_named(st, &wanted, visit)
+    }
+
+    /// Sets the visited parameters, in order, from the tensors `named` (full names and
+    /// shapes, one per parameter in visiting order); all are read before any is set.
+    pub fn fill_named(&self, st: &SafeTensors<'_>, named: &[(String, Vec<usize>)], visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> Result<()> {
+        let values = named.iter().map(|(n, s)| self.read_f32(st, n, s)).collect::<Result<Vec<_>>>()?;
+        let mut it = values.into_iter();
+        visit(&mut |p: &mut Param| {
+            if let Some(v) = it.next() {
+                p.value = v;
+            }
+        });
+        Ok(())
+    }
+
+    /// Whether the file stores optimizer state.
+    pub fn has_optimizer(&self) -> bool {
+        self.meta(OPTIM_STEP_KEY).is_some()
+    }
+
+    /// The stored optimizer kind (`adamw`, `sgd`), if any.
+    pub fn optimizer_kind(&self) -> Option<&str> {
+        self.meta(OPTIM_KIND_KEY)
+    }
+
+    /// Restores `opt` from the file's optimizer state for the parameters `named` (names and
+    /// shapes, visiting order). A file without optimizer state leaves `opt` fresh.
+    pub fn read_optimizer(&self, st: &SafeTensors<'_>, opt: &mut dyn Optimizer, named: &[(String, Vec<usize>)]) -> Result<()> {
+        let Some(steps) = self.meta(OPTIM_STEP_KEY) else { return Ok(()) };
+        let steps: u64 = steps.parse().map_err(|_| self.error(format!("bad `{OPTIM_STEP_KEY}`: `{steps}`")))?;
+        if steps == 0 {
+            return Ok(());
+        }
+        let slots = opt
+            .slot_names()
+            .iter()
+            .map(|slot| named.iter().map(|(n, s)| self.read_f32(st, &format!("optim.{slot}.{n}"), s)).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        opt.restore(steps, slots)
+    }
 }
 
-/// Loads a checkpoint written by [`save_lm`].
-pub fn load_lm(path: &Path) -> Result<LmCheckpoint> {
+/// The format tag of the checkpoint at `path`, reading only its header.
+pub fn format_of(path: &Path) -> Result<String> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
-    let md = meta.metadata().clone().unwrap_or_default();
-    let format = md.get(FORMAT_KEY).map(String::as_str).unwrap_or("");
-    if format != LM_FORMAT {
-        return Err(Error::Checkpoint { path: file, msg: format!("metadata `{FORMAT_KEY}` is `{format}`, expected `{LM_FORMAT}` (a language model)") });
+    let bad = |msg: String| Error::Checkpoint { path: file.clone(), msg };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| bad("not a safetensors file (shorter than its 8-byte header length)".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return Err(bad(format!("not a safetensors file (header of {n} bytes in a file of {len})")));
     }
-    let get = |key: &str| md.get(key).ok_or_else(|| Error::Checkpoint { path: file.clone(), msg: format!("metadata has no `{key}`") });
-    let bad = |key: &str, e: serde_json::Error| Error::Checkpoint { path: file.clone(), msg: format!("bad `{key}`: {e}") };
-    let cfg: crate::models::LmConfig = serde_json::from_str(get(CONFIG_KEY)?).map_err(|e| bad(CONFIG_KEY, e))?;
-    let tokenizer: crate::data::text::CharTokenizer = serde_json::from_str(get(VOCAB_KEY)?).map_err(|e| bad(VOCAB_KEY, e))?;
-    let options = serde_json::from_str(get(TRAIN_KEY)?).map_err(|e| bad(TRAIN_KEY, e))?;
-    let state = serde_json::from_str(get(STATE_KEY)?).map_err(|e| bad(STATE_KEY, e))?;
-    let steps: u64 = get(OPTIM_STEP_KEY)?.parse().map_err(|_| Error::Checkpoint { path: file.clone(), msg: format!("bad `{OPTIM_STEP_KEY}`") })?;
-    if tokenizer.len() != cfg.vocab {
-        return Err(Error::Checkpoint { path: file, msg: format!("vocabulary has {} characters, config says {}", tokenizer.len(), cfg.vocab) });
+    let mut head = vec![0u8; 8 + n as usize];
+    head[..8].copy_from_slice(&n.to_le_bytes());
+    f.read_exact(&mut head[8..]).map_err(|e| Error::io(path, e))?;
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
     }
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: e.to_string() })?;
-    let mut lm = crate::models::Lm::new(cfg, 0)?;
-    // parameters are stored under their full names (Lm::named_params)
-    let names: Vec<(String, Vec<usize>)> = lm.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
-    let mut values = Vec::with_capacity(names.len());
-    let (mut m, mut v) = (Vec::new(), Vec::new());
-    for (n, shape) in &names {
-        values.push(read_f32(&st, n, shape, &file)?);
-        if steps > 0 {
-            m.push(read_f32(&st, &format!("optim.m.{n}"), shape, &file)?);
-            v.push(read_f32(&st, &format!("optim.v.{n}"), shape, &file)?);
-        }
-    }
-    let mut it = values.into_iter();
-    lm.visit_params_mut(&mut |p| {
-        if let Some(val) = it.next() {
-            p.value = val;
-        }
-    });
-    let mut optimizer = crate::optim::AdamW::new(0.0);
-    if steps > 0 {
-        optimizer.restore(steps, m, v);
-    }
-    Ok(LmCheckpoint { lm, tokenizer, options, state, optimizer })
+    let meta: Meta = serde_json::from_slice(&head[8..]).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    meta.metadata.get(FORMAT_KEY).cloned().ok_or_else(|| bad(format!("metadata has no `{FORMAT_KEY}` (not an ffwd checkpoint)")))
 }

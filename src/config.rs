@@ -133,6 +133,9 @@ pub struct TrainConfig {
     pub save: Option<String>,
     /// Where to write the metrics JSON.
     pub metrics: Option<String>,
+    /// Also write the checkpoint (`save`) every this many steps, with the optimizer state, so
+    /// that `--resume` can continue an interrupted run (0 = only at the end).
+    pub save_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -165,6 +168,7 @@ impl Default for TrainConfig {
             threads: 0,
             save: None,
             metrics: None,
+            save_every: 0,
         }
     }
 }
@@ -251,6 +255,7 @@ impl TrainConfig {
             clip: self.clip,
             seed: self.seed,
             input_dropout: self.input_dropout,
+            save_every: self.save_every,
         }
     }
 }

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use ffwd::checkpoint::{load_classifier, save_classifier};
 use ffwd::data::digits;
+use ffwd::models::Classifier;
 use safetensors::SafeTensors;
 
 fn ffwd(args: &[&str]) -> Output {
@@ -60,7 +60,7 @@ fn train_save_eval_predict_round_trip() {
     let split = digits::split().unwrap();
     let rows: Vec<String> = (0..5).map(|i| split.test.row(i).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")).collect();
     let out = ok(&ffwd_stdin(&["predict", "--model", p(&model)], &rows.join("\n")));
-    let loaded = load_classifier(&model).unwrap();
+    let loaded = Classifier::load(&model).unwrap();
     let want = loaded.predict(&split.test.x[..5 * 64], 5).unwrap();
     let got: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(got, want);
@@ -76,21 +76,27 @@ fn checkpoint_round_trip_is_exact_for_every_layer() {
     for layer in ["dense", "fff", "ufff", "moe", "smoe", "pkm"] {
         let path = dir.path().join(format!("{layer}.safetensors"));
         ok(&ffwd(&["train", "-q", "--layer", layer, "--epochs", "1", "--master-leaf", "3", "--save", p(&path)]));
-        let a = load_classifier(&path).unwrap();
+        let a = Classifier::load(&path).unwrap();
         assert_eq!(a.layer().kind(), layer);
         let again = dir.path().join("again.safetensors");
-        save_classifier(&a, &again).unwrap();
+        a.save(&again).unwrap();
         let (b1, b2) = (std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
         let (s1, s2) = (SafeTensors::deserialize(&b1).unwrap(), SafeTensors::deserialize(&b2).unwrap());
-        assert_eq!(SafeTensors::read_metadata(&b1).unwrap().1.metadata(), SafeTensors::read_metadata(&b2).unwrap().1.metadata());
-        let mut names = s1.names();
+        // the training run's file adds optimizer and run state to the model's own entries
+        let (m1, m2) =
+            (SafeTensors::read_metadata(&b1).unwrap().1.metadata().clone().unwrap(), SafeTensors::read_metadata(&b2).unwrap().1.metadata().clone().unwrap());
+        for key in ["ffwd.format", "ffwd.config"] {
+            assert_eq!(m1[key], m2[key], "{layer}: metadata {key}");
+        }
+        assert!(m1.contains_key("ffwd.state") && m1.contains_key("ffwd.optim.step") && !m2.contains_key("ffwd.state"));
+        let mut names = s2.names();
         names.sort();
-        assert!(!names.is_empty());
+        assert!(!names.is_empty() && names.iter().all(|n| n.starts_with("ffn.")), "{names:?}");
         for n in names {
             let (t1, t2) = (s1.tensor(n).unwrap(), s2.tensor(n).unwrap());
             assert!(t1.shape() == t2.shape() && t1.data() == t2.data(), "{layer}: tensor {n} differs after re-save");
         }
-        let b = load_classifier(&again).unwrap();
+        let b = Classifier::load(&again).unwrap();
         assert_eq!(a.logits(&split.test.x, split.test.len()).unwrap(), b.logits(&split.test.x, split.test.len()).unwrap());
         assert_eq!(a.config(), b.config());
     }

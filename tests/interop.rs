@@ -4,11 +4,10 @@
 
 use std::path::PathBuf;
 
-use ffwd::checkpoint::read_f32;
+use ffwd::checkpoint::CheckpointReader;
 use ffwd::convert::fastfeedforward::load_fff;
 use ffwd::core::{Activation, Rng};
 use ffwd::layers::{FffConfig, Layer};
-use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -18,14 +17,13 @@ fn check(depth: usize, in_w: usize, out_w: usize, batch: usize) {
     let mut fff = load_fff(&fixture(&format!("fff_d{depth}_state.safetensors")), Activation::Relu).unwrap();
     assert_eq!((fff.n_leaves(), fff.in_features(), fff.out_features()), (1 << depth, in_w, out_w));
     let io_path = fixture(&format!("fff_d{depth}_io.safetensors"));
-    let bytes = std::fs::read(&io_path).unwrap();
-    let io = SafeTensors::deserialize(&bytes).unwrap();
-    let f = "io";
-    let x = read_f32(&io, "x", &[batch, in_w], f).unwrap();
-    let y_soft = read_f32(&io, "y_soft", &[batch, out_w], f).unwrap();
-    let y_eval = read_f32(&io, "y_eval", &[batch, out_w], f).unwrap();
-    let ent = read_f32(&io, "node_entropy", &[(1 << depth) - 1], f).unwrap();
-    let leaf_ref: Vec<usize> = read_f32(&io, "leaf", &[batch], f).unwrap().iter().map(|&v| v as usize).collect();
+    let ck = CheckpointReader::open(&io_path).unwrap();
+    let io = ck.tensors().unwrap();
+    let x = ck.read_f32(&io, "x", &[batch, in_w]).unwrap();
+    let y_soft = ck.read_f32(&io, "y_soft", &[batch, out_w]).unwrap();
+    let y_eval = ck.read_f32(&io, "y_eval", &[batch, out_w]).unwrap();
+    let ent = ck.read_f32(&io, "node_entropy", &[(1 << depth) - 1]).unwrap();
+    let leaf_ref: Vec<usize> = ck.read_f32(&io, "leaf", &[batch]).unwrap().iter().map(|&v| v as usize).collect();
 
     // soft training forward = the package's training_forward
     let mut y = vec![0.0; batch * out_w];
@@ -84,7 +82,7 @@ fn fastfeedforward_depth3_matches_reference() {
 fn reference_state_with_wrong_depth_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(fixture("fff_d2_state.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     // rewrite with depth = 3 but keep 4 leaves
     let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
     let three = 3i64.to_le_bytes();

@@ -181,11 +181,11 @@ fn wrong_shapes_are_errors_naming_the_axis() {
     assert!(e.contains("empty batch"), "{e}");
 }
 
-fn quick_run(layer: LayerConfig, seed: u64) -> (Vec<f32>, f32) {
+fn quick_run(layer: LayerConfig, seed: u64, epochs: usize) -> (Vec<f32>, f32) {
     let split = digits::split().unwrap();
     let mut m = Classifier::new(ModelConfig { in_features: 64, n_classes: 10, layer }, seed).unwrap();
     let opts = TrainOptions {
-        epochs: 3,
+        epochs,
         batch: 32,
         lr: 3e-3,
         warmup: 10,
@@ -196,6 +196,7 @@ fn quick_run(layer: LayerConfig, seed: u64) -> (Vec<f32>, f32) {
         clip: 1.0,
         seed,
         input_dropout: 0.0,
+        save_every: 0,
     };
     let r = train(&mut m, &split, &opts, &mut ffwd::train::backprop::Silent).unwrap();
     (r.history.iter().map(|e| e.train_loss).collect(), r.test_accuracy)
@@ -203,19 +204,24 @@ fn quick_run(layer: LayerConfig, seed: u64) -> (Vec<f32>, f32) {
 
 #[test]
 fn same_seed_same_run_and_training_learns() {
-    for layer in [
-        LayerConfig::Dense(DenseConfig::default()),
-        LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, load_balance: 0.01, master_leaf: 4, ..Default::default() }),
-        LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu, ..Default::default() }),
+    // floors: what each reaches on digits in 30 epochs over seeds 7 and 8 (dense 0.967–0.972,
+    // fff 0.919–0.922, ufff with 6 neurons per sample 0.886–0.933), a little below
+    for (layer, floor) in [
+        (LayerConfig::Dense(DenseConfig::default()), 0.95),
+        (LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, load_balance: 0.01, master_leaf: 4, ..Default::default() }), 0.9),
+        (LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu, ..Default::default() }), 0.86),
     ] {
-        let (l1, a1) = quick_run(layer.clone(), 7);
-        let (l2, a2) = quick_run(layer.clone(), 7);
+        let (l1, a1) = quick_run(layer.clone(), 7, 3);
+        let (l2, a2) = quick_run(layer.clone(), 7, 3);
         assert_eq!(l1, l2, "{layer:?}");
         assert_eq!(a1, a2);
-        let (l3, _) = quick_run(layer.clone(), 8);
+        let (l3, _) = quick_run(layer.clone(), 8, 3);
         assert_ne!(l1, l3, "different seeds should differ");
         assert!(l1[2] < l1[0], "{layer:?} loss did not fall: {l1:?}");
-        assert!(a1 > 0.3, "{layer:?} accuracy {a1} after 3 epochs (chance is 0.1)");
+        for seed in [7, 8] {
+            let (_, acc) = quick_run(layer.clone(), seed, 30);
+            assert!(acc > floor, "{layer:?} seed {seed}: test accuracy {acc} after 30 epochs, expected > {floor}");
+        }
     }
 }
 

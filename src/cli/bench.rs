@@ -7,7 +7,6 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use ffwd::checkpoint::load_classifier;
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::pkm::PkmScoring;
 use ffwd::kernels::{InferKernel, Precision, Workspace};
@@ -220,7 +219,7 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
         }
         return Ok(());
     }
-    let model = load_classifier(path)?;
+    let model = ffwd::models::Classifier::load(path)?;
     let k = model.layer().kernel_with(if a.bf16 { Precision::Bf16 } else { Precision::F32 })?;
     let (ni, no) = (k.in_features(), k.out_features());
     let mut rng = Rng::new(3);

@@ -9,14 +9,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use ffwd::checkpoint::{load_lm, save_lm, save_lm_run, LmCheckpoint};
 use ffwd::core::{Activation, Rng};
 use ffwd::data::text::{tiny_shakespeare, CharTokenizer};
 use ffwd::layers::hash::balanced_table;
 use ffwd::layers::{DenseConfig, FffConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use ffwd::models::{Lm, LmConfig};
 use ffwd::optim::AdamW;
-use ffwd::train::lm::{train_lm, LmEval, LmProgress, LmTrainOptions, LmTrainState, TextData};
+use ffwd::train::lm::{save_lm_run, train_lm, LmCheckpoint, LmEval, LmProgress, LmTrainOptions, LmTrainState, TextData};
 
 /// `ffwd lm …`.
 #[derive(Subcommand, Debug)]
@@ -295,7 +294,7 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     };
     // a resumed run keeps its model, options, vocabulary and optimizer; flags may extend --steps
     let (mut lm, tokenizer, mut opts, mut state, mut opt) = if let Some(path) = &a.resume {
-        let LmCheckpoint { lm, tokenizer, options, state, optimizer } = load_lm(path)?;
+        let LmCheckpoint { lm, tokenizer, options, state, optimizer } = LmCheckpoint::load(path)?;
         (lm, tokenizer, options, state, optimizer)
     } else {
         let file: LmFile = match &a.config {
@@ -409,7 +408,7 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.save {
         let ck = LmCheckpoint { lm, tokenizer, options: opts.clone(), state: state.clone(), optimizer: opt };
-        save_lm(&ck, path)?;
+        ck.save(path)?;
         eprintln!("saved {}", path.display());
         write_metrics(&a, &ck.lm, &opts, &state, last.as_ref(), tps_mean, threads, &source)?;
     } else {
@@ -452,7 +451,7 @@ fn write_metrics(
 
 fn run_sample(a: LmSampleArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
-    let ck = load_lm(&a.model)?;
+    let ck = LmCheckpoint::load(&a.model)?;
     let prompt = ck.tokenizer.encode(&a.prompt).context("prompt")?;
     let mut g = ck.lm.generator();
     let t0 = Instant::now();
@@ -467,7 +466,7 @@ fn run_sample(a: LmSampleArgs) -> anyhow::Result<()> {
 /// once from a one-token prompt (greedy, KV cache), median of `rounds` rounds. (Past the context
 /// the generator re-prefills half of it, which `ffwd lm sample` reports separately.)
 pub fn generate_tokens_per_s(path: &std::path::Path, rounds: usize) -> anyhow::Result<(f64, String, usize)> {
-    let ck = load_lm(path)?;
+    let ck = LmCheckpoint::load(path)?;
     let mut g = ck.lm.generator();
     let mut rng = Rng::new(0);
     let n = ck.lm.config().context.saturating_sub(1).max(1);

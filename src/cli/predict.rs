@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use ffwd::checkpoint::{format_of, load_classifier, FF_FORMAT};
+use ffwd::checkpoint::{format_of, FF_FORMAT};
 use ffwd::data::csv::split_fields;
 use ffwd::kernels::Precision;
+use ffwd::models::Classifier;
 use ffwd::train::forward_forward::FfNet;
 
 /// Options of `ffwd predict`.
@@ -29,7 +30,7 @@ pub struct PredictArgs {
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     // a Forward-Forward checkpoint predicts with its softmax head (one neutral-label pass)
     let mut ff = if format_of(&a.model)? == FF_FORMAT { Some(FfNet::load(&a.model)?) } else { None };
-    let mut model = if ff.is_none() { Some(load_classifier(&a.model)?) } else { None };
+    let mut model = if ff.is_none() { Some(Classifier::load(&a.model)?) } else { None };
     match (&mut model, a.bf16) {
         (Some(m), true) => m.set_precision(Precision::Bf16)?,
         (None, true) => bail!("--bf16: Forward-Forward checkpoints run in f32 only"),

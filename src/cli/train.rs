@@ -7,19 +7,23 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use ffwd::checkpoint::save_classifier;
 use ffwd::config::{Algo, LayerKind, TrainConfig};
 use ffwd::core::Activation;
 use ffwd::data::DataSpec;
 use ffwd::kernels::pkm::PkmScoring;
 use ffwd::models::{Classifier, ModelConfig};
-use ffwd::optim::OptimizerKind;
+use ffwd::optim::{Optimizer, OptimizerKind};
 use ffwd::train::forward_forward::{train_ff, FfNet, Negatives};
-use ffwd::train::{train, EpochReport, Progress};
+use ffwd::train::{load_run, new_optimizer, save_run, train_from, EpochReport, Progress, TrainState};
 
 /// Options of `ffwd train`. Flags override the values of `--config`.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone, PartialEq)]
 pub struct TrainArgs {
+    /// Continue the run saved in this checkpoint by `--save` (weights, optimizer state, step,
+    /// configuration; the data is read again from the run's data spec). Only --epochs, --save,
+    /// --save-every, --metrics, --threads and --quiet may be given with it.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
     /// TOML run configuration (see `configs/`); flags below override its values.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -29,6 +33,9 @@ pub struct TrainArgs {
     /// Fraction of a CSV file held out as the test set [default: 0.2].
     #[arg(long)]
     holdout: Option<f32>,
+    /// Which CSV column holds the label: first or last [default: first].
+    #[arg(long, value_parser = super::eval::parse_label)]
+    csv_label: Option<ffwd::data::csv::LabelColumn>,
     /// Training algorithm: bp (backpropagation) or ff (Forward-Forward; dense ReLU MLP with
     /// the widths of --ff-layers; --epochs, --batch, --lr, --seed apply to it) [default: bp].
     #[arg(long)]
@@ -154,9 +161,14 @@ pub struct TrainArgs {
     /// Worker threads (0 = all cores). Same seed and thread count give the same numbers.
     #[arg(long)]
     threads: Option<usize>,
-    /// Save the trained model to this `.safetensors` file.
+    /// Save the trained model to this `.safetensors` file (with the optimizer and run state,
+    /// so that --resume can continue it).
     #[arg(long, value_name = "PATH")]
     save: Option<String>,
+    /// Also save to --save every N steps (atomically: a kill leaves the previous complete
+    /// checkpoint) [default: 0 = only at the end].
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
     /// Write metrics (accuracies, time, parameters, neurons per inference) as JSON here.
     #[arg(long, value_name = "PATH")]
     metrics: Option<String>,
@@ -202,7 +214,7 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { c.$field = v; } )* };
     }
-    set!(data, holdout, algo, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
+    set!(data, holdout, csv_label, algo, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
     // Forward-Forward keeps its own schedule in [ff]; the generic flags override it when given
     if let Some(v) = a.epochs {
         c.ff.epochs = v;
@@ -236,6 +248,9 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if let Some(v) = a.metrics.clone() {
         c.metrics = Some(v);
+    }
+    if let Some(v) = a.save_every {
+        c.save_every = v;
     }
     if let Some(d) = a.depth {
         match c.layer {
@@ -327,12 +342,21 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-struct Bar {
+struct Bar<'a> {
     pb: ProgressBar,
     quiet: bool,
+    /// Where and what to save at `--save-every` points.
+    save: Option<(&'a str, &'a TrainConfig)>,
 }
 
-impl Progress for Bar {
+impl Progress for Bar<'_> {
+    fn checkpoint(&mut self, model: &Classifier, opt: &dyn Optimizer, state: &TrainState) -> ffwd::Result<()> {
+        if let Some((path, cfg)) = self.save {
+            save_run(path.as_ref(), model, opt, cfg.optimizer, state, cfg)?;
+        }
+        Ok(())
+    }
+
     fn step(&mut self, epoch: usize, step: usize, steps: usize, loss: f32, acc: f32) {
         self.pb.inc(1);
         if step.is_multiple_of(16) || step == steps {
@@ -362,16 +386,55 @@ impl Progress for Bar {
     }
 }
 
+/// The flags that may accompany `--resume` (they do not change what the run computes).
+fn resume_flags_only(a: &TrainArgs) -> bool {
+    let allowed = TrainArgs {
+        resume: a.resume.clone(),
+        epochs: a.epochs,
+        save: a.save.clone(),
+        save_every: a.save_every,
+        metrics: a.metrics.clone(),
+        threads: a.threads,
+        quiet: a.quiet,
+        ..Default::default()
+    };
+    *a == allowed && a.ff_goodness_every == 10
+}
+
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let cfg = resolve(&a)?;
+    // a resumed run keeps its configuration, model, optimizer and step
+    let (cfg, resumed) = match &a.resume {
+        Some(path) => {
+            anyhow::ensure!(
+                resume_flags_only(&a),
+                "--resume continues a run as configured: only --epochs, --save, --save-every, --metrics, --threads and --quiet may be given with it"
+            );
+            let run = load_run::<TrainConfig>(path, |c| new_optimizer(&c.train_options()))?;
+            let mut cfg = run.config.clone();
+            cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
+            cfg.save = a.save.clone().or(cfg.save);
+            cfg.save_every = a.save_every.unwrap_or(cfg.save_every);
+            cfg.metrics = a.metrics.clone().or(cfg.metrics);
+            cfg.threads = a.threads.unwrap_or(cfg.threads);
+            (cfg, Some(run))
+        }
+        None => (resolve(&a)?, None),
+    };
     let threads = super::init_threads(cfg.threads)?;
     let spec: DataSpec = cfg.data.parse()?;
     let split = spec.load(cfg.holdout, cfg.seed, cfg.csv_label)?;
     if cfg.algo == Algo::Ff {
         return run_ff(&a, &cfg, &split, threads);
     }
-    let model_cfg = ModelConfig { in_features: split.train.dim, n_classes: split.train.n_classes, layer: cfg.layer_config() };
-    let mut model = Classifier::new(model_cfg, cfg.seed)?;
+    let opts = cfg.train_options();
+    let (mut model, mut state, mut opt) = match resumed {
+        Some(run) => (run.model, run.state, run.optimizer),
+        None => {
+            let model_cfg = ModelConfig { in_features: split.train.dim, n_classes: split.train.n_classes, layer: cfg.layer_config() };
+            (Classifier::new(model_cfg, cfg.seed)?, TrainState::default(), new_optimizer(&opts))
+        }
+    };
+    anyhow::ensure!(cfg.save_every == 0 || cfg.save.is_some(), "--save-every needs --save (where to write the checkpoints)");
     if !a.quiet {
         eprintln!(
             "data {}: {} train / {} test, {} features, {} classes | layer {} ({} params, {} neurons per inference) | {} threads",
@@ -386,14 +449,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             threads
         );
     }
-    let opts = cfg.train_options();
     let steps = split.train.len().div_ceil(opts.batch.min(split.train.len()).max(1)) * opts.epochs;
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
     pb.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}").expect("static template").progress_chars("=> "),
     );
-    let mut bar = Bar { pb, quiet: a.quiet };
-    let report = train(&mut model, &split, &opts, &mut bar)?;
+    pb.set_position(state.step as u64);
+    let mut bar = Bar { pb, quiet: a.quiet, save: cfg.save.as_deref().map(|p| (p, &cfg)) };
+    let report = train_from(&mut model, &split, &opts, opt.as_mut(), &mut state, &mut bar)?;
     bar.pb.finish_and_clear();
     println!(
         "test accuracy {:.4}  train accuracy {:.4}  ({} epochs, {:.1}s training, {} params, {} neurons per inference)",
@@ -405,7 +468,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         model.layer().neurons_per_inference()
     );
     if let Some(path) = &cfg.save {
-        save_classifier(&model, path.as_ref())?;
+        save_run(path.as_ref(), &model, opt.as_ref(), cfg.optimizer, &state, &cfg)?;
         eprintln!("saved {path}");
     }
     if let Some(path) = &cfg.metrics {

@@ -10,33 +10,27 @@
 use std::path::Path;
 
 use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
 
-use crate::checkpoint::fill_params;
+use crate::checkpoint::CheckpointReader;
 use crate::core::{Activation, Rng};
-use crate::error::{Error, Result};
-use crate::layers::{Fff, FffConfig, Layer};
-
-fn shape_of(st: &SafeTensors<'_>, name: &str, file: &str) -> Result<Vec<usize>> {
-    st.tensor(name)
-        .map(|t| t.shape().to_vec())
-        .map_err(|_| Error::Checkpoint { path: file.to_string(), msg: format!("missing tensor `{name}` (not a fastfeedforward FFF state dict?)") })
-}
+use crate::error::Result;
+use crate::layers::{Fff, FffConfig, Layer, LayerConfig};
 
 /// Reads a `fastfeedforward` FFF state dict. The package does not store its activation, so
 /// pass the one the model was built with (the package default is ReLU).
 pub fn load_fff(path: &Path, activation: Activation) -> Result<Fff> {
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint { path: file.clone(), msg: format!("not a safetensors file ({e})") })?;
-    let w1 = shape_of(&st, "w1s", &file)?;
-    let w2 = shape_of(&st, "w2s", &file)?;
+    let ck = CheckpointReader::open(path)?;
+    let st = ck.tensors()?;
+    let shape_of = |name: &str| {
+        st.tensor(name).map(|t| t.shape().to_vec()).map_err(|_| ck.error(format!("missing tensor `{name}` (not a fastfeedforward FFF state dict?)")))
+    };
+    let (w1, w2) = (shape_of("w1s")?, shape_of("w2s")?);
     if w1.len() != 3 || w2.len() != 3 {
-        return Err(Error::Checkpoint { path: file, msg: format!("w1s {w1:?} and w2s {w2:?} must have 3 axes") });
+        return Err(ck.error(format!("w1s {w1:?} and w2s {w2:?} must have 3 axes")));
     }
     let (leaves, in_features, leaf, out_features) = (w1[0], w1[1], w1[2], w2[2]);
     if !leaves.is_power_of_two() {
-        return Err(Error::Checkpoint { path: file, msg: format!("w1s has {leaves} leaves, not a power of two") });
+        return Err(ck.error(format!("w1s has {leaves} leaves, not a power of two")));
     }
     let depth = leaves.trailing_zeros() as usize;
     if let Ok(t) = st.tensor("depth") {
@@ -45,11 +39,12 @@ pub fn load_fff(path: &Path, activation: Activation) -> Result<Fff> {
             _ => -1,
         };
         if stored != depth as i64 {
-            return Err(Error::Checkpoint { path: file, msg: format!("`depth` is {stored} but w1s has {leaves} leaves (depth {depth})") });
+            return Err(ck.error(format!("`depth` is {stored} but w1s has {leaves} leaves (depth {depth})")));
         }
     }
     let cfg = FffConfig { depth, leaf, activation, hardening: 0.0, region_leak: 0.0, dropout: 0.0, load_balance: 0.0, master_leaf: 0 };
+    ck.check_claim("the FFF", LayerConfig::Fff(cfg.clone()).param_count(in_features, out_features))?;
     let mut fff = Fff::new(cfg, in_features, out_features, &mut Rng::new(0))?;
-    fill_params(&mut |f| fff.visit_params_mut(f), &st, "", &file)?;
+    ck.fill_params(&st, "", &mut |f| fff.visit_params_mut(f))?;
     Ok(fff)
 }

@@ -120,6 +120,7 @@ impl LayerConfig {
         if in_features == 0 || out_features == 0 {
             return Err(Error::Config(format!("layer needs positive widths, got in_features {in_features}, out_features {out_features}")));
         }
+        check_size(self.kind(), self.param_count(in_features, out_features))?;
         Ok(match self {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
@@ -129,6 +130,44 @@ impl LayerConfig {
             LayerConfig::Hash(c) => Box::new(Hash::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Pkm(c) => Box::new(Pkm::new(c.clone(), in_features, out_features, rng)?),
         })
+    }
+
+    /// Scalars of the parameters of a layer `in_features → out_features` with this
+    /// configuration, computed without building it (`None` when the count overflows). Loaders
+    /// compare it with the tensors a file holds before allocating anything.
+    pub fn param_count(&self, in_features: usize, out_features: usize) -> Option<usize> {
+        let (i, o) = (in_features, out_features);
+        // a·b + c·d + … with overflow checks
+        let sum = |terms: &[(usize, usize)]| terms.iter().try_fold(0usize, |acc, &(a, b)| acc.checked_add(a.checked_mul(b)?));
+        let bank = |e: usize, g: usize| sum(&[(e, i.checked_mul(g)?), (e, g), (e, g.checked_mul(o)?), (o, 1)]);
+        match self {
+            LayerConfig::Dense(c) => {
+                let mut total = 0usize;
+                for l in 0..c.layers {
+                    let fan_in = if l == 0 { i } else { c.width };
+                    let fan_out = if l + 1 == c.layers { o } else { c.width };
+                    total = total.checked_add(sum(&[(fan_in, fan_out), (fan_out, 1)])?)?;
+                }
+                Some(total)
+            }
+            LayerConfig::Fff(c) => {
+                let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
+                let m = c.master_leaf;
+                let master = if m > 0 { sum(&[(i, m), (m, 1), (m, o), (o, 1), (i, 1), (1, 1)])? } else { 0 };
+                sum(&[(leaves - 1, i + 1), (leaves, i.checked_mul(c.leaf)?), (leaves, c.leaf), (leaves, c.leaf.checked_mul(o)?), (leaves, o), (master, 1)])
+            }
+            LayerConfig::Ufff(c) => {
+                let n = 1usize.checked_shl(u32::try_from(c.depth + 1).ok()?)? - 1;
+                n.checked_mul(i.checked_add(1)?.checked_add(o)?)
+            }
+            LayerConfig::Moe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
+            LayerConfig::Smoe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
+            LayerConfig::Hash(c) => bank(c.experts, c.expert_width),
+            LayerConfig::Pkm(c) => {
+                let hd = c.heads.checked_mul(c.key_dim)?;
+                sum(&[(hd, i), (hd, 1), (c.heads, c.n_keys.checked_mul(c.key_dim)?), (c.n_keys.checked_mul(c.n_keys)?, o), (o, 1)])
+            }
+        }
     }
 
     /// Kind name.
@@ -142,6 +181,19 @@ impl LayerConfig {
             LayerConfig::Hash(_) => "hash",
             LayerConfig::Pkm(_) => "pkm",
         }
+    }
+}
+
+/// Most parameters a model may have (2³² scalars: 16 GiB of values, as much again of
+/// gradients): larger requests are configuration mistakes, refused before allocating.
+pub const MAX_PARAMS: usize = 1 << 32;
+
+/// Refuses parameter counts above [`MAX_PARAMS`] (or that overflow) with an error naming `what`.
+pub fn check_size(what: &str, count: Option<usize>) -> Result<usize> {
+    match count {
+        Some(n) if n <= MAX_PARAMS => Ok(n),
+        Some(n) => Err(Error::Config(format!("{what}: {n} parameters is more than the limit of {MAX_PARAMS}"))),
+        None => Err(Error::Config(format!("{what}: the parameter count overflows"))),
     }
 }
 

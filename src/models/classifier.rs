@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{CheckpointReader, CheckpointWriter, CLASSIFIER_FORMAT, CONFIG_KEY};
 use crate::core::loss::{argmax_rows, softmax_cross_entropy};
 use crate::core::{Param, Rng};
 use crate::data::Dataset;
@@ -51,7 +52,43 @@ pub struct Classifier {
 /// Prefix of the layer's parameters in checkpoints.
 pub const LAYER_PREFIX: &str = "ffn.";
 
+impl ModelConfig {
+    /// Scalars of the model's parameters, computed without building it (`None` on overflow).
+    pub fn param_count(&self) -> Option<usize> {
+        self.layer.param_count(self.in_features, self.n_classes)
+    }
+}
+
 impl Classifier {
+    /// A checkpoint writer holding this model (format `classifier/1`: parameters `ffn.*` and
+    /// the configuration); add run state to it, or write it as is ([`Classifier::save`]).
+    pub fn checkpoint(&self) -> Result<CheckpointWriter<'_>> {
+        let mut w = CheckpointWriter::new(CLASSIFIER_FORMAT);
+        w.params(&self.named_params()).json(CONFIG_KEY, &self.cfg)?;
+        Ok(w)
+    }
+
+    /// Saves the model to `path` (atomically).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        self.checkpoint()?.write(path)
+    }
+
+    /// Loads a model saved by [`Classifier::save`] (or any `classifier/1` checkpoint).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        Self::from_checkpoint(&CheckpointReader::open(path)?)
+    }
+
+    /// The model stored in an opened checkpoint.
+    pub fn from_checkpoint(ck: &CheckpointReader) -> Result<Self> {
+        ck.expect_format(CLASSIFIER_FORMAT)?;
+        let cfg: ModelConfig = ck.json(CONFIG_KEY)?;
+        ck.check_claim("the classifier", cfg.param_count())?;
+        let st = ck.tensors()?;
+        let mut model = Classifier::new(cfg, 0)?;
+        ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
+        Ok(model)
+    }
+
     /// A freshly initialised classifier; `seed` fixes the initial weights.
     pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed).fork(0x1a7e);

@@ -47,6 +47,19 @@ pub struct LmConfig {
     pub ffn: LayerConfig,
 }
 
+impl LmConfig {
+    /// Scalars of the model's parameters, computed without building it (`None` on overflow).
+    pub fn param_count(&self) -> Option<usize> {
+        let d = self.d_model;
+        // attention: qkv 3d² + 3d, projection d² + d; two LayerNorms (one when parallel)
+        let norms = d.checked_mul(if self.parallel { 2 } else { 4 })?;
+        let attn = d.checked_mul(d)?.checked_add(d)?.checked_mul(4)?;
+        let block = attn.checked_add(norms)?.checked_add(self.ffn.param_count(d, d)?)?;
+        let emb = self.vocab.checked_add(self.context)?.checked_mul(d)?;
+        emb.checked_add(block.checked_mul(self.layers)?)?.checked_add(d.checked_mul(2)?)
+    }
+}
+
 impl Default for LmConfig {
     fn default() -> Self {
         // a nanoGPT "baby GPT" scaled to two CPU cores: 4 × 192 wide, 128 characters of context
@@ -126,6 +139,7 @@ impl Lm {
         if cfg.heads == 0 || !cfg.d_model.is_multiple_of(cfg.heads) {
             return Err(Error::Config(format!("lm d_model {} must be a positive multiple of heads {}", cfg.d_model, cfg.heads)));
         }
+        crate::layers::check_size("lm", cfg.param_count())?;
         let mut rng = Rng::new(seed);
         let d = cfg.d_model;
         let normal = |name: &str, shape: &[usize], rng: &mut Rng| {

@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::Optimizer;
 use crate::core::{Param, ParamVisitor};
+use crate::error::Result;
 
 /// Parameters at least this long are updated in parallel chunks.
 const PAR_CHUNK: usize = 1 << 15;
@@ -30,22 +31,10 @@ impl AdamW {
         AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, t: 0, m: Vec::new(), v: Vec::new() }
     }
 
-    /// Steps taken so far.
-    pub fn steps(&self) -> u64 {
-        self.t
-    }
-
     /// First and second moments, one vector per parameter in visiting order (empty before
     /// the first step).
     pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
         (&self.m, &self.v)
-    }
-
-    /// Restores the state saved from [`AdamW::steps`] and [`AdamW::moments`] (resuming a run).
-    pub fn restore(&mut self, t: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
-        self.t = t;
-        self.m = m;
-        self.v = v;
     }
 }
 
@@ -112,8 +101,23 @@ impl Optimizer for AdamW {
         });
     }
 
-    fn state(&self) -> Vec<(&'static str, &[f32])> {
-        self.m.iter().map(|m| ("m", m.as_slice())).chain(self.v.iter().map(|v| ("v", v.as_slice()))).collect()
+    fn steps(&self) -> u64 {
+        self.t
+    }
+
+    fn slot_names(&self) -> &'static [&'static str] {
+        &["m", "v"]
+    }
+
+    fn slots(&self) -> Vec<&[Vec<f32>]> {
+        vec![&self.m, &self.v]
+    }
+
+    fn restore(&mut self, steps: u64, slots: Vec<Vec<Vec<f32>>>) -> Result<()> {
+        super::check_slots(self.slot_names(), &slots)?;
+        let mut it = slots.into_iter();
+        (self.t, self.m, self.v) = (steps, it.next().unwrap_or_default(), it.next().unwrap_or_default());
+        Ok(())
     }
 }
 

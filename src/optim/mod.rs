@@ -12,6 +12,7 @@ pub use sgd::Sgd;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Param, ParamVisitor};
+use crate::error::{Error, Result};
 
 /// Which optimizer to use, with its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -23,13 +24,40 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+impl OptimizerKind {
+    /// The lowercase name (`adamw`, `sgd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+}
+
 /// An optimizer that updates parameters from their gradients.
 pub trait Optimizer: Send {
     /// One update with learning rate `lr`; gradients are first multiplied by `grad_scale`
     /// (the clipping factor), fused into the same pass.
     fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32);
-    /// Optimizer state tensors (for checkpoints), in parameter order.
-    fn state(&self) -> Vec<(&'static str, &[f32])>;
+    /// Steps taken so far.
+    fn steps(&self) -> u64;
+    /// Names of the state slots (`m`, `v` for AdamW; `momentum` for SGD); checkpoints store
+    /// slot `s` of parameter `p` as the tensor `optim.{s}.{p}`.
+    fn slot_names(&self) -> &'static [&'static str];
+    /// The state: for each slot in [`Optimizer::slot_names`] order, one tensor per parameter
+    /// in visiting order (empty before the first step).
+    fn slots(&self) -> Vec<&[Vec<f32>]>;
+    /// Restores [`Optimizer::steps`] and [`Optimizer::slots`] (resuming a run); `slots` must
+    /// have one entry per slot name, each with the same number of tensors.
+    fn restore(&mut self, steps: u64, slots: Vec<Vec<Vec<f32>>>) -> Result<()>;
+}
+
+/// Checks the shape of restored optimizer state: `names.len()` slots of equally many tensors.
+pub(crate) fn check_slots(names: &[&str], slots: &[Vec<Vec<f32>>]) -> Result<()> {
+    if slots.len() != names.len() || slots.windows(2).any(|w| w[0].len() != w[1].len()) {
+        return Err(Error::Invalid(format!("optimizer state: expected slots {names:?} with one tensor per parameter each")));
+    }
+    Ok(())
 }
 
 /// Global L2 norm of all gradients (sum in f64, in parameter order: deterministic).

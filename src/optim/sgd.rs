@@ -2,6 +2,7 @@
 
 use super::Optimizer;
 use crate::core::{Param, ParamVisitor};
+use crate::error::Result;
 
 /// `v = μ·v + g; w = w·(1 − lr·λ) − lr·v` (PyTorch's SGD with momentum, dampening 0).
 #[derive(Clone, Debug)]
@@ -10,18 +11,20 @@ pub struct Sgd {
     pub momentum: f32,
     /// Weight decay λ.
     pub weight_decay: f32,
+    t: u64,
     v: Vec<Vec<f32>>,
 }
 
 impl Sgd {
     /// New optimizer.
     pub fn new(momentum: f32, weight_decay: f32) -> Self {
-        Sgd { momentum, weight_decay, v: Vec::new() }
+        Sgd { momentum, weight_decay, t: 0, v: Vec::new() }
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32) {
+        self.t += 1;
         let (mu, wd) = (self.momentum, self.weight_decay);
         let vs = &mut self.v;
         let mut idx = 0;
@@ -51,8 +54,22 @@ impl Optimizer for Sgd {
         });
     }
 
-    fn state(&self) -> Vec<(&'static str, &[f32])> {
-        self.v.iter().map(|v| ("momentum", v.as_slice())).collect()
+    fn steps(&self) -> u64 {
+        self.t
+    }
+
+    fn slot_names(&self) -> &'static [&'static str] {
+        &["momentum"]
+    }
+
+    fn slots(&self) -> Vec<&[Vec<f32>]> {
+        vec![&self.v]
+    }
+
+    fn restore(&mut self, steps: u64, slots: Vec<Vec<Vec<f32>>>) -> Result<()> {
+        super::check_slots(self.slot_names(), &slots)?;
+        (self.t, self.v) = (steps, slots.into_iter().next().unwrap_or_default());
+        Ok(())
     }
 }
 

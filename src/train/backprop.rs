@@ -1,11 +1,18 @@
 //! Backpropagation training of a [`Classifier`]: shuffled minibatches, warmup + cosine LR,
 //! AdamW or SGD, optional global-norm clipping, evaluation (hard inference) after each epoch.
 //! After the buffers are sized by the first step, a step allocates nothing.
+//!
+//! Every random choice is a function of the seed and the position in the run: epoch `e`'s
+//! order comes from a stream forked by `e`, step `s`'s input dropout and stochastic layers from
+//! streams forked by `s`. So a run resumed from a checkpoint written after step `s`
+//! ([`TrainState`], the optimizer's state and the weights) continues exactly as the
+//! uninterrupted run would have.
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{CheckpointReader, STATE_KEY, TRAIN_KEY};
 use crate::core::Rng;
 use crate::data::Split;
 use crate::error::{Error, Result};
@@ -13,7 +20,7 @@ use crate::models::Classifier;
 use crate::optim::{clip_factor, grad_norm, AdamW, Optimizer, OptimizerKind, Schedule, Sgd};
 
 /// Hyper-parameters of a training run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
     /// Passes over the training set.
     pub epochs: usize,
@@ -38,10 +45,12 @@ pub struct TrainOptions {
     /// Probability of zeroing each input feature of a training sample (inverted dropout on
     /// the input; 0 = off). A data-agnostic regulariser.
     pub input_dropout: f32,
+    /// Call [`Progress::checkpoint`] every this many steps (0 = never).
+    pub save_every: usize,
 }
 
 /// What happened in one epoch.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochReport {
     /// 1-based epoch.
     pub epoch: usize,
@@ -59,7 +68,7 @@ pub struct EpochReport {
     pub seconds: f64,
     /// Mixture layers: the share of routed slots each expert received, averaged over the
     /// epoch's steps.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_load: Option<Vec<f32>>,
 }
 
@@ -84,14 +93,71 @@ pub trait Progress {
     fn step(&mut self, _epoch: usize, _step_in_epoch: usize, _steps_per_epoch: usize, _loss: f32, _acc: f32) {}
     /// Called after every epoch.
     fn epoch(&mut self, _report: &EpochReport) {}
+    /// Called every `save_every` steps with the model, the optimizer and the run state as they
+    /// are after that step: the place to write a resumable checkpoint. An error stops training.
+    fn checkpoint(&mut self, _model: &Classifier, _opt: &dyn Optimizer, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Sums over the steps of the epoch in progress.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochSums {
+    /// Σ loss · batch.
+    pub loss: f64,
+    /// Σ auxiliary loss · batch.
+    pub aux: f64,
+    /// Correct training-mode predictions.
+    pub correct: usize,
+    /// Samples seen.
+    pub seen: usize,
+    /// Seconds of training steps.
+    pub seconds: f64,
+    /// Per-expert load summed over steps (mixture layers).
+    pub load: Option<Vec<f32>>,
+}
+
+/// Where a run stands; saved in checkpoints so that a run can resume.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Seconds spent in training steps so far.
+    pub train_seconds: f64,
+    /// Every finished epoch.
+    pub history: Vec<EpochReport>,
+    /// The epoch in progress.
+    pub epoch: EpochSums,
+}
+
+/// The optimizer `opts` asks for, fresh.
+pub fn new_optimizer(opts: &TrainOptions) -> Box<dyn Optimizer> {
+    match opts.optimizer {
+        OptimizerKind::Adamw => Box::new(AdamW::new(opts.weight_decay)),
+        OptimizerKind::Sgd => Box::new(Sgd::new(opts.momentum, opts.weight_decay)),
+    }
 }
 
 /// Progress sink that ignores everything.
 pub struct Silent;
 impl Progress for Silent {}
 
-/// Trains `model` on `split.train`, evaluating on `split.test` after each epoch.
+/// Trains `model` on `split.train` from scratch, evaluating on `split.test` after each epoch.
 pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progress: &mut dyn Progress) -> Result<TrainReport> {
+    let mut opt = new_optimizer(opts);
+    train_from(model, split, opts, opt.as_mut(), &mut TrainState::default(), progress)
+}
+
+/// Trains `model` from `state.step` to the end of `opts.epochs` (a fresh run when `state` is
+/// the default; a resumed one with the state, optimizer and weights of a checkpoint).
+pub fn train_from(
+    model: &mut Classifier,
+    split: &Split,
+    opts: &TrainOptions,
+    opt: &mut dyn Optimizer,
+    state: &mut TrainState,
+    progress: &mut dyn Progress,
+) -> Result<TrainReport> {
     let data = &split.train;
     crate::error::check_dim("training data", "features", model.config().in_features, data.dim)?;
     if data.n_classes > model.config().n_classes {
@@ -103,79 +169,129 @@ pub fn train(model: &mut Classifier, split: &Split, opts: &TrainOptions, progres
     if !(opts.lr > 0.0 && opts.lr.is_finite()) {
         return Err(Error::Config(format!("lr must be positive, got {}", opts.lr)));
     }
+    if !(0.0..1.0).contains(&opts.input_dropout) {
+        return Err(Error::Config(format!("input_dropout must be in [0, 1), got {}", opts.input_dropout)));
+    }
     let n = data.len();
     let batch = opts.batch.min(n);
     let steps_per_epoch = n.div_ceil(batch);
     let total = steps_per_epoch * opts.epochs;
     let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(total / 2), total, min_ratio: opts.min_lr_ratio };
-    let mut opt: Box<dyn Optimizer> = match opts.optimizer {
-        OptimizerKind::Adamw => Box::new(AdamW::new(opts.weight_decay)),
-        OptimizerKind::Sgd => Box::new(Sgd::new(opts.momentum, opts.weight_decay)),
-    };
     let root = Rng::new(opts.seed);
-    let mut shuffle_rng = root.fork(1);
-    let mut layer_rng = root.fork(2);
-    let mut input_rng = root.fork(3);
-    if !(0.0..1.0).contains(&opts.input_dropout) {
-        return Err(Error::Config(format!("input_dropout must be in [0, 1), got {}", opts.input_dropout)));
-    }
+    let (shuffle_root, layer_root, input_root) = (root.fork(1), root.fork(2), root.fork(3));
     let mut order: Vec<usize> = (0..n).collect();
+    let mut order_epoch = usize::MAX;
     let mut xb = vec![0.0f32; batch * data.dim];
     let mut yb = vec![0u32; batch];
-    let mut history = Vec::with_capacity(opts.epochs);
-    let mut train_seconds = 0.0;
-    let mut step = 0;
-    for epoch in 1..=opts.epochs {
-        shuffle_rng.shuffle(&mut order);
-        let t0 = Instant::now();
-        let (mut loss_sum, mut aux_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize, 0usize);
-        let mut lr = schedule.lr(step);
-        let mut load: Option<Vec<f32>> = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
-        for (s, idx) in order.chunks(batch).enumerate() {
-            let b = idx.len();
-            data.gather(idx, &mut xb[..b * data.dim], &mut yb[..b]);
-            if opts.input_dropout > 0.0 {
-                let keep = 1.0 / (1.0 - opts.input_dropout);
-                for v in &mut xb[..b * data.dim] {
-                    *v = if input_rng.uniform() < opts.input_dropout { 0.0 } else { *v * keep };
-                }
-            }
-            model.zero_grad();
-            let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_rng)?;
-            if !stats.loss.is_finite() {
-                return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));
-            }
-            if let (Some(acc), Some(l)) = (load.as_mut(), model.layer().expert_load()) {
-                for (a, v) in acc.iter_mut().zip(l) {
-                    *a += v / steps_per_epoch as f32;
-                }
-            }
-            let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
-            lr = schedule.lr(step);
-            opt.step(&mut |f| model.visit_params_mut(f), lr, scale);
-            step += 1;
-            loss_sum += stats.loss as f64 * b as f64;
-            aux_sum += stats.aux as f64 * b as f64;
-            correct += stats.correct;
-            seen += b;
-            progress.step(epoch, s + 1, steps_per_epoch, (loss_sum / seen as f64) as f32, correct as f32 / seen as f32);
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        train_seconds += seconds;
-        let report = EpochReport {
-            epoch,
-            train_loss: (loss_sum / seen as f64) as f32,
-            aux_loss: (aux_sum / seen as f64) as f32,
-            train_accuracy_soft: correct as f32 / seen as f32,
-            test_accuracy: model.accuracy(&split.test)?,
-            lr,
-            seconds,
-            expert_load: load,
-        };
-        progress.epoch(&report);
-        history.push(report);
+    if state.epoch.load.is_none() {
+        state.epoch.load = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
     }
-    let test_accuracy = history.last().map_or(0.0, |r| r.test_accuracy);
+    while state.step < total {
+        let (epoch, s) = (state.step / steps_per_epoch + 1, state.step % steps_per_epoch);
+        if order_epoch != epoch {
+            order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
+            shuffle_root.fork(epoch as u64).shuffle(&mut order);
+            order_epoch = epoch;
+        }
+        let t0 = Instant::now();
+        let idx = &order[s * batch..((s + 1) * batch).min(n)];
+        let b = idx.len();
+        data.gather(idx, &mut xb[..b * data.dim], &mut yb[..b]);
+        if opts.input_dropout > 0.0 {
+            let mut input_rng = input_root.fork(state.step as u64);
+            let keep = 1.0 / (1.0 - opts.input_dropout);
+            for v in &mut xb[..b * data.dim] {
+                *v = if input_rng.uniform() < opts.input_dropout { 0.0 } else { *v * keep };
+            }
+        }
+        model.zero_grad();
+        let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_root.fork(state.step as u64))?;
+        if !stats.loss.is_finite() {
+            return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));
+        }
+        let sums = &mut state.epoch;
+        if let (Some(acc), Some(l)) = (sums.load.as_mut(), model.layer().expert_load()) {
+            for (a, v) in acc.iter_mut().zip(l) {
+                *a += v;
+            }
+        }
+        let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
+        let lr = schedule.lr(state.step);
+        opt.step(&mut |f| model.visit_params_mut(f), lr, scale);
+        state.step += 1;
+        sums.loss += stats.loss as f64 * b as f64;
+        sums.aux += stats.aux as f64 * b as f64;
+        sums.correct += stats.correct;
+        sums.seen += b;
+        let dt = t0.elapsed().as_secs_f64();
+        sums.seconds += dt;
+        state.train_seconds += dt;
+        progress.step(epoch, s + 1, steps_per_epoch, (sums.loss / sums.seen as f64) as f32, sums.correct as f32 / sums.seen as f32);
+        if s + 1 == steps_per_epoch {
+            let sums = std::mem::take(&mut state.epoch);
+            let seen = sums.seen.max(1) as f64;
+            let report = EpochReport {
+                epoch,
+                train_loss: (sums.loss / seen) as f32,
+                aux_loss: (sums.aux / seen) as f32,
+                train_accuracy_soft: (sums.correct as f64 / seen) as f32,
+                test_accuracy: model.accuracy(&split.test)?,
+                lr,
+                seconds: sums.seconds,
+                expert_load: sums.load.map(|l| l.iter().map(|v| v / steps_per_epoch as f32).collect()),
+            };
+            state.epoch.load = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
+            progress.epoch(&report);
+            state.history.push(report);
+        }
+        if opts.save_every > 0 && state.step.is_multiple_of(opts.save_every) {
+            progress.checkpoint(model, &*opt, state)?;
+        }
+    }
+    let test_accuracy = state.history.last().map_or(0.0, |r| r.test_accuracy);
     let train_accuracy = model.accuracy(&split.train)?;
-    Ok(TrainReport { history, test_accuracy, train_accuracy, train_seconds, steps: step })
+    Ok(TrainReport { history: state.history.clone(), test_accuracy, train_accuracy, train_seconds: state.train_seconds, steps: state.step })
+}
+
+/// Saves a classifier in the middle (or at the end) of a run: the model, the optimizer's
+/// state, the run state and `config` (the run's configuration, JSON), so that
+/// [`load_run`] can continue it exactly.
+pub fn save_run<C: Serialize>(
+    path: &std::path::Path,
+    model: &Classifier,
+    opt: &dyn Optimizer,
+    kind: OptimizerKind,
+    state: &TrainState,
+    config: &C,
+) -> Result<()> {
+    let named = model.named_params();
+    let mut w = model.checkpoint()?;
+    w.optimizer(kind.name(), opt, &named).json(TRAIN_KEY, config)?.json(STATE_KEY, state)?;
+    w.write(path)
+}
+
+/// A run read back by [`load_run`].
+pub struct SavedRun<C> {
+    /// The model with its trained weights.
+    pub model: Classifier,
+    /// The run's configuration.
+    pub config: C,
+    /// Where the run stood.
+    pub state: TrainState,
+    /// The optimizer with its state.
+    pub optimizer: Box<dyn Optimizer>,
+}
+
+/// Loads a checkpoint written by [`save_run`]; `optimizer_for` builds the run's optimizer from
+/// its configuration, and its state is then restored from the file.
+pub fn load_run<C: serde::de::DeserializeOwned>(path: &std::path::Path, optimizer_for: impl FnOnce(&C) -> Box<dyn Optimizer>) -> Result<SavedRun<C>> {
+    let ck = CheckpointReader::open(path)?;
+    let model = Classifier::from_checkpoint(&ck)?;
+    let (Some(config), Some(state)) = (ck.json_opt::<C>(TRAIN_KEY)?, ck.json_opt::<TrainState>(STATE_KEY)?) else {
+        return Err(ck.error("holds a model but no run state to resume (it was not written by `ffwd train --save`)"));
+    };
+    let mut optimizer = optimizer_for(&config);
+    let named: Vec<(String, Vec<usize>)> = model.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
+    ck.read_optimizer(&ck.tensors()?, optimizer.as_mut(), &named)?;
+    Ok(SavedRun { model, config, state, optimizer })
 }

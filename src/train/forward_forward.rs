@@ -180,6 +180,7 @@ impl FfNet {
         if cfg.layers.is_empty() || cfg.layers.contains(&0) {
             return Err(Error::Config(format!("ff.layers must be non-empty positive widths, got {:?}", cfg.layers)));
         }
+        crate::layers::check_size("ff network", Self::param_count(&cfg, n_in, classes))?;
         if n_in <= classes || classes < 2 {
             return Err(Error::Config(format!("ff needs more input features ({n_in}) than classes ({classes}) to overlay the label")));
         }
@@ -547,6 +548,19 @@ struct FfMeta {
 }
 
 impl FfNet {
+    /// Scalars stored for a network of `cfg` (weights, biases and the softmax head), without
+    /// building it (`None` on overflow).
+    pub fn param_count(cfg: &FfConfig, n_in: usize, classes: usize) -> Option<usize> {
+        let mut fan_in = n_in;
+        let mut total = 0usize;
+        for (l, &w) in cfg.layers.iter().enumerate() {
+            let head = if l > 0 { w.checked_mul(classes)? } else { 0 };
+            total = total.checked_add(w.checked_mul(fan_in.checked_add(1)?)?.checked_add(head)?)?;
+            fan_in = w;
+        }
+        Some(total)
+    }
+
     /// Input features.
     pub fn in_features(&self) -> usize {
         self.n_in
@@ -561,44 +575,33 @@ impl FfNet {
     /// (`head.{l}.weight`, `width × classes`, for hidden layers ≥ 1) and the configuration
     /// (metadata `ffwd.format = ff/1`, `ffwd.config`) to one safetensors file, atomically.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        use crate::checkpoint::{to_safetensors_bytes, write_atomic, CONFIG_KEY, FF_FORMAT, FORMAT_KEY};
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        use crate::checkpoint::{CheckpointWriter, CONFIG_KEY, FF_FORMAT};
+        let mut w = CheckpointWriter::new(FF_FORMAT);
         for (l, layer) in self.layers.iter().enumerate() {
-            tensors.push((format!("layers.{l}.weight"), vec![layer.n_in, layer.n_out], &layer.w));
-            tensors.push((format!("layers.{l}.bias"), vec![layer.n_out], &layer.b));
+            w.tensor(format!("layers.{l}.weight"), &[layer.n_in, layer.n_out], &layer.w);
+            w.tensor(format!("layers.{l}.bias"), &[layer.n_out], &layer.b);
             if l > 0 {
-                tensors.push((format!("head.{l}.weight"), vec![layer.n_out, self.classes], &self.head[l]));
+                w.tensor(format!("head.{l}.weight"), &[layer.n_out, self.classes], &self.head[l]);
             }
         }
-        let meta = FfMeta { n_in: self.n_in, classes: self.classes, ff: self.cfg.clone() };
-        let mut md = std::collections::HashMap::new();
-        md.insert(FORMAT_KEY.to_string(), FF_FORMAT.to_string());
-        md.insert(CONFIG_KEY.to_string(), serde_json::to_string(&meta).map_err(|e| Error::Invalid(e.to_string()))?);
-        write_atomic(path, &to_safetensors_bytes(&tensors, md)?)
+        w.json(CONFIG_KEY, &FfMeta { n_in: self.n_in, classes: self.classes, ff: self.cfg.clone() })?;
+        w.write(path)
     }
 
     /// Loads a network saved by [`FfNet::save`].
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        use crate::checkpoint::{read_f32, CONFIG_KEY, FF_FORMAT, FORMAT_KEY};
-        use safetensors::SafeTensors;
-        let file = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |msg: String| Error::Checkpoint { path: file.clone(), msg };
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let md = meta.metadata().clone().unwrap_or_default();
-        if md.get(FORMAT_KEY).map(String::as_str) != Some(FF_FORMAT) {
-            return Err(bad(format!("metadata `{FORMAT_KEY}` is not `{FF_FORMAT}`")));
-        }
-        let m: FfMeta = serde_json::from_str(md.get(CONFIG_KEY).ok_or_else(|| bad(format!("metadata has no `{CONFIG_KEY}`")))?)
-            .map_err(|e| bad(format!("bad `{CONFIG_KEY}`: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let ck = crate::checkpoint::CheckpointReader::open(path)?;
+        ck.expect_format(crate::checkpoint::FF_FORMAT)?;
+        let m: FfMeta = ck.json(crate::checkpoint::CONFIG_KEY)?;
+        ck.check_claim("the network", Self::param_count(&m.ff, m.n_in, m.classes))?;
+        let st = ck.tensors()?;
         let mut net = FfNet::new(m.ff, m.n_in, m.classes)?;
         for l in 0..net.layers.len() {
             let (ni, no) = (net.layers[l].n_in, net.layers[l].n_out);
-            net.layers[l].w = read_f32(&st, &format!("layers.{l}.weight"), &[ni, no], &file)?;
-            net.layers[l].b = read_f32(&st, &format!("layers.{l}.bias"), &[no], &file)?;
+            net.layers[l].w = ck.read_f32(&st, &format!("layers.{l}.weight"), &[ni, no])?;
+            net.layers[l].b = ck.read_f32(&st, &format!("layers.{l}.bias"), &[no])?;
             if l > 0 {
-                net.head[l] = read_f32(&st, &format!("head.{l}.weight"), &[no, m.classes], &file)?;
+                net.head[l] = ck.read_f32(&st, &format!("head.{l}.weight"), &[no, m.classes])?;
             }
         }
         Ok(net)

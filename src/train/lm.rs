@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{CheckpointReader, CheckpointWriter, CONFIG_KEY, LM_FORMAT, STATE_KEY, TRAIN_KEY, VOCAB_KEY};
 use crate::core::Rng;
+use crate::data::text::CharTokenizer;
 use crate::error::{Error, Result};
-use crate::models::Lm;
+use crate::models::{Lm, LmConfig};
 use crate::optim::{clip_factor, grad_norm, AdamW, Optimizer, Schedule};
 
 /// Hyper-parameters of a language-model run.
@@ -269,4 +271,67 @@ pub fn train_lm(
         }
     }
     Ok(())
+}
+
+/// A language model with everything needed to sample from it or resume its training
+/// (format `lm/1`: parameters under their full names, AdamW's moments as `optim.m.*` and
+/// `optim.v.*`, and in the metadata the configuration, the vocabulary, the run's options and
+/// its state).
+pub struct LmCheckpoint {
+    /// The model.
+    pub lm: Lm,
+    /// Its vocabulary.
+    pub tokenizer: CharTokenizer,
+    /// The options of the run that produced it.
+    pub options: LmTrainOptions,
+    /// Where that run stood.
+    pub state: LmTrainState,
+    /// AdamW with its moments (fresh when the file has none).
+    pub optimizer: AdamW,
+}
+
+impl LmCheckpoint {
+    /// Saves everything to `path` (atomically).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        save_lm_run(&self.lm, &self.tokenizer, &self.options, &self.state, &self.optimizer, path)
+    }
+
+    /// Loads a checkpoint written by [`LmCheckpoint::save`] or [`save_lm_run`].
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let ck = CheckpointReader::open(path)?;
+        ck.expect_format(LM_FORMAT)?;
+        let cfg: LmConfig = ck.json(CONFIG_KEY)?;
+        let tokenizer: CharTokenizer = ck.json(VOCAB_KEY)?;
+        let options: LmTrainOptions = ck.json(TRAIN_KEY)?;
+        let state: LmTrainState = ck.json(STATE_KEY)?;
+        if tokenizer.len() != cfg.vocab {
+            return Err(ck.error(format!("vocabulary has {} characters, config says {}", tokenizer.len(), cfg.vocab)));
+        }
+        ck.check_claim("the language model", cfg.param_count())?;
+        let st = ck.tensors()?;
+        let mut lm = Lm::new(cfg, 0)?;
+        // parameters are stored under their full names (Lm::named_params, visiting order)
+        let named: Vec<(String, Vec<usize>)> = lm.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
+        ck.fill_named(&st, &named, &mut |f| lm.visit_params_mut(f))?;
+        let mut optimizer = AdamW::new(options.weight_decay);
+        ck.read_optimizer(&st, &mut optimizer, &named)?;
+        Ok(LmCheckpoint { lm, tokenizer, options, state, optimizer })
+    }
+}
+
+/// Saves a language model, its vocabulary, the run's options and state, and AdamW's moments,
+/// so that training can resume exactly (a checkpoint in the middle of a run).
+pub fn save_lm_run(
+    lm: &Lm,
+    tokenizer: &CharTokenizer,
+    options: &LmTrainOptions,
+    state: &LmTrainState,
+    optimizer: &AdamW,
+    path: &std::path::Path,
+) -> Result<()> {
+    let named = lm.named_params();
+    let mut w = CheckpointWriter::new(LM_FORMAT);
+    w.params(&named).optimizer("adamw", optimizer, &named);
+    w.json(CONFIG_KEY, lm.config())?.json(VOCAB_KEY, tokenizer)?.json(TRAIN_KEY, options)?.json(STATE_KEY, state)?;
+    w.write(path)
 }

@@ -5,4 +5,4 @@ pub mod backprop;
 pub mod forward_forward;
 pub mod lm;
 
-pub use backprop::{train, EpochReport, Progress, TrainOptions, TrainReport};
+pub use backprop::{load_run, new_optimizer, save_run, train, train_from, EpochReport, EpochSums, Progress, SavedRun, TrainOptions, TrainReport, TrainState};
