@@ -24,7 +24,7 @@ use safetensors::SafeTensors;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::core::Param;
+use crate::core::{Param, ParamVisitor};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
 
@@ -181,6 +181,15 @@ impl CheckpointReader {
         Error::Checkpoint { path: self.path.clone(), msg: msg.into() }
     }
 
+    /// `r` with its error, if any, said about this file (errors of the model built from the
+    /// file's configuration do not know where it came from).
+    pub fn about<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| match e {
+            Error::Checkpoint { .. } => e,
+            other => self.error(other.to_string()),
+        })
+    }
+
     /// The format tag (empty when absent).
     pub fn format(&self) -> &str {
         self.meta.get(FORMAT_KEY).map_or("", String::as_str)
@@ -240,7 +249,7 @@ impl CheckpointReader {
 
     /// Sets every visited parameter from the tensor `{prefix}{name}`, checking shapes; all
     /// are read before any is set, so a failed load changes nothing.
-    pub fn fill_params(&self, st: &SafeTensors<'_>, prefix: &str, visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> Result<()> {
+    pub fn fill_params(&self, st: &SafeTensors<'_>, prefix: &str, visit: &mut ParamVisitor<'_>) -> Result<()> {
         let mut wanted = Vec::new();
         visit(&mut |p: &mut Param| wanted.push((format!("{prefix}{}", p.name), p.shape.clone())));
         self.fill_named(st, &wanted, visit)
@@ -248,7 +257,7 @@ impl CheckpointReader {
 
     /// Sets the visited parameters, in order, from the tensors `named` (full names and
     /// shapes, one per parameter in visiting order); all are read before any is set.
-    pub fn fill_named(&self, st: &SafeTensors<'_>, named: &[(String, Vec<usize>)], visit: &mut dyn FnMut(&mut dyn FnMut(&mut Param))) -> Result<()> {
+    pub fn fill_named(&self, st: &SafeTensors<'_>, named: &[(String, Vec<usize>)], visit: &mut ParamVisitor<'_>) -> Result<()> {
         let values = named.iter().map(|(n, s)| self.read_f32(st, n, s)).collect::<Result<Vec<_>>>()?;
         let mut it = values.into_iter();
         visit(&mut |p: &mut Param| {
@@ -282,7 +291,7 @@ impl CheckpointReader {
             .iter()
             .map(|slot| named.iter().map(|(n, s)| self.read_f32(st, &format!("optim.{slot}.{n}"), s)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
-        opt.restore(steps, slots)
+        self.about(opt.restore(steps, slots))
     }
 }
 

@@ -176,16 +176,18 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses a TOML file; unknown keys and bad values are errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml_str(&text).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
-            other => other,
-        })
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses the bytes of a TOML file; errors name `name`.
+    pub fn from_toml_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        parse_toml(bytes, name)
     }
 
     /// Parses TOML text.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.message().to_string() + &span_hint(text, e.span())))
+        toml::from_str(text).map_err(|e| Error::Config(one_line(e.message()) + &span_hint(text, e.span())))
     }
 
     /// The selected layer's configuration.
@@ -260,10 +262,22 @@ impl TrainConfig {
     }
 }
 
+/// Parses TOML file bytes into `T` (unknown keys are errors when `T` denies them); every
+/// error is one line that names `name` and, where known, the line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(bytes: &[u8], name: &str) -> Result<T> {
+    let text = std::str::from_utf8(bytes).map_err(|e| Error::Config(format!("{name}: not UTF-8 text (byte {})", e.valid_up_to())))?;
+    toml::from_str(text).map_err(|e| Error::Config(format!("{name}: {}{}", one_line(e.message()), span_hint(text, e.span()))))
+}
+
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) => {
-            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            // bytes, not a str slice: the span need not fall on a character boundary
+            let line = text.as_bytes()[..r.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
             format!(" (line {line})")
         }
         None => String::new(),

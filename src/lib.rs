@@ -13,6 +13,7 @@ pub mod convert;
 pub mod core;
 pub mod data;
 pub mod error;
+pub mod fuzz;
 pub mod kernels;
 pub mod layers;
 pub mod models;

@@ -103,23 +103,23 @@ fn backward_accumulates_and_zero_grad_clears_for_every_layer() {
             layer.forward_train(&x, batch, &mut y, &mut rng.fork(seed)).unwrap();
             layer.backward(&x, batch, &dy, None).unwrap();
         };
-        let grads = |layer: &Box<dyn Layer>| -> Vec<Vec<f32>> { layer.params().iter().map(|p| p.grad.clone()).collect() };
+        let grads = |layer: &dyn Layer| -> Vec<Vec<f32>> { layer.params().iter().map(|p| p.grad.clone()).collect() };
         // a different batch first, so that sparse layers hold rows the next batch does not touch
         pass(&mut layer, 1);
         layer.zero_grad();
-        assert!(grads(&layer).iter().flatten().all(|&g| g == 0.0), "{}: zero_grad left gradient", cfg.kind());
+        assert!(grads(layer.as_ref()).iter().flatten().all(|&g| g == 0.0), "{}: zero_grad left gradient", cfg.kind());
         pass(&mut layer, 2);
-        let once = grads(&layer);
+        let once = grads(layer.as_ref());
         assert!(once.iter().flatten().any(|&g| g != 0.0), "{}: no gradient", cfg.kind());
         pass(&mut layer, 2);
-        for (p, (g2, g1)) in layer.params().iter().zip(grads(&layer).iter().zip(&once)) {
+        for (p, (g2, g1)) in layer.params().iter().zip(grads(layer.as_ref()).iter().zip(&once)) {
             for (a, b) in g2.iter().zip(g1) {
                 assert!((a - 2.0 * b).abs() <= 1e-5 * (1.0 + b.abs()), "{} {}: second backward gave {a}, expected 2 × {b}", cfg.kind(), p.name);
             }
         }
         layer.zero_grad();
         pass(&mut layer, 2);
-        for (p, (g, g1)) in layer.params().iter().zip(grads(&layer).iter().zip(&once)) {
+        for (p, (g, g1)) in layer.params().iter().zip(grads(layer.as_ref()).iter().zip(&once)) {
             assert_eq!(g, g1, "{} {}: after zero_grad the gradient differs from a fresh one", cfg.kind(), p.name);
         }
     }

@@ -212,3 +212,20 @@ fn empty_batch_and_wrong_width_are_errors() {
         assert!(e.contains("output y"), "{}: {e}", k.kind());
     }
 }
+
+/// `FFWD_SIMD` really selects the code path the other tests of this binary then exercise
+/// (CI runs the kernel, layer and gradient tests once per level).
+#[test]
+fn simd_override_is_in_effect() {
+    use ffwd::core::cpu::{detected, level, SimdLevel};
+    let forced = match std::env::var("FFWD_SIMD").as_deref() {
+        Ok("avx512") => Some(SimdLevel::Avx512),
+        Ok("avx2") => Some(SimdLevel::Avx2),
+        Ok("scalar") => Some(SimdLevel::Scalar),
+        _ => None,
+    };
+    match forced {
+        Some(f) => assert_eq!(level(), f.min(detected()), "FFWD_SIMD={f:?}"),
+        None => assert_eq!(level(), detected()),
+    }
+}

@@ -268,3 +268,19 @@ fn ufff_sparse_update_touches_only_visited_neurons() {
         prev_touched = touched;
     }
 }
+
+/// A classifier's cached inference kernel follows its weights.
+#[test]
+fn classifier_inference_follows_weight_changes() {
+    let split = digits::split().unwrap();
+    let mut m =
+        Classifier::new(ModelConfig { in_features: 64, n_classes: 10, layer: LayerConfig::Ufff(UfffConfig { depth: 3, ..Default::default() }) }, 1).unwrap();
+    let x = &split.test.x[..4 * 64];
+    let before = m.logits(x, 4).unwrap();
+    m.visit_params_mut(&mut |p| p.value.iter_mut().for_each(|v| *v = -*v));
+    let after = m.logits(x, 4).unwrap();
+    assert_ne!(before, after);
+    let mut y = vec![0.0; 4 * 10];
+    m.layer().kernel().forward(x, 4, &mut y, &mut ffwd::kernels::Workspace::new()).unwrap();
+    assert_eq!(after, y);
+}

@@ -1,16 +1,18 @@
-//! A training step or a kernel call allocates nothing once its buffers are sized, apart from
-//! the packing buffers the `gemm` crate allocates inside each of its calls (two per call, a
-//! few more when it threads; bounded here at four): counted with a wrapping global allocator over many calls of every layer kind.
+//! A training step or a kernel call allocates nothing once its buffers are sized: counted with
+//! a wrapping global allocator over many calls of every layer kind. The packing buffers the
+//! `gemm` crate allocates inside each of its calls are counted apart (the library marks the
+//! thread while it is inside such a call, `core::gemm::inside_gemm_library`), so that a single
+//! allocation of ffwd's own per step fails these tests.
 //! With more than one thread, rayon's work-stealing deques occasionally grow a block while
-//! tasks are being shared (seen: 0–3 allocations per 50 steps); that is allowed at well under
-//! one allocation per call. Even a one-thread pool's deque is a crossbeam buffer that shrinks
-//! when mostly empty and grows again (seen: 0–1 allocation per 50 steps), so it gets a slack
-//! of 2. Only the threads doing the measured work are counted.
+//! tasks are being shared (seen: 0–3 allocations per 50 steps), and even a one-thread pool's
+//! deque is a crossbeam buffer that shrinks when mostly empty and grows again (seen: 0–1 per
+//! 50 steps): a fixed slack of 2 (1 thread) or 10 (2 threads) per 50 steps covers them, far
+//! below one per step. Only the threads doing the measured work are counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ffwd::core::gemm::gemm_calls;
+use ffwd::core::gemm::{gemm_calls, inside_gemm_library};
 use ffwd::core::{Activation, Rng};
 use ffwd::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use ffwd::models::{Classifier, ModelConfig};
@@ -25,9 +27,16 @@ thread_local! {
     static TRACKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Allocations of the GEMM library's own calls (reported, not limited).
+static LIBRARY_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
 fn count() {
     if TRACKED.with(|t| t.get()) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if inside_gemm_library() {
+            LIBRARY_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -69,6 +78,7 @@ fn steps_allocate(layer: LayerConfig, threads: usize) -> (usize, usize) {
         let y: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
         let mut opt = AdamW::new(0.01);
         let mut step = |model: &mut Classifier, rng: &mut Rng| {
+            model.zero_grad();
             model.forward_backward(&x, &y, rng).unwrap();
             let s = clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), 1.0);
             opt.step(&mut |f| model.visit_params_mut(f), 1e-3, s);
@@ -101,7 +111,7 @@ fn training_steps_do_not_allocate() {
             if matches!(layer, LayerConfig::Ufff(_)) {
                 assert_eq!(gemms, 0, "a conditional tree step runs no GEMM");
             }
-            assert!(allocs <= 4 * gemms + scheduler, "{allocs} allocations for {gemms} GEMM calls in 50 steps of {layer:?} with {threads} threads");
+            assert!(allocs <= scheduler, "{allocs} allocations of ffwd's own (besides {gemms} GEMM calls) in 50 steps of {layer:?} with {threads} threads");
         }
     }
 }
@@ -146,8 +156,8 @@ fn inference_kernels_do_not_allocate_after_warm_up() {
                     }
                     let scheduler = if threads == 1 { 2 } else { 4 };
                     assert!(
-                        allocs <= 4 * gemms + scheduler,
-                        "{} batch {batch} threads {threads}: {allocs} allocations, {gemms} GEMM calls in 20 calls",
+                        allocs <= scheduler,
+                        "{} batch {batch} threads {threads}: {allocs} allocations of ffwd's own (besides {gemms} GEMM calls) in 20 calls",
                         k.kind()
                     );
                 }
@@ -179,7 +189,7 @@ fn forward_forward_steps_do_not_allocate() {
         }
         let (allocs, gemms) = (ALLOCS.load(Ordering::SeqCst) - before, gemm_calls() - gemms);
         assert!(gemms > 0);
-        assert!(allocs <= 4 * gemms, "{allocs} allocations for {gemms} GEMM calls in 20 FF steps");
+        assert!(allocs <= 2, "{allocs} allocations of ffwd's own (besides {gemms} GEMM calls) in 20 FF steps");
     });
 }
 
@@ -203,6 +213,7 @@ fn language_model_steps_do_not_allocate() {
             let y: Vec<u32> = (0..b * t).map(|_| r.below(20) as u32).collect();
             let mut opt = AdamW::new(0.1);
             let mut step = |lm: &mut Lm| {
+                lm.zero_grad();
                 lm.forward_backward(&x, &y, b, t, &mut Rng::new(0)).unwrap();
                 let s = clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)), 1.0);
                 opt.step(&mut |f| lm.visit_params_mut(f), 1e-3, s);
@@ -217,6 +228,6 @@ fn language_model_steps_do_not_allocate() {
             (ALLOCS.load(Ordering::SeqCst) - before, gemm_calls() - g0)
         });
         assert!(gemms > 0);
-        assert!(allocs <= 4 * gemms + 10, "{allocs} allocations for {gemms} GEMM calls in 10 LM steps with {ffn:?}");
+        assert!(allocs <= 10, "{allocs} allocations of ffwd's own (besides {gemms} GEMM calls) in 10 LM steps with {ffn:?}");
     }
 }

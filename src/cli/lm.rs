@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use ffwd::core::{Activation, Rng};
-use ffwd::data::text::{tiny_shakespeare, CharTokenizer};
+use ffwd::data::text::{read_text, tiny_shakespeare, CharTokenizer};
 use ffwd::layers::hash::balanced_table;
 use ffwd::layers::{DenseConfig, FffConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
-use ffwd::models::{Lm, LmConfig};
+use ffwd::models::Lm;
 use ffwd::optim::AdamW;
-use ffwd::train::lm::{save_lm_run, train_lm, LmCheckpoint, LmEval, LmProgress, LmTrainOptions, LmTrainState, TextData};
+use ffwd::train::lm::{save_lm_run, train_lm, LmCheckpoint, LmEval, LmProgress, LmRunConfig, LmTrainOptions, LmTrainState, TextData};
 
 /// `ffwd lm …`.
 #[derive(Subcommand, Debug)]
@@ -46,14 +46,6 @@ pub enum FfnKind {
     Hash,
     /// Product-key memory (width = n_keys² values).
     Pkm,
-}
-
-/// The `[model]` and `[train]` tables of an LM config file (flags override them).
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct LmFile {
-    model: LmConfig,
-    train: LmTrainOptions,
 }
 
 /// Options of `ffwd lm train`.
@@ -289,7 +281,7 @@ impl LmProgress for Bar<'_> {
 fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     let threads = super::init_threads(a.threads)?;
     let (text, source) = match &a.text {
-        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+        Some(p) => (read_text(p)?, p.display().to_string()),
         None => (tiny_shakespeare()?, "tiny-shakespeare (embedded)".to_string()),
     };
     // a resumed run keeps its model, options, vocabulary and optimizer; flags may extend --steps
@@ -297,12 +289,9 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
         let LmCheckpoint { lm, tokenizer, options, state, optimizer } = LmCheckpoint::load(path)?;
         (lm, tokenizer, options, state, optimizer)
     } else {
-        let file: LmFile = match &a.config {
-            Some(p) => {
-                let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&s).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
-            }
-            None => LmFile::default(),
+        let file = match &a.config {
+            Some(p) => LmRunConfig::from_toml_file(p)?,
+            None => LmRunConfig::default(),
         };
         let tokenizer = CharTokenizer::from_text(&text)?;
         let mut cfg = file.model;

@@ -396,9 +396,10 @@ fn resume_flags_only(a: &TrainArgs) -> bool {
         metrics: a.metrics.clone(),
         threads: a.threads,
         quiet: a.quiet,
+        ff_goodness_every: a.ff_goodness_every,
         ..Default::default()
     };
-    *a == allowed && a.ff_goodness_every == 10
+    *a == allowed
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {

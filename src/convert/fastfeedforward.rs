@@ -44,7 +44,7 @@ pub fn load_fff(path: &Path, activation: Activation) -> Result<Fff> {
     }
     let cfg = FffConfig { depth, leaf, activation, hardening: 0.0, region_leak: 0.0, dropout: 0.0, load_balance: 0.0, master_leaf: 0 };
     ck.check_claim("the FFF", LayerConfig::Fff(cfg.clone()).param_count(in_features, out_features))?;
-    let mut fff = Fff::new(cfg, in_features, out_features, &mut Rng::new(0))?;
+    let mut fff = ck.about(Fff::new(cfg, in_features, out_features, &mut Rng::new(0)))?;
     ck.fill_params(&st, "", &mut |f| fff.visit_params_mut(f))?;
     Ok(fff)
 }

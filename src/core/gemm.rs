@@ -85,6 +85,42 @@ pub fn gemm_calls() -> usize {
     GEMM_CALLS.load(Ordering::Relaxed)
 }
 
+thread_local! {
+    static IN_LIBRARY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Threaded GEMM library calls in progress (their workers allocate on rayon's threads).
+static PARALLEL_LIBRARY_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// True while the calling thread is inside a call of the GEMM library, or while a threaded
+/// library call is in progress (whose packing buffers are allocated on rayon's workers):
+/// allocation tests count those allocations separately from ffwd's own.
+pub fn inside_gemm_library() -> bool {
+    IN_LIBRARY.with(|c| c.get()) || PARALLEL_LIBRARY_CALLS.load(Ordering::Relaxed) > 0
+}
+
+/// Marks a GEMM library call (on this thread, and process-wide when threaded) until dropped.
+struct LibraryCall(bool);
+
+impl LibraryCall {
+    fn enter(threaded: bool) -> Self {
+        IN_LIBRARY.with(|c| c.set(true));
+        if threaded {
+            PARALLEL_LIBRARY_CALLS.fetch_add(1, Ordering::Relaxed);
+        }
+        LibraryCall(threaded)
+    }
+}
+
+impl Drop for LibraryCall {
+    fn drop(&mut self) {
+        IN_LIBRARY.with(|c| c.set(false));
+        if self.0 {
+            PARALLEL_LIBRARY_CALLS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -122,6 +158,7 @@ fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
     }
     let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    let _library = LibraryCall::enter(matches!(par, Parallelism::Rayon(_)));
     // SAFETY: the three views were bound-checked at construction against their slices, the
     // output is borrowed mutably (so it cannot alias the inputs), and dimensions agree.
     unsafe {

@@ -84,9 +84,15 @@ pub fn parse_csv(text: &str, label: LabelColumn, scale: f32, name: &str) -> Resu
 
 /// Reads and parses a CSV file (optionally gzip-compressed).
 pub fn load(path: &Path, label: LabelColumn) -> Result<Dataset> {
-    let bytes = super::idx::read_maybe_gz(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::format(path.display(), "not UTF-8 text"))?;
-    parse_csv(&text, label, 1.0, &path.display().to_string())
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_csv_bytes(bytes, label, &path.display().to_string())
+}
+
+/// Parses the bytes of a CSV file (optionally gzip-compressed); `name` is used in errors.
+pub fn parse_csv_bytes(bytes: Vec<u8>, label: LabelColumn, name: &str) -> Result<Dataset> {
+    let bytes = super::idx::decode_maybe_gz(bytes, name)?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::format(name, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    parse_csv(&text, label, 1.0, name)
 }
 
 #[cfg(test)]

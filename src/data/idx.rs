@@ -20,9 +20,15 @@ pub struct IdxArray {
 /// Reads a file, transparently gunzipping it if it starts with the gzip magic.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_maybe_gz(raw, &path.display().to_string())
+}
+
+/// Gunzips `raw` if it starts with the gzip magic, else returns it; `name` is used in errors.
+/// (The output grows with the stream as it decodes, never by a size the stream claims.)
+pub fn decode_maybe_gz(raw: Vec<u8>, name: &str) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::format(path.display(), format!("corrupt gzip stream: {e}")))?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::format(name, format!("corrupt gzip stream: {e}")))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -46,11 +52,12 @@ pub fn parse_idx(bytes: &[u8], expected_axes: usize, path: &Path) -> Result<IdxA
     }
     let dims: Vec<usize> =
         (0..expected_axes).map(|a| u32::from_be_bytes([bytes[4 + 4 * a], bytes[5 + 4 * a], bytes[6 + 4 * a], bytes[7 + 4 * a]]) as usize).collect();
-    let n: usize = dims.iter().product();
     let body = &bytes[header..];
-    if body.len() < n {
-        return Err(Error::format(&name, format!("truncated: header {dims:?} needs {n} values, file has {}", body.len())));
-    }
+    // the product of three u32 sizes can overflow: check it before it is used
+    let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= body.len());
+    let Some(n) = n else {
+        return Err(Error::format(&name, format!("truncated: header {dims:?} needs more values than the file's {}", body.len())));
+    };
     if body.len() > n {
         return Err(Error::format(&name, format!("{} trailing bytes after the {n} values of header {dims:?}", body.len() - n)));
     }
@@ -62,9 +69,18 @@ pub fn parse_idx(bytes: &[u8], expected_axes: usize, path: &Path) -> Result<IdxA
 pub fn load_pair(images: &Path, labels: &Path) -> Result<Dataset> {
     let img = parse_idx(&read_maybe_gz(images)?, 3, images)?;
     let lab = parse_idx(&read_maybe_gz(labels)?, 1, labels)?;
+    pair_to_dataset(&img, &lab, &images.display().to_string(), &labels.display().to_string())
+}
+
+/// Images (`count × rows × cols`) and labels (`count`) as a data set, pixels / 255.
+pub fn pair_to_dataset(img: &IdxArray, lab: &IdxArray, images: &str, labels: &str) -> Result<Dataset> {
     if img.dims[0] != lab.dims[0] {
-        return Err(Error::format(labels.display(), format!("{} labels for {} images in {}", lab.dims[0], img.dims[0], images.display())));
+        return Err(Error::format(labels, format!("{} labels for {} images in {images}", lab.dims[0], img.dims[0])));
     }
+    if img.dims[0] == 0 || img.dims[1] == 0 || img.dims[2] == 0 {
+        return Err(Error::format(images, format!("no pixels: header {:?}", img.dims)));
+    }
+    // the product fits: parse_idx checked count·rows·cols against the file
     let dim = img.dims[1] * img.dims[2];
     let x = img.data.iter().map(|&v| v as f32 / 255.0).collect();
     let y: Vec<u32> = lab.data.iter().map(|&v| v as u32).collect();

@@ -16,12 +16,41 @@ pub fn tiny_shakespeare() -> Result<String> {
     Ok(text)
 }
 
+/// Reads a UTF-8 text file (a training corpus).
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    text_from_bytes(bytes, &path.display().to_string())
+}
+
+/// The text of a file's bytes: UTF-8 and not empty, else an error naming `name`.
+pub fn text_from_bytes(bytes: Vec<u8>, name: &str) -> Result<String> {
+    let text = String::from_utf8(bytes).map_err(|e| Error::format(name, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    if text.is_empty() {
+        return Err(Error::format(name, "empty text"));
+    }
+    Ok(text)
+}
+
 /// A character-level vocabulary: token `i` is the `i`-th distinct character of the training
 /// text in sorted order. Characters outside it are refused at encoding time (an error that
-/// names the character), not mapped to a stand-in.
+/// names the character), not mapped to a stand-in. Deserialising checks the order (a
+/// checkpoint's vocabulary must be sorted and without duplicates).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TokenizerRepr")]
 pub struct CharTokenizer {
     chars: Vec<char>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerRepr {
+    chars: Vec<char>,
+}
+
+impl TryFrom<TokenizerRepr> for CharTokenizer {
+    type Error = Error;
+    fn try_from(r: TokenizerRepr) -> Result<Self> {
+        CharTokenizer::from_chars(r.chars)
+    }
 }
 
 impl CharTokenizer {

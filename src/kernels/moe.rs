@@ -47,14 +47,7 @@ impl HashTable {
     }
 }
 
-/// SplitMix64 finaliser: a fixed, well-mixed 64-bit hash.
-#[inline]
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use crate::core::rng::splitmix64;
 
 /// Softmax routing of one row: top-k of `logits` into `idx`, gates into `gates`, `p` (same
 /// length as `logits`) receives the full softmax. Returns log-sum-exp of the logits.

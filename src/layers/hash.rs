@@ -21,7 +21,7 @@ use crate::kernels::grouped::ExpertShape;
 use crate::kernels::moe::{HashTable, Router};
 use crate::kernels::{InferKernel, MoeKernel};
 
-/// Configuration of [`Hash`].
+/// Configuration of [`Hash`](struct@Hash).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HashConfig {

@@ -142,13 +142,9 @@ impl LayerConfig {
         let bank = |e: usize, g: usize| sum(&[(e, i.checked_mul(g)?), (e, g), (e, g.checked_mul(o)?), (o, 1)]);
         match self {
             LayerConfig::Dense(c) => {
-                let mut total = 0usize;
-                for l in 0..c.layers {
-                    let fan_in = if l == 0 { i } else { c.width };
-                    let fan_out = if l + 1 == c.layers { o } else { c.width };
-                    total = total.checked_add(sum(&[(fan_in, fan_out), (fan_out, 1)])?)?;
-                }
-                Some(total)
+                // in → w, (layers − 2) × (w → w), w → out; fewer than 2 maps is refused by new
+                let (w, inner) = (c.width, c.layers.saturating_sub(2));
+                sum(&[(i, w), (w, 1), (inner, w.checked_mul(w)?.checked_add(w)?), (w, o), (o, 1)])
             }
             LayerConfig::Fff(c) => {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;

@@ -84,7 +84,7 @@ impl Classifier {
         let cfg: ModelConfig = ck.json(CONFIG_KEY)?;
         ck.check_claim("the classifier", cfg.param_count())?;
         let st = ck.tensors()?;
-        let mut model = Classifier::new(cfg, 0)?;
+        let mut model = ck.about(Classifier::new(cfg, 0))?;
         ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
         Ok(model)
     }

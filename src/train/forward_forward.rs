@@ -575,6 +575,11 @@ impl FfNet {
     /// (`head.{l}.weight`, `width × classes`, for hidden layers ≥ 1) and the configuration
     /// (metadata `ffwd.format = ff/1`, `ffwd.config`) to one safetensors file, atomically.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        self.checkpoint()?.write(path)
+    }
+
+    /// The checkpoint [`FfNet::save`] writes, as a writer.
+    pub fn checkpoint(&self) -> Result<crate::checkpoint::CheckpointWriter<'_>> {
         use crate::checkpoint::{CheckpointWriter, CONFIG_KEY, FF_FORMAT};
         let mut w = CheckpointWriter::new(FF_FORMAT);
         for (l, layer) in self.layers.iter().enumerate() {
@@ -585,17 +590,21 @@ impl FfNet {
             }
         }
         w.json(CONFIG_KEY, &FfMeta { n_in: self.n_in, classes: self.classes, ff: self.cfg.clone() })?;
-        w.write(path)
+        Ok(w)
     }
 
     /// Loads a network saved by [`FfNet::save`].
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let ck = crate::checkpoint::CheckpointReader::open(path)?;
+        Self::from_checkpoint(&crate::checkpoint::CheckpointReader::open(path)?)
+    }
+
+    /// The network stored in an opened checkpoint.
+    pub fn from_checkpoint(ck: &crate::checkpoint::CheckpointReader) -> Result<Self> {
         ck.expect_format(crate::checkpoint::FF_FORMAT)?;
         let m: FfMeta = ck.json(crate::checkpoint::CONFIG_KEY)?;
         ck.check_claim("the network", Self::param_count(&m.ff, m.n_in, m.classes))?;
         let st = ck.tensors()?;
-        let mut net = FfNet::new(m.ff, m.n_in, m.classes)?;
+        let mut net = ck.about(FfNet::new(m.ff, m.n_in, m.classes))?;
         for l in 0..net.layers.len() {
             let (ni, no) = (net.layers[l].n_in, net.layers[l].n_out);
             net.layers[l].w = ck.read_f32(&st, &format!("layers.{l}.weight"), &[ni, no])?;

@@ -92,6 +92,25 @@ impl Default for LmTrainOptions {
     }
 }
 
+/// An LM run configuration file: `[model]` (the [`LmConfig`]) and `[train]` (the
+/// [`LmTrainOptions`]) tables; unknown keys are errors.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmRunConfig {
+    /// The model's shape (its `vocab` is set from the text).
+    pub model: LmConfig,
+    /// The run's options.
+    pub train: LmTrainOptions,
+}
+
+impl LmRunConfig {
+    /// Reads a TOML file.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        crate::config::parse_toml(&bytes, &path.display().to_string())
+    }
+}
+
 /// One evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LmEval {
@@ -298,7 +317,11 @@ impl LmCheckpoint {
 
     /// Loads a checkpoint written by [`LmCheckpoint::save`] or [`save_lm_run`].
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let ck = CheckpointReader::open(path)?;
+        Self::from_checkpoint(&CheckpointReader::open(path)?)
+    }
+
+    /// The checkpoint stored in an opened file.
+    pub fn from_checkpoint(ck: &CheckpointReader) -> Result<Self> {
         ck.expect_format(LM_FORMAT)?;
         let cfg: LmConfig = ck.json(CONFIG_KEY)?;
         let tokenizer: CharTokenizer = ck.json(VOCAB_KEY)?;
@@ -309,7 +332,7 @@ impl LmCheckpoint {
         }
         ck.check_claim("the language model", cfg.param_count())?;
         let st = ck.tensors()?;
-        let mut lm = Lm::new(cfg, 0)?;
+        let mut lm = ck.about(Lm::new(cfg, 0))?;
         // parameters are stored under their full names (Lm::named_params, visiting order)
         let named: Vec<(String, Vec<usize>)> = lm.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
         ck.fill_named(&st, &named, &mut |f| lm.visit_params_mut(f))?;
@@ -329,9 +352,20 @@ pub fn save_lm_run(
     optimizer: &AdamW,
     path: &std::path::Path,
 ) -> Result<()> {
+    lm_checkpoint(lm, tokenizer, options, state, optimizer)?.write(path)
+}
+
+/// The checkpoint [`save_lm_run`] writes, as a writer (for bytes in memory).
+pub fn lm_checkpoint<'a>(
+    lm: &'a Lm,
+    tokenizer: &CharTokenizer,
+    options: &LmTrainOptions,
+    state: &LmTrainState,
+    optimizer: &'a AdamW,
+) -> Result<CheckpointWriter<'a>> {
     let named = lm.named_params();
     let mut w = CheckpointWriter::new(LM_FORMAT);
     w.params(&named).optimizer("adamw", optimizer, &named);
     w.json(CONFIG_KEY, lm.config())?.json(VOCAB_KEY, tokenizer)?.json(TRAIN_KEY, options)?.json(STATE_KEY, state)?;
-    w.write(path)
+    Ok(w)
 }
