@@ -283,3 +283,22 @@ fn documented_errors() {
     assert!(e.contains("outside the vocabulary"), "{e}");
     assert!(TextData::split(vec![0; 10], 0.1, 32).is_err());
 }
+
+/// A time-budgeted run is a complete run: it plans its length from the measured step time and
+/// ends on its plan (the cosine decay finished), not cut off mid-schedule by the clock.
+#[test]
+fn time_budget_runs_finish_their_schedule() {
+    let text: String = tiny_shakespeare().unwrap().chars().take(5000).collect();
+    let tok = CharTokenizer::from_text(&text).unwrap();
+    let data = TextData::split(tok.encode(&text).unwrap(), 0.1, 8).unwrap();
+    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: gelu_dense() };
+    let mut lm = Lm::new(cfg, 1).unwrap();
+    let opts = LmTrainOptions { steps: 100_000_000, batch: 2, seq_len: 8, warmup: 5, eval_every: 1_000_000, eval_batches: 1, ..Default::default() };
+    let mut state = LmTrainState::default();
+    train_lm(&mut lm, &data, &opts, &mut AdamW::new(0.0), &mut state, Some(std::time::Duration::from_millis(1500)), None, &mut Quiet).unwrap();
+    let planned = state.planned_steps.expect("a budgeted run plans its length");
+    assert!(planned < opts.steps && planned > 20, "planned {planned}");
+    // the run stopped because it reached its plan (its last re-estimate)
+    assert_eq!(state.step, planned);
+    assert_eq!(state.history.last().unwrap().step, state.step);
+}

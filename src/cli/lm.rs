@@ -133,7 +133,9 @@ pub struct LmTrainArgs {
     /// Seed of initialisation and batch order [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// Stop (with a final evaluation) after this many minutes of training.
+    /// Train for this many minutes as a complete run: the number of steps is estimated from
+    /// the measured step time (at most --steps, which then only caps it) and the cosine decay
+    /// ends at the deadline, followed by a final evaluation.
     #[arg(long)]
     max_minutes: Option<f64>,
     /// Stop after this step (the LR schedule still spans --steps; resume later to finish).
@@ -255,7 +257,8 @@ impl LmProgress for Bar<'_> {
         Ok(())
     }
 
-    fn step(&mut self, step: usize, _total: usize, loss: f32, tps: f64) {
+    fn step(&mut self, step: usize, total: usize, loss: f32, tps: f64) {
+        self.pb.set_length(total as u64);
         self.pb.set_position(step as u64);
         if step.is_multiple_of(10) {
             self.pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));

@@ -150,10 +150,17 @@ impl LayerConfig {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
                 let m = c.master_leaf;
                 let master = if m > 0 { sum(&[(i, m), (m, 1), (m, o), (o, 1), (i, 1), (1, 1)])? } else { 0 };
-                sum(&[(leaves - 1, i + 1), (leaves, i.checked_mul(c.leaf)?), (leaves, c.leaf), (leaves, c.leaf.checked_mul(o)?), (leaves, o), (master, 1)])
+                sum(&[
+                    (leaves - 1, i.checked_add(1)?),
+                    (leaves, i.checked_mul(c.leaf)?),
+                    (leaves, c.leaf),
+                    (leaves, c.leaf.checked_mul(o)?),
+                    (leaves, o),
+                    (master, 1),
+                ])
             }
             LayerConfig::Ufff(c) => {
-                let n = 1usize.checked_shl(u32::try_from(c.depth + 1).ok()?)? - 1;
+                let n = 1usize.checked_shl(u32::try_from(c.depth.checked_add(1)?).ok()?)? - 1;
                 n.checked_mul(i.checked_add(1)?.checked_add(o)?)
             }
             LayerConfig::Moe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),

@@ -137,6 +137,11 @@ pub struct LmTrainState {
     pub seconds: f64,
     /// Every evaluation so far.
     pub history: Vec<LmEval>,
+    /// With a time budget: the step at which the run plans to end (the cosine schedule's
+    /// length), re-estimated from the measured step time so that the decay ends at the
+    /// deadline.
+    #[serde(default)]
+    pub planned_steps: Option<usize>,
 }
 
 /// Receives progress while training.
@@ -202,10 +207,16 @@ pub fn validate(lm: &mut Lm, val: &[u32], batch: usize, t: usize, batches: usize
     Ok((total / batches.max(1) as f64) as f32)
 }
 
-/// Trains `lm` from `state.step` to `opts.steps` (or until `budget` runs out, or up to step
-/// `stop_at` — the schedule still spans `opts.steps`, so a later resume continues the same
-/// run), evaluating every `opts.eval_every` steps and when it stops. `opt` carries AdamW's
-/// moments (restored when resuming); its hyper-parameters are set from `opts`.
+/// Trains `lm` from `state.step` to `opts.steps` (or up to step `stop_at` — the schedule still
+/// spans `opts.steps`, so a later resume continues the same run), evaluating every
+/// `opts.eval_every` steps and when it stops. `opt` carries AdamW's moments (restored when
+/// resuming); its hyper-parameters are set from `opts`.
+///
+/// With a time `budget` the run is a complete run of that length: the step time is measured
+/// (evaluations included) and every [`REPLAN_EVERY`] steps the planned number of steps
+/// (`state.planned_steps`, at most `opts.steps`) is re-estimated, so the cosine decay ends
+/// at the deadline rather than being cut off in the middle (the clock stops the run only if it
+/// overruns the budget by 10 %).
 #[allow(clippy::too_many_arguments)]
 pub fn train_lm(
     lm: &mut Lm,
@@ -228,7 +239,14 @@ pub fn train_lm(
         return Err(Error::Invalid(format!("text too short for windows of {t} tokens")));
     }
     let (b, k) = (opts.batch, opts.accum);
-    let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(opts.steps / 2), total: opts.steps, min_ratio: opts.min_lr_ratio };
+    let mut schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(opts.steps / 2), total: opts.steps, min_ratio: opts.min_lr_ratio };
+    if budget.is_none() {
+        state.planned_steps = None;
+    }
+    if let Some(p) = state.planned_steps {
+        schedule.total = p;
+    }
+    let first_step = state.step;
     (opt.beta1, opt.beta2, opt.eps, opt.weight_decay) = (opts.beta1, opts.beta2, opts.eps, opts.weight_decay);
     let (mut x, mut y) = (vec![0u32; k * b * t], vec![0u32; k * b * t]);
     let start = Instant::now();
@@ -237,7 +255,7 @@ pub fn train_lm(
     let span = data.train.len() - t - 1;
     let end = stop_at.map_or(opts.steps, |s| s.min(opts.steps));
     let root = Rng::new(opts.seed);
-    while state.step < end {
+    while state.step < end.min(schedule.total) {
         // the step's k·b windows, drawn once, in order; micro-batch m takes windows m·b..(m+1)·b
         let mut rng = root.fork(state.step as u64 + 1);
         windows(&data.train, (0..k * b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
@@ -261,8 +279,20 @@ pub fn train_lm(
         loss_sum += step_loss as f64;
         loss_n += 1;
         tokens_since += b * t * k;
-        progress.step(state.step, opts.steps, (loss_sum / loss_n as f64) as f32, tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9));
-        let out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd) || state.step == end;
+        if let Some(bd) = budget {
+            let done = state.step - first_step;
+            if done >= REPLAN_EVERY && done.is_multiple_of(REPLAN_EVERY) {
+                let per_step = start.elapsed().as_secs_f64() / done as f64;
+                let left = bd.as_secs_f64() - start.elapsed().as_secs_f64();
+                let planned = (state.step + (left / per_step).max(0.0) as usize).clamp(state.step + 1, opts.steps);
+                state.planned_steps = Some(planned);
+                schedule.total = planned;
+            }
+        }
+        progress.step(state.step, schedule.total.min(end), (loss_sum / loss_n as f64) as f32, tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9));
+        let finished = state.step >= end.min(schedule.total);
+        // the plan ends the run at the deadline; the clock is only a backstop (10 % late)
+        let out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd.mul_f64(1.1)) || finished;
         if state.step.is_multiple_of(opts.eval_every.max(1)) || state.step == opts.steps || out_of_time {
             let tps = tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
@@ -291,6 +321,9 @@ pub fn train_lm(
     }
     Ok(())
 }
+
+/// With a time budget, the planned length of the run is re-estimated every this many steps.
+pub const REPLAN_EVERY: usize = 20;
 
 /// A language model with everything needed to sample from it or resume its training
 /// (format `lm/1`: parameters under their full names, AdamW's moments as `optim.m.*` and
