@@ -95,7 +95,7 @@ pub fn dot4_bf16(w: [&[Bf16]; 4], x: [&[f32]; 4]) -> [f32; 4] {
 #[inline]
 pub fn weighted_row_sum_bf16(coef: &[f32], w: &[Bf16], rows: &[usize], y: &mut [f32], accumulate: bool) {
     let n = y.len();
-    assert!(coef.len() == rows.len() && rows.iter().all(|&r| (r + 1) * n <= w.len()), "weighted_row_sum_bf16: shapes");
+    assert!(coef.len() == rows.len() && rows.iter().all(|&r| crate::core::simd::row_end(r, n).is_some_and(|e| e <= w.len())), "weighted_row_sum_bf16: shapes");
     #[cfg(target_arch = "x86_64")]
     {
         if crate::core::cpu::avx512() {

@@ -66,7 +66,7 @@ pub fn axpy4(a: [f32; 4], r: [&[f32]; 4], y: &mut [f32]) {
 #[inline]
 pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], accumulate: bool) {
     let n = y.len();
-    assert!(coef.len() == rows.len() && rows.iter().all(|&r| (r + 1) * n <= w.len()), "weighted_row_sum: shapes");
+    assert!(coef.len() == rows.len() && rows.iter().all(|&r| row_end(r, n).is_some_and(|e| e <= w.len())), "weighted_row_sum: shapes");
     #[cfg(target_arch = "x86_64")]
     {
         if crate::core::cpu::avx512() {
@@ -80,6 +80,19 @@ pub fn weighted_row_sum(coef: &[f32], w: &[f32], rows: &[usize], y: &mut [f32], 
     for (&c, &r) in coef.iter().zip(rows) {
         axpy(c, &w[r * n..(r + 1) * n], y);
     }
+}
+
+/// `(r + 1) · n`, the end of row `r` of width `n`, or `None` on overflow (bounds checks must
+/// not wrap around in release builds).
+#[inline]
+pub(crate) fn row_end(r: usize, n: usize) -> Option<usize> {
+    r.checked_add(1)?.checked_mul(n)
+}
+
+/// `a · b` or `None` on overflow.
+#[inline]
+fn mul(a: usize, b: usize) -> Option<usize> {
+    a.checked_mul(b)
 }
 
 /// Four independent dot products `a[k]·b[k]` in one interleaved pass (all slices of one
@@ -110,7 +123,7 @@ pub fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
 /// (`cargo bench --bench moe_loop -- --gemm`), so the dispatch uses it from five rows on.
 pub fn gemm_small(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
     let rows = a.len().checked_div(k).unwrap_or(0);
-    assert!(k > 0 && a.len() == rows * k && y.len() == rows * n, "gemm_small: shapes");
+    assert!(k > 0 && a.len() == rows * k && mul(rows, n) == Some(y.len()), "gemm_small: shapes");
     let (pa, py) = (a.as_ptr(), y.as_mut_ptr());
     // SAFETY: row r of `a` is a[r·k..(r+1)·k] and of `y` is y[r·n..(r+1)·n], in bounds and
     // disjoint (shapes asserted above).
@@ -121,7 +134,7 @@ pub fn gemm_small(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>
 /// and writes `y[r]` (`y`: `idx.len() × n`). Saves copying the rows a router picked.
 pub fn gemm_small_gather(a: &[f32], idx: &[u32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
     let avail = a.len().checked_div(k).unwrap_or(0);
-    assert!(k > 0 && y.len() == idx.len() * n && idx.iter().all(|&i| (i as usize) < avail), "gemm_small_gather: shapes");
+    assert!(k > 0 && mul(idx.len(), n) == Some(y.len()) && idx.iter().all(|&i| (i as usize) < avail), "gemm_small_gather: shapes");
     let (pa, py) = (a.as_ptr(), y.as_mut_ptr());
     // SAFETY: every index is below the row count of `a` (asserted); output rows are disjoint.
     unsafe { small_product(idx.len(), |r| pa.add(idx[r] as usize * k), k, w, n, bias, |r| py.add(r * n)) }
@@ -134,7 +147,7 @@ pub fn gemm_small_gather(a: &[f32], idx: &[u32], k: usize, w: &[f32], n: usize, 
 /// Every `y + idx[r]·n .. + n` must be valid for writes, the indices distinct, and no other
 /// reference may touch those rows during the call.
 pub unsafe fn gemm_small_scatter(a: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: *mut f32, idx: &[u32]) {
-    assert!(k > 0 && a.len() == idx.len() * k, "gemm_small_scatter: shapes");
+    assert!(k > 0 && mul(idx.len(), k) == Some(a.len()), "gemm_small_scatter: shapes");
     let pa = a.as_ptr();
     // SAFETY: `a` rows in bounds (asserted); the caller vouches for the output rows.
     unsafe { small_product(idx.len(), |r| pa.add(r * k), k, w, n, bias, |r| y.add(idx[r] as usize * n)) }
@@ -155,7 +168,7 @@ unsafe fn small_product(
     bias: Option<&[f32]>,
     yr: impl Fn(usize) -> *mut f32 + Copy,
 ) {
-    assert!(w.len() >= k * n && bias.is_none_or(|b| b.len() == n), "gemm_small: weight or bias length");
+    assert!(mul(k, n).is_some_and(|kn| w.len() >= kn) && bias.is_none_or(|b| b.len() == n), "gemm_small: weight or bias length");
     #[cfg(target_arch = "x86_64")]
     {
         if (rows >= 4 || n <= 32) && crate::core::cpu::avx512() {

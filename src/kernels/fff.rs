@@ -66,6 +66,15 @@ impl FffKernel {
         activation: Activation,
         master: Option<MasterWeights>,
     ) -> Self {
+        let (leaves, nodes) = (1usize.checked_shl(depth as u32).unwrap_or(0), (1usize << depth.min(63)) - 1);
+        let ok = leaves > 0
+            && Some(node_w.len()) == nodes.checked_mul(in_features)
+            && node_b.len() == nodes
+            && Some(w1s.len()) == leaves.checked_mul(in_features).and_then(|v| v.checked_mul(leaf))
+            && Some(b1.len()) == leaves.checked_mul(leaf)
+            && Some(w2.len()) == leaves.checked_mul(leaf).and_then(|v| v.checked_mul(out_features))
+            && Some(b2.len()) == leaves.checked_mul(out_features);
+        assert!(ok, "fff kernel: weights do not match depth {depth}, leaf {leaf}, {in_features} → {out_features}");
         FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1: w1s.to_vec(), b1, w2, b2, master, strategy: TreeStrategy::Auto }
     }
 

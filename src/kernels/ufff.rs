@@ -111,7 +111,11 @@ impl UfffKernel {
     /// If `levels` exceeds 32 (the layer allows at most 25).
     pub fn new(w_in: Vec<f32>, b_in: Vec<f32>, w_out: Vec<f32>, in_features: usize, out_features: usize, levels: usize, activation: Activation) -> Self {
         assert!((1..=MAX_LEVELS).contains(&levels), "ufff kernel: {levels} levels, at most {MAX_LEVELS}");
-        debug_assert_eq!(b_in.len(), (1 << levels) - 1);
+        let n = (1usize << levels) - 1;
+        assert!(
+            b_in.len() == n && Some(w_in.len()) == n.checked_mul(in_features) && Some(w_out.len()) == n.checked_mul(out_features),
+            "ufff kernel: weights do not match {n} neurons of {in_features} → {out_features}"
+        );
         let weights = Weights::F32 { w_in: Mat { data: w_in, cols: in_features }, w_out: Mat { data: w_out, cols: out_features } };
         UfffKernel { in_features, out_features, levels, activation, weights, b_in, strategy: TreeStrategy::Auto }
     }
