@@ -44,13 +44,14 @@ const FLUSH: f32 = 1e-30;
 
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, decay: f32, gs: f32) {
+fn update(w: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, decay: f32, gs: f32) {
     let step = lr / bc1;
     let inv_bc2 = 1.0 / bc2;
     let n = w.len();
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    for (((wi, &gi), mi), vi) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let gi = gi * gs;
+    let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
+    for (((wi, gr), mi), vi) in w.iter_mut().zip(g.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()) {
+        // the gradient is consumed: cleared in the same pass, ready for the next step
+        let gi = std::mem::take(gr) * gs;
         let mut mn = b1 * *mi + (1.0 - b1) * gi;
         let mut vn = b2 * *vi + (1.0 - b2) * gi * gi;
         if mn.abs() < FLUSH {
@@ -82,20 +83,21 @@ impl Optimizer for AdamW {
             }
             let (m, v) = (&mut ms[idx], &mut vs[idx]);
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
-            if let Some(set) = &p.touched_rows {
-                let w = p.row_len();
+            if let Some(set) = &mut p.touched_rows {
+                let w: usize = p.shape.iter().skip(1).product();
                 for &r in set.rows() {
                     let r = r as usize * w..(r as usize + 1) * w;
-                    update(&mut p.value[r.clone()], &p.grad[r.clone()], &mut m[r.clone()], &mut v[r], lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
+                    update(&mut p.value[r.clone()], &mut p.grad[r.clone()], &mut m[r.clone()], &mut v[r], lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
                 }
+                set.clear();
             } else if p.len() >= 2 * PAR_CHUNK {
                 p.value
                     .par_chunks_mut(PAR_CHUNK)
-                    .zip(p.grad.par_chunks(PAR_CHUNK))
+                    .zip(p.grad.par_chunks_mut(PAR_CHUNK))
                     .zip(m.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks_mut(PAR_CHUNK)))
                     .for_each(|((w, g), (m, v))| update(w, g, m, v, lr, b1, b2, eps, bc1, bc2, decay, grad_scale));
             } else {
-                update(&mut p.value, &p.grad, m, v, lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
+                update(&mut p.value, &mut p.grad, m, v, lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
             }
             idx += 1;
         });
@@ -136,6 +138,7 @@ mod tests {
         assert!((p.value[0] - 0.9).abs() < 1e-5);
         assert!((p.value[1] + 1.9).abs() < 1e-5);
         assert_eq!(p.value[2], 0.5);
+        assert!(p.grad.iter().all(|&g| g == 0.0), "the step consumes the gradient");
     }
 
     #[test]
@@ -169,5 +172,20 @@ mod tests {
             opt.step(&mut |f| f(&mut p), 0.05, 1.0);
         }
         assert!(p.value.iter().all(|v| v.abs() < 0.05));
+    }
+
+    #[test]
+    fn sparse_step_updates_and_clears_only_the_touched_rows() {
+        let mut p = Param::zeros("t", &[3, 2], true);
+        p.track_rows();
+        p.value = vec![1.0; 6];
+        p.grad[2..4].copy_from_slice(&[0.5, -0.5]);
+        p.touched_rows.as_mut().unwrap().insert(1);
+        let mut opt = AdamW::new(0.1);
+        opt.step(&mut |f| f(&mut p), 0.1, 1.0);
+        assert_eq!(&p.value[0..2], &[1.0, 1.0]);
+        assert_eq!(&p.value[4..6], &[1.0, 1.0]);
+        assert!(p.value[2] < 1.0 && p.value[3] > 0.9);
+        assert!(p.grad.iter().all(|&g| g == 0.0) && p.touched_rows.as_ref().unwrap().is_empty());
     }
 }

@@ -37,7 +37,9 @@ impl OptimizerKind {
 /// An optimizer that updates parameters from their gradients.
 pub trait Optimizer: Send {
     /// One update with learning rate `lr`; gradients are first multiplied by `grad_scale`
-    /// (the clipping factor), fused into the same pass.
+    /// (the clipping factor), fused into the same pass. The step *consumes* the gradients:
+    /// it leaves every one zero (sparse ones with an empty row set), ready for the next
+    /// step's backward passes, without a separate `zero_grad` pass over memory.
     fn step(&mut self, params: &mut ParamVisitor<'_>, lr: f32, grad_scale: f32);
     /// Steps taken so far.
     fn steps(&self) -> u64;

@@ -35,19 +35,21 @@ impl Optimizer for Sgd {
             let v = &mut vs[idx];
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
             let (n, row) = (p.value.len(), p.row_len());
-            let (value, grad) = (&mut p.value, &p.grad);
+            let (value, grad) = (&mut p.value, &mut p.grad);
             let mut apply = |r: std::ops::Range<usize>| {
-                for ((w, &g), vi) in value[r.clone()].iter_mut().zip(&grad[r.clone()]).zip(v[r].iter_mut()) {
-                    *vi = mu * *vi + g * grad_scale;
+                for ((w, g), vi) in value[r.clone()].iter_mut().zip(&mut grad[r.clone()]).zip(v[r].iter_mut()) {
+                    // the gradient is consumed: cleared in the same pass
+                    *vi = mu * *vi + std::mem::take(g) * grad_scale;
                     *w = *w * decay - lr * *vi;
                 }
             };
-            match &p.touched_rows {
+            match &mut p.touched_rows {
                 None => apply(0..n),
                 Some(set) => {
                     for &r in set.rows() {
                         apply(r as usize * row..(r as usize + 1) * row);
                     }
+                    set.clear();
                 }
             }
             idx += 1;
@@ -84,6 +86,8 @@ mod tests {
         p.grad[0] = 1.0;
         opt.step(&mut |f| f(&mut p), 0.1, 1.0);
         assert!((p.value[0] + 0.1).abs() < 1e-7);
+        assert_eq!(p.grad[0], 0.0, "the step consumes the gradient");
+        p.grad[0] = 1.0;
         opt.step(&mut |f| f(&mut p), 0.1, 1.0);
         // v = 0.9 + 1 = 1.9 → w = -0.1 - 0.19
         assert!((p.value[0] + 0.29).abs() < 1e-6);

@@ -204,7 +204,7 @@ pub fn train_from(
                 *v = if input_rng.uniform() < opts.input_dropout { 0.0 } else { *v * keep };
             }
         }
-        model.zero_grad();
+        // the gradients are zero here: the optimizer's step consumed the last ones
         let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_root.fork(state.step as u64))?;
         if !stats.loss.is_finite() {
             return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));

@@ -259,7 +259,7 @@ pub fn train_lm(
         // the step's k·b windows, drawn once, in order; micro-batch m takes windows m·b..(m+1)·b
         let mut rng = root.fork(state.step as u64 + 1);
         windows(&data.train, (0..k * b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
-        lm.zero_grad();
+        // the gradients are zero here: the optimizer's step consumed the last ones
         let mut step_loss = 0.0f32;
         for micro in 0..k {
             let r = micro * b * t..(micro + 1) * b * t;
