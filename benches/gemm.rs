@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use ffwd::core::gemm::{matmul, MatMut, MatRef};
+use ffwd::core::gemm::{matmul, use_gemm_crate, MatMut, MatRef};
 use ffwd::core::Rng;
 
 fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
@@ -39,11 +39,70 @@ fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
     }
 }
 
+/// Own kernels against the `gemm` crate on one shape, alternating in rounds: medians (µs).
+fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool) {
+    let mut rng = Rng::new(0);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let mut c = vec![0.0f32; m * n];
+    let av = if ta { MatRef::new(&a, k, m).t() } else { MatRef::new(&a, m, k) };
+    let bv = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
+    let flops = 2.0 * (m * n * k) as f64;
+    let reps = ((2e9 / flops) as usize).clamp(3, 200);
+    let (mut own, mut cr) = (Vec::new(), Vec::new());
+    for round in 0..10 {
+        for (crate_on, out) in [(false, &mut own), (true, &mut cr)] {
+            use_gemm_crate(crate_on);
+            matmul(MatMut::new(&mut c, m, n), av, bv, false);
+            for _ in 0..reps {
+                let t = Instant::now();
+                matmul(MatMut::new(&mut c, m, n), av, bv, false);
+                if round > 0 {
+                    out.push(t.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+    use_gemm_crate(false);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let (o, g) = (med(&mut own), med(&mut cr));
+    let label = format!("{m}x{k}{}·{k}x{n}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
+    println!(
+        "{label:>24}  own {:>8.1} µs {:>6.1} GFLOP/s   crate {:>8.1} µs {:>6.1} GFLOP/s   own/crate speed {:.2}",
+        o * 1e6,
+        flops / o / 1e9,
+        g * 1e6,
+        flops / g / 1e9,
+        g / o
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     if let Some(t) = args.iter().position(|a| a == "--threads").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()) {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().expect("pool");
+    }
+    if args.iter().any(|a| a == "--ab") {
+        println!("f32 GEMM, {} threads: ffwd's kernels against the gemm crate, alternating rounds (medians)", rayon::current_num_threads());
+        for &(m, k, n, ta, tb) in &[
+            (1024, 1024, 1024, false, false),
+            (128, 784, 256, false, true),
+            (128, 256, 784, false, false),
+            (256, 128, 784, true, false),
+            (2048, 192, 768, false, true),
+            (2048, 768, 192, false, true),
+            (2048, 768, 192, false, false),
+            (768, 2048, 192, true, false),
+            (2048, 192, 576, false, true),
+            (576, 2048, 192, true, false),
+        ] {
+            ab(m, k, n, ta, tb);
+        }
+        return;
     }
     if !json {
         println!("f32 GEMM, {} threads (median)", rayon::current_num_threads());
@@ -55,6 +114,16 @@ fn main() {
     bench(256, 784, 128, false, true, json);
     bench(256, 128, 784, true, false, json);
     bench(128, 256, 784, false, false, json);
+    if args.iter().any(|a| a == "--lm") {
+        // the default LM's step at B·T = 2048 rows, d 192, FFN 768: forward x·Wᵀ, input
+        // gradient dy·W, weight gradient dyᵀ·x, for the FFN and the qkv projection
+        bench(2048, 192, 768, false, true, json);
+        bench(2048, 768, 192, false, true, json);
+        bench(2048, 768, 192, false, false, json);
+        bench(768, 2048, 192, true, false, json);
+        bench(2048, 192, 576, false, true, json);
+        bench(576, 2048, 192, true, false, json);
+    }
     if args.iter().any(|a| a == "--ff") {
         // Forward-Forward step shapes (batch 100, 784-1000)
         bench(100, 784, 1000, false, false, json);

@@ -157,6 +157,10 @@ pub struct LmTrainArgs {
     /// Only the final summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Time every operation of the training step (LayerNorm, attention parts, FFN, logits,
+    /// optimizer, …) and print each one's share of the step at the end.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Options of `ffwd lm sample`.
@@ -381,8 +385,18 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     pb.set_position(state.step as u64);
     let mut bar = Bar { pb, quiet: a.quiet, save: a.save.as_deref().map(|p| (p, &tokenizer, &opts)) };
     let budget = a.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    ffwd::core::profile::enable(a.profile);
     train_lm(&mut lm, &data, &opts, &mut opt, &mut state, budget, a.stop_at, &mut bar)?;
+    ffwd::core::profile::enable(false);
     bar.pb.finish_and_clear();
+    if a.profile {
+        let rows = ffwd::core::profile::report();
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        eprintln!("profile of the training step ({:.2} s measured over {} steps):", total, state.step);
+        for (name, secs, calls) in &rows {
+            eprintln!("  {name:<26} {:>6.1} %  {:>9.2} ms/step  ({calls} calls)", 100.0 * secs / total, 1e3 * secs / state.step.max(1) as f64);
+        }
+    }
     let last = state.history.last().cloned();
     let tps_mean = if state.seconds > 0.0 { (state.step * opts.batch * opts.accum * opts.seq_len) as f64 / state.seconds } else { 0.0 };
     if let Some(e) = &last {

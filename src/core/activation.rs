@@ -16,6 +16,9 @@ pub enum Activation {
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// Slices at least this long are split over the threads, in chunks of [`PAR_CHUNK`].
+const PAR_MIN: usize = 1 << 16;
+const PAR_CHUNK: usize = 1 << 14;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// e^x with a Cody–Waite reduction and a degree-6 polynomial (relative error < 2e-7 over the
@@ -106,8 +109,17 @@ impl Activation {
         }
     }
 
-    /// `out[i] = f(pre[i])`, vectorised for the running CPU.
+    /// `out[i] = f(pre[i])`, vectorised for the running CPU, and spread over the threads for
+    /// long slices (a training batch's hidden layer).
     pub fn forward(self, pre: &[f32], out: &mut [f32]) {
+        if pre.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            return pre.par_chunks(PAR_CHUNK).zip(out.par_chunks_mut(PAR_CHUNK)).for_each(|(p, o)| self.forward_serial(p, o));
+        }
+        self.forward_serial(pre, out)
+    }
+
+    fn forward_serial(self, pre: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {
@@ -124,6 +136,14 @@ impl Activation {
 
     /// In place: `g[i] *= f'(pre[i])` (turns dL/d(activation) into dL/d(pre-activation)).
     pub fn backward_inplace(self, pre: &[f32], g: &mut [f32]) {
+        if pre.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            return pre.par_chunks(PAR_CHUNK).zip(g.par_chunks_mut(PAR_CHUNK)).for_each(|(p, gc)| self.backward_serial(p, gc));
+        }
+        self.backward_serial(pre, g)
+    }
+
+    fn backward_serial(self, pre: &[f32], g: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {
@@ -175,22 +195,139 @@ mod simd_x86 {
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn forward_avx512(act: Activation, pre: &[f32], out: &mut [f32]) {
+        if act == Activation::Gelu {
+            // SAFETY: AVX-512F CPUs have AVX2 and FMA.
+            return unsafe { gelu8::forward(pre, out) };
+        }
         forward_impl(act, pre, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn forward_avx2(act: Activation, pre: &[f32], out: &mut [f32]) {
+        if act == Activation::Gelu {
+            // SAFETY: AVX2 is enabled on this function.
+            return unsafe { gelu8::forward(pre, out) };
+        }
         forward_impl(act, pre, out)
     }
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn backward_avx512(act: Activation, pre: &[f32], g: &mut [f32]) {
+        if act == Activation::Gelu {
+            // SAFETY: AVX-512F CPUs have AVX2 and FMA.
+            return unsafe { gelu8::backward(pre, g) };
+        }
         backward_impl(act, pre, g)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn backward_avx2(act: Activation, pre: &[f32], g: &mut [f32]) {
+        if act == Activation::Gelu {
+            // SAFETY: AVX2 is enabled on this function.
+            return unsafe { gelu8::backward(pre, g) };
+        }
         backward_impl(act, pre, g)
+    }
+
+    /// Exact GELU and its derivative eight lanes at a time, with the scalar code's operations
+    /// in the scalar code's order (no fused multiply-adds), so every lane is bit-identical to
+    /// [`Activation::apply`] / [`Activation::derivative`]: the auto-vectoriser left the scalar
+    /// form at ~5.5 ns per value, this runs at a fraction of that.
+    mod gelu8 {
+        use std::arch::x86_64::*;
+
+        use super::super::{Activation, FRAC_1_SQRT_2, FRAC_1_SQRT_2PI};
+
+        #[inline(always)]
+        unsafe fn c(v: f32) -> __m256 {
+            _mm256_set1_ps(v)
+        }
+
+        /// `exp_approx`, lane-wise.
+        #[inline(always)]
+        unsafe fn exp8(x: __m256) -> __m256 {
+            unsafe {
+                let x = _mm256_min_ps(_mm256_max_ps(x, c(-87.3)), c(88.7));
+                let round = c(12_582_912.0);
+                let n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), round), round);
+                let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693_145_75))), _mm256_mul_ps(n, c(1.428_606_8e-6)));
+                let mut p = c(1.0 / 720.0);
+                for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                    p = _mm256_add_ps(c(k), _mm256_mul_ps(r, p));
+                }
+                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)));
+                _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+            }
+        }
+
+        /// `erf_approx`, lane-wise.
+        #[inline(always)]
+        unsafe fn erf8(x: __m256) -> __m256 {
+            unsafe {
+                let sign = _mm256_and_ps(x, c(-0.0));
+                let a = _mm256_andnot_ps(c(-0.0), x);
+                let t = _mm256_div_ps(c(1.0), _mm256_add_ps(c(1.0), _mm256_mul_ps(c(0.327_591_1), a)));
+                let mut poly = c(1.061_405_4);
+                for k in [-1.453_152_1, 1.421_413_7, -0.284_496_74, 0.254_829_6] {
+                    poly = _mm256_add_ps(c(k), _mm256_mul_ps(t, poly));
+                }
+                poly = _mm256_mul_ps(t, poly);
+                let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, c(-0.0)), a));
+                let tail = _mm256_or_ps(_mm256_andnot_ps(c(-0.0), _mm256_sub_ps(c(1.0), _mm256_mul_ps(poly, e))), sign);
+                let x2 = _mm256_mul_ps(x, x);
+                let mut s = c(1.0 / 9360.0);
+                for k in [-1.0 / 1320.0, 1.0 / 216.0, -1.0 / 42.0, 0.1, -1.0 / 3.0, 1.0] {
+                    s = _mm256_add_ps(c(k), _mm256_mul_ps(x2, s));
+                }
+                let series = _mm256_mul_ps(_mm256_mul_ps(c(std::f32::consts::FRAC_2_SQRT_PI), x), s);
+                _mm256_blendv_ps(tail, series, _mm256_cmp_ps::<_CMP_LT_OQ>(a, c(0.5)))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn gelu(x: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(_mm256_mul_ps(c(0.5), x), _mm256_add_ps(c(1.0), erf8(_mm256_mul_ps(x, c(FRAC_1_SQRT_2))))) }
+        }
+
+        #[inline(always)]
+        unsafe fn dgelu(x: __m256) -> __m256 {
+            unsafe {
+                let cdf = _mm256_mul_ps(c(0.5), _mm256_add_ps(c(1.0), erf8(_mm256_mul_ps(x, c(FRAC_1_SQRT_2)))));
+                let pdf = exp8(_mm256_mul_ps(_mm256_mul_ps(c(-0.5), x), x));
+                _mm256_add_ps(cdf, _mm256_mul_ps(_mm256_mul_ps(x, c(FRAC_1_SQRT_2PI)), pdf))
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn forward(pre: &[f32], out: &mut [f32]) {
+            let n = pre.len().min(out.len());
+            let mut i = 0;
+            unsafe {
+                while i + 8 <= n {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), gelu(_mm256_loadu_ps(pre.as_ptr().add(i))));
+                    i += 8;
+                }
+            }
+            for (o, &x) in out[i..n].iter_mut().zip(&pre[i..n]) {
+                *o = Activation::Gelu.apply(x);
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn backward(pre: &[f32], g: &mut [f32]) {
+            let n = pre.len().min(g.len());
+            let mut i = 0;
+            unsafe {
+                while i + 8 <= n {
+                    let gp = g.as_mut_ptr().add(i);
+                    _mm256_storeu_ps(gp, _mm256_mul_ps(_mm256_loadu_ps(gp), dgelu(_mm256_loadu_ps(pre.as_ptr().add(i)))));
+                    i += 8;
+                }
+            }
+            for (gi, &x) in g[i..n].iter_mut().zip(&pre[i..n]) {
+                *gi *= Activation::Gelu.derivative(x);
+            }
+        }
     }
 }
 
@@ -222,11 +359,23 @@ mod tests {
             assert!((s - 1.0 / (1.0 + (-x as f64).exp())).abs() < 3e-7, "sigmoid({x})");
             x += 0.0137;
         }
-        let mut buf: Vec<f32> = (0..1000).map(|i| i as f32 * 0.01 - 5.0).collect();
-        let pre = buf.clone();
-        Activation::Gelu.apply_inplace(&mut buf);
-        for (b, p) in buf.iter().zip(&pre) {
-            assert_eq!(*b, Activation::Gelu.apply(*p));
+        // the slice kernels (every SIMD path, serial and threaded) equal the scalar forms bit
+        // for bit, on values around both branches of erf and the exp clamps
+        let pre: Vec<f32> = (0..200_003).map(|i| (i as f32 * 0.000_7 - 70.0) * if i % 3 == 0 { 0.01 } else { 1.0 }).collect();
+        for act in [Activation::Relu, Activation::Gelu, Activation::Silu] {
+            let mut buf = pre.clone();
+            act.apply_inplace(&mut buf[..1000]);
+            let mut out = vec![0.0; pre.len()];
+            act.forward(&pre, &mut out);
+            let mut g = vec![1.5; pre.len()];
+            act.backward_inplace(&pre, &mut g);
+            for (i, &p) in pre.iter().enumerate() {
+                assert_eq!(out[i].to_bits(), act.apply(p).to_bits(), "{act:?} forward at {p}");
+                assert_eq!(g[i].to_bits(), (1.5 * act.derivative(p)).to_bits(), "{act:?} backward at {p}");
+                if i < 1000 {
+                    assert_eq!(buf[i], act.apply(p));
+                }
+            }
         }
     }
 

@@ -75,12 +75,11 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// Number of products handed to the GEMM library so far (for tests and profiling: the `gemm`
-/// crate allocates its packing buffers inside each call, so allocation-free claims are made
-/// per GEMM call).
+/// Number of matrix products run so far, by ffwd's kernels or the `gemm` crate (for tests
+/// and profiling: which paths run products at all).
 static GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
 
-/// How many products [`matmul`] has handed to the GEMM library in this process.
+/// How many products [`matmul`] and [`matmul_bias`] have run in this process.
 pub fn gemm_calls() -> usize {
     GEMM_CALLS.load(Ordering::Relaxed)
 }
@@ -121,6 +120,29 @@ impl Drop for LibraryCall {
     }
 }
 
+/// 0: not chosen yet; 1: ffwd's own kernels; 2: the `gemm` crate.
+static BACKEND: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether products run on ffwd's own kernels (`core::sgemm`) rather than the `gemm` crate
+/// (`FFWD_GEMM=crate` selects the crate, for comparisons; see also [`use_gemm_crate`]).
+fn use_own() -> bool {
+    match BACKEND.load(Ordering::Relaxed) {
+        0 => {
+            let own = std::env::var("FFWD_GEMM").map_or(true, |v| v != "crate");
+            BACKEND.store(if own { 1 } else { 2 }, Ordering::Relaxed);
+            own
+        }
+        b => b == 1,
+    }
+}
+
+/// Routes products through the `gemm` crate (`true`) or ffwd's own kernels (`false`): for
+/// benchmarks that compare the two in one process.
+#[doc(hidden)]
+pub fn use_gemm_crate(on: bool) {
+    BACKEND.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -131,6 +153,40 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// current rayon pool for large products and stays on the calling thread for small ones.
 pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     matmul_on(c, a, b, accumulate, true)
+}
+
+/// `c = a · b + bias` with `bias` (length `n`) added to every row: the tiles start from the
+/// bias, so the output is written once (a linear layer's forward).
+pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul_bias: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
+    assert_eq!((c.rows, c.cols), (m, n), "matmul_bias: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
+    assert_eq!(bias.len(), n, "matmul_bias: bias of {} for {n} columns", bias.len());
+    if use_own() && c.cs == 1 {
+        GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+        let threads = m * n * k >= PARALLEL_MIN_WORK;
+        // SAFETY: as in `matmul_on`; the bias has n values (asserted).
+        unsafe {
+            super::sgemm::gemm(
+                m,
+                n,
+                k,
+                super::sgemm::Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs },
+                super::sgemm::Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs },
+                super::sgemm::Output { ptr: c.data.as_mut_ptr(), rs: c.rs },
+                Some(bias),
+                false,
+                threads,
+            )
+        };
+        return;
+    }
+    for i in 0..m {
+        for (j, &bj) in bias.iter().enumerate() {
+            c.data[i * c.rs + j * c.cs] = bj;
+        }
+    }
+    matmul(c, a, b, true);
 }
 
 /// [`matmul`] that always stays on the calling thread: for the many small products of a
@@ -158,6 +214,21 @@ fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
     }
     let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    if use_own() && (c.cs == 1 || c.rs == 1) {
+        use super::sgemm::{gemm, Operand, Output};
+        let (a_op, b_op) = (Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs }, Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs });
+        // SAFETY: the views were bound-checked at construction; C is borrowed mutably, so it
+        // cannot alias A or B. A column-major C is computed as Cᵀ = Bᵀ·Aᵀ.
+        unsafe {
+            if c.cs == 1 {
+                gemm(m, n, k, a_op, b_op, Output { ptr: c.data.as_mut_ptr(), rs: c.rs }, None, accumulate, threads);
+            } else {
+                let (at, bt) = (Operand { ptr: a_op.ptr, rs: a.cs, cs: a.rs }, Operand { ptr: b_op.ptr, rs: b.cs, cs: b.rs });
+                gemm(n, m, k, bt, at, Output { ptr: c.data.as_mut_ptr(), rs: c.cs }, None, accumulate, threads);
+            }
+        }
+        return;
+    }
     let _library = LibraryCall::enter(matches!(par, Parallelism::Rayon(_)));
     // SAFETY: the three views were bound-checked at construction against their slices, the
     // output is borrowed mutably (so it cannot alias the inputs), and dimensions agree.
@@ -295,6 +366,47 @@ mod tests {
                     let y = want[i * n + j];
                     assert!((wide[i * 2 * n + n + j] - y).abs() <= 1e-4 * (1.0 + y.abs()));
                 }
+            }
+        }
+    }
+
+    /// ffwd's kernels against a naive product across block edges: m past several row blocks
+    /// and not a multiple of the tile, k past a packed slice, n not a multiple of the panel;
+    /// bias epilogue, accumulation, transposed operands, a column-major output; serial and
+    /// threaded. (CI runs it once per SIMD path.)
+    #[test]
+    fn own_kernels_match_naive_across_block_edges() {
+        let mut rng = Rng::new(11);
+        for &(m, k, n) in &[(401, 1500, 50), (7, 3, 33), (130, 1025, 17), (64, 2048, 96)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let want = naive(&a, &b, m, k, n);
+            let close = |got: &[f32], extra: &dyn Fn(usize, usize) -> f32, what: &str| {
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = want[i * n + j] + extra(i, j);
+                        let g = got[i * n + j];
+                        assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()) * (k as f32).sqrt() / 8.0, "{what} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
+                    }
+                }
+            };
+            let pool = |t: usize| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            for threads in [1, 2] {
+                pool(threads).install(|| {
+                    let mut c = vec![0.0; m * n];
+                    matmul_bias(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), &bias);
+                    close(&c, &|_, j| bias[j], "bias");
+                    matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), true);
+                    close(&c, &|i, j| bias[j] + want[i * n + j], "accumulate");
+                    // a stored transposed (k × m), b stored transposed (n × k), C column-major
+                    let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+                    let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+                    let mut ct = vec![0.0; m * n];
+                    matmul(MatMut::strided(&mut ct, m, n, 1, m), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
+                    let c2: Vec<f32> = (0..m * n).map(|x| ct[(x % n) * m + x / n]).collect();
+                    close(&c2, &|_, _| 0.0, "transposed");
+                });
             }
         }
     }

@@ -8,7 +8,9 @@ pub mod cpu;
 pub mod gemm;
 pub mod loss;
 pub mod param;
+pub mod profile;
 pub mod rng;
+pub mod sgemm;
 pub mod simd;
 pub mod tensor;
 

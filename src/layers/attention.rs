@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::Linear;
 use crate::core::gemm::{matmul_bt, matmul_serial, MatMut, MatRef};
+use crate::core::profile::span;
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
 
@@ -88,7 +89,10 @@ impl CausalSelfAttention {
         fit(&mut self.probs, b * nh * t * t);
         fit(&mut self.heads_out, b * nh * t * hd);
         fit(&mut self.merged, rows * d);
+        let s = span("attn qkv fwd");
         self.qkv.forward(x, rows, &mut self.qkv_out);
+        drop(s);
+        let s = span("attn core fwd");
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &self.qkv_out[..rows * 3 * d];
         self.probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.heads_out[..b * nh * t * hd].par_chunks_mut(t * hd)).enumerate().for_each(
@@ -114,6 +118,8 @@ impl CausalSelfAttention {
                 row[h * hd..(h + 1) * hd].copy_from_slice(&ho[item * t * hd + i * hd..item * t * hd + (i + 1) * hd]);
             }
         });
+        drop(s);
+        let _s = span("attn proj fwd");
         self.proj.forward(&self.merged, rows, y);
     }
 
@@ -127,7 +133,10 @@ impl CausalSelfAttention {
         fit(&mut self.d_probs, b * nh * t * t);
         fit(&mut self.d_heads, b * nh * 3 * t * hd);
         fit(&mut self.d_qkv, rows * 3 * d);
+        let s = span("attn proj bwd");
         self.proj.backward(&self.merged[..rows * d], rows, dy, Some(&mut self.d_merged[..rows * d]), false);
+        drop(s);
+        let s = span("attn core bwd");
         let scale = 1.0 / (hd as f32).sqrt();
         let (qkv, probs, dm) = (&self.qkv_out[..rows * 3 * d], &self.probs[..b * nh * t * t], &self.d_merged[..rows * d]);
         self.d_probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd)).enumerate().for_each(
@@ -166,6 +175,8 @@ impl CausalSelfAttention {
                 }
             }
         });
+        drop(s);
+        let _s = span("attn qkv bwd");
         self.qkv.backward(x, rows, &self.d_qkv[..rows * 3 * d], Some(dx), true);
     }
 

@@ -90,6 +90,7 @@ impl Layer for Dense {
             ensure_len(&mut self.act[h], batch * w);
             let input: &[f32] = if h == 0 { x } else { &self.act[h - 1] };
             self.linears[h].forward(input, batch, &mut self.pre[h]);
+            let _s = crate::core::profile::span("ffn activation");
             let (pre, act) = (&self.pre[h][..batch * w], &mut self.act[h][..batch * w]);
             self.cfg.activation.forward(pre, act);
         }
@@ -115,6 +116,7 @@ impl Layer for Dense {
                 self.linears[0].backward(input, batch, upstream, dx.as_deref_mut(), false);
             } else {
                 self.linears[i].backward(input, batch, upstream, Some(&mut self.grad_b[..batch * w]), false);
+                let _s = crate::core::profile::span("ffn activation");
                 self.cfg.activation.backward_inplace(&self.pre[i - 1][..batch * w], &mut self.grad_b[..batch * w]);
                 std::mem::swap(&mut self.grad_a, &mut self.grad_b);
             }

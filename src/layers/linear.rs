@@ -1,7 +1,7 @@
 //! `y = x Wᵀ + b`, the building block of the dense layers. `weight` is `out × in`
 //! (PyTorch's layout), `bias` is `out`.
 
-use crate::core::gemm::{add_row_bias, add_sum_rows, matmul, MatMut, MatRef};
+use crate::core::gemm::{add_sum_rows, matmul, matmul_bias, MatMut, MatRef};
 use crate::core::{Param, Rng};
 
 /// A fully connected map with PyTorch's layout and initialisation (uniform ±1/√in).
@@ -37,9 +37,8 @@ impl Linear {
     pub fn forward(&self, x: &[f32], batch: usize, y: &mut [f32]) {
         let (i, o) = (self.in_features(), self.out_features());
         let y = &mut y[..batch * o];
-        y.fill(0.0);
-        add_row_bias(y, &self.bias.value);
-        matmul(MatMut::new(y, batch, o), MatRef::new(x, batch, i), MatRef::new(&self.weight.value, o, i).t(), true);
+        let _s = crate::core::profile::span("linear fwd");
+        matmul_bias(MatMut::new(y, batch, o), MatRef::new(x, batch, i), MatRef::new(&self.weight.value, o, i).t(), &self.bias.value);
     }
 
     /// Adds dW = dyᵀx and db = Σ dy into the gradients; writes (or adds, with
@@ -47,8 +46,13 @@ impl Linear {
     pub fn backward(&mut self, x: &[f32], batch: usize, dy: &[f32], dx: Option<&mut [f32]>, accumulate_dx: bool) {
         let (i, o) = (self.in_features(), self.out_features());
         let dy = &dy[..batch * o];
+        let s = crate::core::profile::span("linear bwd dW");
         matmul(MatMut::new(&mut self.weight.grad, o, i), MatRef::new(dy, batch, o).t(), MatRef::new(x, batch, i), true);
+        drop(s);
+        let s = crate::core::profile::span("linear bwd db");
         add_sum_rows(dy, o, &mut self.bias.grad);
+        drop(s);
+        let _s = crate::core::profile::span("linear bwd dx");
         if let Some(dx) = dx {
             matmul(MatMut::new(dx, batch, i), MatRef::new(dy, batch, o), MatRef::new(&self.weight.value, o, i), accumulate_dx);
         }

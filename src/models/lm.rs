@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::gemm::{matmul, MatMut, MatRef};
 use crate::core::loss::softmax_cross_entropy;
+use crate::core::profile::span;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_dim, Error, Result};
 use crate::kernels::{InferKernel, Workspace};
@@ -284,7 +285,9 @@ impl Lm {
         fit(&mut self.xf, rows * d);
         fit(&mut self.logits, rows * v);
         let mut x0 = std::mem::take(&mut self.caches[0].x);
+        let s = span("embed");
         self.embed(tokens, t, &mut x0[..rows * d]);
+        drop(s);
         self.caches[0].x = x0;
         if !train {
             self.kernels();
@@ -294,17 +297,23 @@ impl Lm {
             let (head, tail) = self.caches.split_at_mut(l + 1);
             let (blk, c) = (&mut self.blocks[l], &mut head[l]);
             let n = rows * d;
+            let s = span("layernorm fwd");
             blk.ln1.forward(&c.x[..n], rows, &mut c.a[..n]);
+            drop(s);
             blk.attn.forward(&c.a[..n], b, t, &mut c.att[..n]);
             let ffn_in: &[f32] = if parallel {
                 &c.a[..n]
             } else {
+                let s = span("residual fwd");
                 for ((m, &x), &a) in c.mid[..n].iter_mut().zip(&c.x[..n]).zip(&c.att[..n]) {
                     *m = x + a;
                 }
+                drop(s);
+                let _s = span("layernorm fwd");
                 blk.ln2.as_mut().expect("sequential block has ln2").forward(&c.mid[..n], rows, &mut c.bn[..n]);
                 &c.bn[..n]
             };
+            let s = span("ffn fwd");
             if train {
                 blk.ffn.set_token_ids(tokens);
                 blk.ffn.forward_train(ffn_in, rows, &mut c.f[..n], rng)?;
@@ -312,6 +321,8 @@ impl Lm {
                 let kernel = &self.kernels.get().ok_or_else(|| Error::Invalid("lm: inference kernels missing".into()))?[l];
                 kernel.forward_tokens(ffn_in, tokens, rows, &mut c.f[..n], &mut self.ws)?;
             }
+            drop(s);
+            let _s = span("residual fwd");
             let base: &[f32] = if parallel { &c.x[..n] } else { &c.mid[..n] };
             let next = match tail.first_mut() {
                 Some(nc) => &mut nc.x,
@@ -327,7 +338,10 @@ impl Lm {
                 }
             }
         }
+        let s = span("layernorm fwd");
         self.ln_f.forward(&self.x_out[..rows * d], rows, &mut self.xf[..rows * d]);
+        drop(s);
+        let _s = span("logits fwd");
         matmul(
             MatMut::new(&mut self.logits[..rows * v], rows, v),
             MatRef::new(&self.xf[..rows * d], rows, d),
@@ -349,8 +363,11 @@ impl Lm {
         let (d, v, rows) = (self.cfg.d_model, self.cfg.vocab, b * t);
         let n = rows * d;
         fit(&mut self.dlogits, rows * v);
+        let s = span("loss");
         let (loss, _) = softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]);
+        drop(s);
         let aux: f32 = self.blocks.iter().map(|b| b.ffn.aux_loss()).sum();
+        let s = span("logits bwd");
         // output layer (tied): dE = dlogitsᵀ · xf, dxf = dlogits · E
         let dl = MatRef::new(&self.dlogits[..rows * v], rows, v);
         matmul(MatMut::new(&mut self.tok_emb.grad, v, d), dl.t(), MatRef::new(&self.xf[..n], rows, d), true);
@@ -358,8 +375,11 @@ impl Lm {
         fit(&mut self.g, n);
         fit(&mut self.dtmp, n);
         matmul(MatMut::new(&mut self.da[..n], rows, d), dl, MatRef::new(&self.tok_emb.value, v, d), false);
+        drop(s);
+        let s = span("layernorm bwd");
         self.g[..n].fill(0.0);
         self.ln_f.backward(&self.x_out[..n], rows, &self.da[..n], &mut self.g[..n]);
+        drop(s);
         let parallel = self.cfg.parallel;
         for l in (0..self.blocks.len()).rev() {
             let (blk, c) = (&mut self.blocks[l], &self.caches[l]);
@@ -374,13 +394,19 @@ impl Lm {
                     *a += x;
                 }
             } else {
+                let s = span("ffn bwd");
                 blk.ffn.backward(&c.bn[..n], rows, g, Some(dtmp))?;
+                drop(s);
+                let s = span("layernorm bwd");
                 blk.ln2.as_mut().expect("sequential block has ln2").backward(&c.mid[..n], rows, dtmp, g);
+                drop(s);
                 da.fill(0.0);
                 blk.attn.backward(&c.a[..n], b, t, g, da);
             }
+            let _s = span("layernorm bwd");
             blk.ln1.backward(&c.x[..n], rows, da, g);
         }
+        let _s = span("embed bwd");
         // embeddings: scatter-add the stream's gradient
         for (r, (row, &tok)) in self.g[..n].chunks_exact(d).zip(tokens).enumerate() {
             for (e, &gv) in self.tok_emb.grad[tok as usize * d..][..d].iter_mut().zip(row) {

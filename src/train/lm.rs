@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, CONFIG_KEY, LM_FORMAT, STATE_KEY, TRAIN_KEY, VOCAB_KEY};
-use crate::core::Rng;
+use crate::core::{profile, Rng};
 use crate::data::text::CharTokenizer;
 use crate::error::{Error, Result};
 use crate::models::{Lm, LmConfig};
@@ -258,7 +258,9 @@ pub fn train_lm(
     while state.step < end.min(schedule.total) {
         // the step's k·b windows, drawn once, in order; micro-batch m takes windows m·b..(m+1)·b
         let mut rng = root.fork(state.step as u64 + 1);
+        let s = profile::span("data");
         windows(&data.train, (0..k * b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
+        drop(s);
         // the gradients are zero here: the optimizer's step consumed the last ones
         let mut step_loss = 0.0f32;
         for micro in 0..k {
@@ -273,8 +275,10 @@ pub fn train_lm(
         }
         // the gradients hold the sum over micro-batches: average (and clip) in the update
         let inv_k = 1.0 / k as f32;
+        let s = profile::span("optimizer (clip + AdamW)");
         let clip = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)) * inv_k, opts.clip) } else { 1.0 };
         opt.step(&mut |f| lm.visit_params_mut(f), schedule.lr(state.step), clip * inv_k);
+        drop(s);
         state.step += 1;
         loss_sum += step_loss as f64;
         loss_n += 1;
@@ -296,7 +300,15 @@ pub fn train_lm(
         if state.step.is_multiple_of(opts.eval_every.max(1)) || state.step == opts.steps || out_of_time {
             let tps = tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
-            let val_loss = validate(lm, &data.val, b, t, opts.eval_batches)?;
+            let val_loss = {
+                let on = profile::enabled();
+                profile::enable(false); // evaluation is not part of the step's profile
+                let v = validate(lm, &data.val, b, t, opts.eval_batches);
+                if on {
+                    profile::enable_keep();
+                }
+                v?
+            };
             let e = LmEval {
                 step: state.step,
                 train_loss: (loss_sum / loss_n.max(1) as f64) as f32,
