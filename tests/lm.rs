@@ -302,3 +302,74 @@ fn time_budget_runs_finish_their_schedule() {
     assert_eq!(state.step, planned);
     assert_eq!(state.history.last().unwrap().step, state.step);
 }
+
+/// Attention over sequences longer than one causal block (32 queries): the blocked forward
+/// equals a naive causal softmax attention, and its backward matches finite differences.
+#[test]
+fn blocked_causal_attention_over_several_blocks() {
+    use ffwd::layers::attention::CausalSelfAttention;
+    let (b, t, d, nh) = (2, 70, 8, 2);
+    let hd = d / nh;
+    let mut rng = Rng::new(21);
+    let mut att = CausalSelfAttention::new("a", d, nh, 1.0, &mut rng);
+    att.visit_params_mut(&mut |p| p.value.iter_mut().for_each(|v| *v = rng.normal() * 0.3));
+    let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+    let r: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+    let mut y = vec![0.0; b * t * d];
+    att.forward(&x, b, t, &mut y);
+    // naive: qkv = x Wᵀ + b, per head softmax(q kᵀ/√hd) over j ≤ i, then proj
+    let (wq, bq) = (&att.qkv.weight.value, &att.qkv.bias.value);
+    let (wp, bp) = (&att.proj.weight.value, &att.proj.bias.value);
+    let mut want = vec![0.0f64; b * t * d];
+    for bb in 0..b {
+        let qkv: Vec<Vec<f64>> = (0..t)
+            .map(|i| (0..3 * d).map(|o| bq[o] as f64 + (0..d).map(|c| wq[o * d + c] as f64 * x[(bb * t + i) * d + c] as f64).sum::<f64>()).collect())
+            .collect();
+        for i in 0..t {
+            let mut merged = vec![0.0f64; d];
+            for h in 0..nh {
+                let s: Vec<f64> = (0..=i).map(|j| (0..hd).map(|c| qkv[i][h * hd + c] * qkv[j][d + h * hd + c]).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                for (j, sv) in s.iter().enumerate() {
+                    for c in 0..hd {
+                        merged[h * hd + c] += (sv - m).exp() / z * qkv[j][2 * d + h * hd + c];
+                    }
+                }
+            }
+            for o in 0..d {
+                want[(bb * t + i) * d + o] = bp[o] as f64 + (0..d).map(|c| wp[o * d + c] as f64 * merged[c]).sum::<f64>();
+            }
+        }
+    }
+    for (g, w) in y.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+    }
+    // backward against finite differences of L = Σ y ⊙ r
+    let mut dx = vec![0.0; b * t * d];
+    att.backward(&x, b, t, &r, &mut dx); // a fresh layer's gradients start at zero
+    let loss = |att: &mut CausalSelfAttention, x: &[f32]| {
+        let mut y = vec![0.0; b * t * d];
+        att.forward(x, b, t, &mut y);
+        y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+    };
+    let eps = 1e-2f32;
+    for k in (0..x.len()).step_by(37) {
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp[k] += eps;
+        xm[k] -= eps;
+        let num = (loss(&mut att, &xp) - loss(&mut att, &xm)) / (2.0 * eps as f64);
+        assert!((num - dx[k] as f64).abs() < 2e-2 * num.abs().max(1.0), "dx[{k}]: {} vs {num}", dx[k]);
+    }
+    let gw = att.qkv.weight.grad.clone();
+    for k in (0..gw.len()).step_by(7) {
+        let orig = att.qkv.weight.value[k];
+        att.qkv.weight.value[k] = orig + eps;
+        let lp = loss(&mut att, &x);
+        att.qkv.weight.value[k] = orig - eps;
+        let lm = loss(&mut att, &x);
+        att.qkv.weight.value[k] = orig;
+        let num = (lp - lm) / (2.0 * eps as f64);
+        assert!((num - gw[k] as f64).abs() < 2e-2 * num.abs().max(1.0), "dWqkv[{k}]: {} vs {num}", gw[k]);
+    }
+}

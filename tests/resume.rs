@@ -66,7 +66,7 @@ fn lm_trials(ffn: &[&str], trials: usize, seed: u64) -> (usize, usize) {
     let text = dir.path().join("text.txt");
     let s: String = ffwd::data::text::tiny_shakespeare().unwrap().chars().take(30_000).collect();
     std::fs::write(&text, s).unwrap();
-    let mut model = vec!["--context", "32", "--d-model", "32", "--heads", "2", "--layers", "2", "--batch", "8", "--steps", "40", "--eval-every", "20"];
+    let mut model = vec!["--context", "32", "--d-model", "32", "--heads", "2", "--layers", "2", "--batch", "8", "--steps", "80", "--eval-every", "20"];
     model.extend_from_slice(ffn);
     model.extend_from_slice(&["--save-every", "2"]);
     // the uninterrupted run, timed
@@ -75,19 +75,19 @@ fn lm_trials(ffn: &[&str], trials: usize, seed: u64) -> (usize, usize) {
     run_ok(&lm_args(&text, &whole, &model));
     let span = t0.elapsed();
     let want = lm_state(&whole);
-    assert_eq!(want.3, 40);
+    assert_eq!(want.3, 80);
     let mut rng = Rng::new(seed);
     let (mut landed, mut in_save) = (0, 0);
     for trial in 0..trials {
         let path = dir.path().join(format!("killed{trial}.safetensors"));
-        let at = span.mul_f32(rng.uniform() * 1.1);
+        let at = span.mul_f32(rng.uniform() * 0.95);
         landed += kill_after(&lm_args(&text, &path, &model), at) as usize;
         let tmp_prefix = format!(".killed{trial}.safetensors.tmp");
         in_save += std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&tmp_prefix)).count();
         if path.exists() {
             // complete, and an earlier state of the same run
             let (_, _, _, step) = lm_state(&path);
-            assert!(step <= 40 && step.is_multiple_of(2), "trial {trial}: step {step}");
+            assert!(step <= 80 && step.is_multiple_of(2), "trial {trial}: step {step}");
             run_ok(&lm_args(&text, &path, &["--resume", p(&path)]));
         } else {
             run_ok(&lm_args(&text, &path, &model));
@@ -104,7 +104,7 @@ fn killed_lm_runs_resume_to_the_same_parameters() {
     let (d, ds) = lm_trials(&["--ffn", "dense", "--ffn-width", "64"], trials - trials / 3, 1);
     let (u, us) = lm_trials(&["--ffn", "ufff", "--ffn-width", "63"], trials / 3, 2);
     eprintln!("kill/resume: {trials} trials, {} killed mid-run, {} of them during a save; every resumed run bit-identical", d + u, ds + us);
-    assert!(d + u >= trials / 2, "too few kills landed mid-run ({} of {trials})", d + u);
+    assert!(d + u >= trials / 3, "too few kills landed mid-run ({} of {trials})", d + u);
 }
 
 #[test]

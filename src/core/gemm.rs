@@ -50,6 +50,13 @@ impl<'a> MatRef<'a> {
         MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
+    /// Rows `r0..r1` of the view (no copy).
+    pub fn rows_range(self, r0: usize, r1: usize) -> Self {
+        assert!(r0 <= r1 && r1 <= self.rows, "rows_range {r0}..{r1} of {} rows", self.rows);
+        let data = if r0 < r1 { &self.data[r0 * self.rs..] } else { &self.data[..0] };
+        MatRef { data, rows: r1 - r0, cols: self.cols, rs: self.rs, cs: self.cs }
+    }
+
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows

@@ -102,11 +102,17 @@ impl CausalSelfAttention {
                 let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
                 let k = MatRef::strided(&qkv[base + d..], t, hd, 3 * d, 1);
                 let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
-                matmul_serial(MatMut::new(p, t, t), q, k.t(), false);
-                for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                    causal_softmax(row, i, scale);
+                // causal: query block [i0, i1) sees keys [0, i1) only, so the products skip
+                // the masked upper triangle block by block (rows of p past i1 stay unused)
+                for (i0, i1) in query_blocks(t) {
+                    let pb = MatMut::strided(&mut p[i0 * t..], i1 - i0, i1, t, 1);
+                    matmul_serial(pb, q.rows_range(i0, i1), k.rows_range(0, i1).t(), false);
+                    for i in i0..i1 {
+                        causal_softmax(&mut p[i * t..i * t + i1], i, scale);
+                    }
+                    let pr = MatRef::strided(&p[i0 * t..], i1 - i0, i1, t, 1);
+                    matmul_serial(MatMut::new(&mut o[i0 * hd..i1 * hd], i1 - i0, hd), pr, v.rows_range(0, i1), false);
                 }
-                matmul_serial(MatMut::new(o, t, hd), MatRef::new(p, t, t), v, false);
             },
         );
         // heads side by side: merged[bb·t + i, h·hd + c] = o_(bb,h)[i, c]
@@ -148,20 +154,28 @@ impl CausalSelfAttention {
                 let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
                 let p = &probs[item * t * t..(item + 1) * t * t];
                 let d_o = MatRef::strided(&dm[bb * t * d + h * hd..], t, hd, d, 1);
-                // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                matmul_serial(MatMut::new(dp, t, t), d_o, v.t(), false);
-                for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-                    let s: f32 = dr[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
-                    for (dv, &pv) in dr.iter_mut().zip(pr) {
-                        *dv = pv * (*dv - s) * scale;
-                    }
-                }
                 let (dq, rest) = dh.split_at_mut(t * hd);
                 let (dk, dv) = rest.split_at_mut(t * hd);
-                let ds = MatRef::new(dp, t, t);
-                matmul_serial(MatMut::new(dq, t, hd), ds, k, false);
-                matmul_serial(MatMut::new(dk, t, hd), ds.t(), q, false);
-                matmul_serial(MatMut::new(dv, t, hd), MatRef::new(p, t, t).t(), d_o, false);
+                dk.fill(0.0);
+                dv.fill(0.0);
+                // block by block over queries, keys [0, i1) only (the forward's causal blocks)
+                for (i0, i1) in query_blocks(t) {
+                    let rows = i1 - i0;
+                    // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                    matmul_serial(MatMut::strided(&mut dp[i0 * t..], rows, i1, t, 1), d_o.rows_range(i0, i1), v.rows_range(0, i1).t(), false);
+                    for i in i0..i1 {
+                        let (dr, pr) = (&mut dp[i * t..i * t + i1], &p[i * t..i * t + i1]);
+                        let s: f32 = dr[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
+                        for (dv, &pv) in dr.iter_mut().zip(pr) {
+                            *dv = pv * (*dv - s) * scale;
+                        }
+                    }
+                    let ds = MatRef::strided(&dp[i0 * t..], rows, i1, t, 1);
+                    let pb = MatRef::strided(&p[i0 * t..], rows, i1, t, 1);
+                    matmul_serial(MatMut::new(&mut dq[i0 * hd..i1 * hd], rows, hd), ds, k.rows_range(0, i1), false);
+                    matmul_serial(MatMut::new(&mut dk[..i1 * hd], i1, hd), ds.t(), q.rows_range(i0, i1), true);
+                    matmul_serial(MatMut::new(&mut dv[..i1 * hd], i1, hd), pb.t(), d_o.rows_range(i0, i1), true);
+                }
             },
         );
         let dh = &self.d_heads;
@@ -225,6 +239,14 @@ impl CausalSelfAttention {
         f(&mut self.proj.weight);
         f(&mut self.proj.bias);
     }
+}
+
+/// Query rows per causal block of the attention products.
+const QUERY_BLOCK: usize = 32;
+
+/// The causal blocks `[i0, i1)` of `t` query positions.
+fn query_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t.div_ceil(QUERY_BLOCK)).map(move |b| (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(t)))
 }
 
 /// Softmax of `scale · row[..=i]` in place; entries after `i` (the future) become 0.
