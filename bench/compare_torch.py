@@ -9,7 +9,9 @@ install torch fastfeedforward`; never needed by the tests).
     python3 bench/compare_torch.py [--quick] [--threads 2] [--only smoe,moe]
 
 Prints one row per (layer, shape, batch) with the medians and the ratios
-torch_dense / ffwd, fastfeedforward / ffwd_fff and torch_moe_loop / ffwd_moe.
+torch_dense / ffwd (the conditional layer against PyTorch's dense layer of equal width, the
+headline figure), torch_dense / ffwd_dense (the two dense layers against each other: > 1 means
+ffwd's dense layer is faster), fastfeedforward / ffwd_fff and torch_moe_loop / ffwd_moe.
 """
 import argparse
 import json
@@ -63,7 +65,7 @@ def main():
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s, torch {theirs:.0f} GFLOP/s, ratio {ours / theirs:.2f}")
     else:
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s")
-    print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'fastff/ffwd':>11} {'loop/ffwd':>9}")
+    print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'dense t/f':>9} {'fastff/ffwd':>11} {'loop/ffwd':>9}")
     for r in rows:
         batch, layer = r["batch"], r["layer"]
         d = 512 if layer in ("smoe", "moe", "pkm") else 768
@@ -89,10 +91,11 @@ def main():
             if layer in ("smoe", "moe"):
                 loop_us = torch_moe_loop_us(torch, batch, sigmoid=(layer == "smoe"))
         tr = f"{torch_us / r['median_us']:.1f}x" if torch_us else "-"
+        dr = f"{torch_us / r['dense_median_us']:.2f}" if torch_us else "-"
         fr = f"{fastff_us / r['median_us']:.0f}x" if fastff_us else "-"
         lr = f"{loop_us / r['median_us']:.1f}x" if loop_us else "-"
         fmt = lambda v: f"{v:.1f}" if v is not None else "-"
-        print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {fr:>11} {lr:>9}")
+        print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {dr:>9} {fr:>11} {lr:>9}")
 
 
 def torch_moe_loop_us(torch, batch, sigmoid, d=512, experts=32, g=128, k=4):

@@ -99,6 +99,9 @@ fn main() {
             (768, 2048, 192, true, false),
             (2048, 192, 576, false, true),
             (576, 2048, 192, true, false),
+            // the dense 768-4095-768 inference layer at batch 16
+            (16, 768, 4095, false, false),
+            (16, 4095, 768, false, false),
         ] {
             ab(m, k, n, ta, tb);
         }

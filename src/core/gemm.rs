@@ -384,7 +384,7 @@ mod tests {
     #[test]
     fn own_kernels_match_naive_across_block_edges() {
         let mut rng = Rng::new(11);
-        for &(m, k, n) in &[(401, 1500, 50), (7, 3, 33), (130, 1025, 17), (64, 2048, 96)] {
+        for &(m, k, n) in &[(401, 1500, 50), (7, 3, 33), (130, 1025, 17), (64, 2048, 96), (40, 1500, 50), (16, 768, 64)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();

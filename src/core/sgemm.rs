@@ -35,9 +35,10 @@ struct Isa {
     /// Slice of the inner dimension per packed block (measured: the AVX2 kernel is 20–40 %
     /// faster at 1024 than at 256 on the LM's shapes, the B panel streaming from L2).
     kc: usize,
-    /// `kernel(kc, a_panel, b_panel, c, rs_c, init)`: `c[i·rs_c + j] (=|+=) Σ_p a[p·mr + i]·b[p·nr + j]`
-    /// over a full `mr × nr` tile; `init` says how the tile starts.
-    kernel: unsafe fn(usize, *const f32, *const f32, *mut f32, usize, Init),
+    /// `kernel(kc, a_panel, b_panel, b_ks, c, rs_c, init)`: `c[i·rs_c + j] (=|+=) Σ_p a[p·mr + i]·
+    /// b[p·b_ks + j]` over a full `mr × nr` tile (`b_ks` is `nr` for a packed panel, B's row
+    /// stride when the kernel reads B in place); `init` says how the tile starts.
+    kernel: unsafe fn(usize, *const f32, *const f32, usize, *mut f32, usize, Init),
 }
 
 /// How a tile's accumulators start.
@@ -166,6 +167,22 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     }
     let isa = isa();
     let (mr, nr, kc_max) = (isa.mr, isa.nr, isa.kc);
+    // column blocks (BLIS's NC loop): a packed KC slice of B at most B_SLICE values, so that it
+    // stays in cache while the row blocks pass it (a 4095-wide layer would otherwise pack
+    // 16 MB per slice, written to memory and read back)
+    let nc = (B_SLICE / k.min(kc_max)).max(nr).next_multiple_of(nr);
+    if n > nc {
+        let mut j0 = 0;
+        while j0 < n {
+            let w = (n - j0).min(nc);
+            let bj = Operand { ptr: b.ptr.wrapping_add(j0 * b.cs), ..b };
+            let cj = Output { ptr: c.ptr.wrapping_add(j0), ..c };
+            // SAFETY: columns j0..j0+w of B and C, inside their extents.
+            unsafe { gemm(m, w, k, a, bj, cj, bias.map(|bv| &bv[j0..j0 + w]), accumulate, threads) };
+            j0 += w;
+        }
+        return;
+    }
     let n_panels = n.div_ceil(nr);
     let nt = rayon::current_num_threads();
     let parallel = threads && nt > 1 && m * n * k >= 1 << 18;
@@ -190,20 +207,34 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     let n_chunks = if parallel && m_blocks < 2 * nt { (2 * nt).div_ceil(m_blocks).min(n_panels) } else { 1 };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let n_chunks = n_panels.div_ceil(panels_per_chunk);
-    with_buffer(&PACK_B, n_panels * nr * k.min(kc_max), |pb| {
+    // few rows: every element of B is used only m times, so packing B would cost more than it
+    // saves; the kernel reads B's full panels in place (only a partial last panel is packed)
+    let direct = b.cs == 1 && m <= DIRECT_B_MAX_ROWS;
+    let full = n / nr;
+    let b_buffer = if direct { (n_panels - full) * nr * k.min(kc_max) } else { n_panels * nr * k.min(kc_max) };
+    with_buffer(&PACK_B, b_buffer, |pb| {
         let mut p0 = 0;
         while p0 < k {
             let kc = (k - p0).min(kc_max);
-            let packed_b = &mut pb[..n_panels * nr * kc];
-            // SAFETY: reads inside B's extent (rows p0..p0+kc, columns 0..n).
-            if parallel && n_panels > 1 {
-                packed_b.par_chunks_mut(nr * kc).enumerate().for_each(|(s, panel)| unsafe { pack_b(panel, b, p0, kc, n, nr, s) });
-            } else {
-                for (s, panel) in packed_b.chunks_mut(nr * kc).enumerate() {
-                    unsafe { pack_b(panel, b, p0, kc, n, nr, s) };
+            let panels = if direct {
+                let tail = &mut pb[..(n_panels - full) * nr * kc];
+                if !tail.is_empty() {
+                    // SAFETY: reads inside B's extent.
+                    unsafe { pack_b(tail, b, p0, kc, n, nr, full) };
                 }
-            }
-            let packed_b: &[f32] = packed_b;
+                BPanels::Direct { start: b.ptr.wrapping_add(p0 * b.rs), rs: b.rs, full, tail }
+            } else {
+                let packed_b = &mut pb[..n_panels * nr * kc];
+                // SAFETY: reads inside B's extent (rows p0..p0+kc, columns 0..n).
+                if parallel && n_panels > 1 {
+                    packed_b.par_chunks_mut(nr * kc).enumerate().for_each(|(s, panel)| unsafe { pack_b(panel, b, p0, kc, n, nr, s) });
+                } else {
+                    for (s, panel) in packed_b.chunks_mut(nr * kc).enumerate() {
+                        unsafe { pack_b(panel, b, p0, kc, n, nr, s) };
+                    }
+                }
+                BPanels::Packed(packed_b)
+            };
             let first = p0 == 0;
             let item = |w: usize| {
                 let (ib, jc) = (w / n_chunks, w % n_chunks);
@@ -216,7 +247,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
                     // s0..s1 of C, which no other item touches.
                     unsafe {
                         pack_a(&mut pa[..m_panels * mr * kc], a, i0, mc, p0, kc, mr);
-                        macro_block(&isa, &pa[..m_panels * mr * kc], &packed_b[s0 * nr * kc..s1 * nr * kc], s0, mc, n, kc, c, i0, bias, first, accumulate);
+                        macro_block(&isa, &pa[..m_panels * mr * kc], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
                     }
                 });
             };
@@ -229,6 +260,12 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
         }
     });
 }
+
+/// Most values of a packed KC slice of B (2 MiB).
+const B_SLICE: usize = 512 * 1024;
+
+/// Products with at most this many rows read B in place instead of packing it.
+const DIRECT_B_MAX_ROWS: usize = 48;
 
 /// Smallest slice of the inner dimension per thread in a split-k product.
 const SPLIT_K_MIN: usize = 512;
@@ -278,8 +315,9 @@ unsafe fn split_k(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Outpu
 unsafe fn macro_block(
     isa: &Isa,
     pa: &[f32],
-    pb: &[f32],
+    panels: BPanels<'_>,
     s0: usize,
+    s1: usize,
     mc: usize,
     n: usize,
     kc: usize,
@@ -291,8 +329,9 @@ unsafe fn macro_block(
 ) {
     let (mr, nr) = (isa.mr, isa.nr);
     let mut tile = [0.0f32; 6 * 16];
-    for (jp, bp) in pb.chunks_exact(nr * kc).enumerate() {
-        let j0 = (s0 + jp) * nr;
+    for s in s0..s1 {
+        let (bp, b_ks) = panels.panel(s, kc, nr);
+        let j0 = s * nr;
         let nw = (n - j0).min(nr);
         for (ip, ap) in pa.chunks_exact(mr * kc).enumerate() {
             let r0 = ip * mr;
@@ -307,10 +346,10 @@ unsafe fn macro_block(
                     (true, _, Some(bv)) => Init::Bias(bv.as_ptr().add(j0)),
                 };
                 if mw == mr && nw == nr && !(first && accumulate && bias.is_some()) {
-                    (isa.kernel)(kc, ap.as_ptr(), bp.as_ptr(), cptr, c.rs, init);
+                    (isa.kernel)(kc, ap.as_ptr(), bp, b_ks, cptr, c.rs, init);
                 } else {
                     // edge tile (or accumulate + bias): compute from zero, then combine
-                    (isa.kernel)(kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), nr, Init::Zero);
+                    (isa.kernel)(kc, ap.as_ptr(), bp, b_ks, tile.as_mut_ptr(), nr, Init::Zero);
                     for i in 0..mw {
                         let row = std::slice::from_raw_parts_mut(cptr.add(i * c.rs), nw);
                         let t = &tile[i * nr..i * nr + nw];
@@ -332,6 +371,37 @@ unsafe fn macro_block(
         }
     }
 }
+
+/// Where the micro-kernel finds column panel `s` of the current `KC` slice of B.
+#[derive(Clone, Copy)]
+enum BPanels<'a> {
+    /// All panels packed, `nr · kc` values each.
+    Packed(&'a [f32]),
+    /// Full panels read in place (B has unit column stride): row `p0` of B at `start`, rows
+    /// `rs` apart; the partial last panel, if any, packed in `tail`.
+    Direct { start: *const f32, rs: usize, full: usize, tail: &'a [f32] },
+}
+
+impl BPanels<'_> {
+    /// `(pointer to the panel's first row, stride between its rows)`.
+    fn panel(&self, s: usize, kc: usize, nr: usize) -> (*const f32, usize) {
+        match *self {
+            BPanels::Packed(pb) => (pb[s * nr * kc..].as_ptr(), nr),
+            BPanels::Direct { start, rs, full, tail } => {
+                if s < full {
+                    (start.wrapping_add(s * nr), rs)
+                } else {
+                    (tail.as_ptr(), nr)
+                }
+            }
+        }
+    }
+}
+
+// SAFETY: the panels are only read, by the threads of one product, while the caller keeps B
+// and the packed buffers alive.
+unsafe impl Send for BPanels<'_> {}
+unsafe impl Sync for BPanels<'_> {}
 
 /// Packs panel `s` of rows `p0..p0+kc` of `B` (`k × n`): `panel[p·nr + j] = B[p0 + p, s·nr + j]`,
 /// zero past column `n`.
@@ -409,8 +479,8 @@ unsafe fn pack_a(out: &mut [f32], a: Operand, i0: usize, mc: usize, p0: usize, k
 /// Portable 4 × 16 micro-kernel.
 ///
 /// # Safety
-/// `a`: `kc·4` values, `b`: `kc·16`, `c`: 4 rows of 16 at stride `rs`.
-unsafe fn kernel_portable(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs: usize, init: Init) {
+/// `a`: `kc·4` values, `b`: `kc` rows of 16 at stride `b_ks`, `c`: 4 rows of 16 at stride `rs`.
+unsafe fn kernel_portable(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
     const MR: usize = 4;
     const NR: usize = 16;
     let mut acc = [[0.0f32; NR]; MR];
@@ -429,9 +499,9 @@ unsafe fn kernel_portable(kc: usize, a: *const f32, b: *const f32, c: *mut f32, 
                 }
             }
         }
-        let (a, b) = (std::slice::from_raw_parts(a, kc * MR), std::slice::from_raw_parts(b, kc * NR));
+        let a = std::slice::from_raw_parts(a, kc * MR);
         for p in 0..kc {
-            let br = &b[p * NR..(p + 1) * NR];
+            let br = std::slice::from_raw_parts(b.add(p * b_ks), NR);
             for i in 0..MR {
                 let av = a[p * MR + i];
                 for j in 0..NR {
@@ -454,10 +524,10 @@ mod x86 {
     /// AVX2 + FMA 6 × 16 micro-kernel: 12 ymm accumulators.
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `a`: `kc·6` values, `b`: `kc·16`, `c`: 6 rows of 16 at
-    /// stride `rs`.
+    /// The CPU supports AVX2 and FMA; `a`: `kc·6` values, `b`: `kc` rows of 16 at stride
+    /// `b_ks`, `c`: 6 rows of 16 at stride `rs`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs: usize, init: Init) {
+    pub unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; 6];
             match init {
@@ -489,23 +559,24 @@ mod x86 {
             // four steps per iteration, prefetching the B panel (the part that does not stay
             // in L1 for long inner dimensions) 16 steps ahead
             let mut p = 0;
+            let ahead = 16 * b_ks;
             while p + 4 <= kc {
-                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(256) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(256 + 32) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(ahead + b_ks) as *const i8);
                 step(ap, bpp, &mut acc);
-                step(ap.add(6), bpp.add(16), &mut acc);
-                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(256 + 32 * 2) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(256 + 32 * 3) as *const i8);
-                step(ap.add(12), bpp.add(32), &mut acc);
-                step(ap.add(18), bpp.add(48), &mut acc);
+                step(ap.add(6), bpp.add(b_ks), &mut acc);
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(ahead + 2 * b_ks) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(ahead + 3 * b_ks) as *const i8);
+                step(ap.add(12), bpp.add(2 * b_ks), &mut acc);
+                step(ap.add(18), bpp.add(3 * b_ks), &mut acc);
                 ap = ap.add(24);
-                bpp = bpp.add(64);
+                bpp = bpp.add(4 * b_ks);
                 p += 4;
             }
             while p < kc {
                 step(ap, bpp, &mut acc);
                 ap = ap.add(6);
-                bpp = bpp.add(16);
+                bpp = bpp.add(b_ks);
                 p += 1;
             }
             for (i, row) in acc.iter().enumerate() {
@@ -528,7 +599,7 @@ pub fn kernel_gflops(kc: usize, reps: usize) -> (f64, usize, usize) {
     let t = std::time::Instant::now();
     for _ in 0..reps {
         // SAFETY: buffers of the kernel's sizes.
-        unsafe { (isa.kernel)(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), isa.nr, Init::Load) };
+        unsafe { (isa.kernel)(kc, a.as_ptr(), b.as_ptr(), isa.nr, c.as_mut_ptr(), isa.nr, Init::Load) };
     }
     let secs = t.elapsed().as_secs_f64();
     std::hint::black_box(&c);
