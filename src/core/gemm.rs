@@ -143,6 +143,15 @@ fn use_own() -> bool {
     }
 }
 
+/// Whether ffwd's kernels are the faster choice for a product of this shape (C `m × n`, inner
+/// `k`), as measured with `cargo bench --bench gemm -- --ab` and `--bench ufff_train`: not
+/// for outputs narrower than one 16-column panel or inner dimensions under 16 (a classifier's
+/// 10 logits: every tile would be an edge tile), and not for a few rows against a very wide B,
+/// whose rows the kernel would read in place one strided panel at a time.
+fn own_suits(m: usize, n: usize, k: usize) -> bool {
+    n >= 16 && k >= 16 && !(m <= 48 && n > 1024)
+}
+
 /// Routes products through the `gemm` crate (`true`) or ffwd's own kernels (`false`): for
 /// benchmarks that compare the two in one process.
 #[doc(hidden)]
@@ -169,7 +178,7 @@ pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
     assert_eq!(b.rows, k, "matmul_bias: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
     assert_eq!((c.rows, c.cols), (m, n), "matmul_bias: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
     assert_eq!(bias.len(), n, "matmul_bias: bias of {} for {n} columns", bias.len());
-    if use_own() && c.cs == 1 {
+    if use_own() && c.cs == 1 && own_suits(m, n, k) {
         GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
         let threads = m * n * k >= PARALLEL_MIN_WORK;
         // SAFETY: as in `matmul_on`; the bias has n values (asserted).
@@ -221,7 +230,8 @@ fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
     }
     let par = if threads && m * n * k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
-    if use_own() && (c.cs == 1 || c.rs == 1) {
+    let own = if c.cs == 1 { own_suits(m, n, k) } else { c.rs == 1 && own_suits(n, m, k) };
+    if use_own() && own {
         use super::sgemm::{gemm, Operand, Output};
         let (a_op, b_op) = (Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs }, Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs });
         // SAFETY: the views were bound-checked at construction; C is borrowed mutably, so it
