@@ -221,6 +221,9 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
     }
     let model = ffwd::models::Classifier::load(path)?;
     let k = model.layer().kernel_with(if a.bf16 { Precision::Bf16 } else { Precision::F32 })?;
+    if a.bf16 {
+        super::note_bf16_speed();
+    }
     let (ni, no) = (k.in_features(), k.out_features());
     let mut rng = Rng::new(3);
     let mut ws = Workspace::new();

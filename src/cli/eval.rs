@@ -81,6 +81,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     drop(ck);
     if a.bf16 {
         model.set_precision(Precision::Bf16)?;
+        super::note_bf16_speed();
     }
     let t0 = std::time::Instant::now();
     let test = model.accuracy(&split.test)?;

@@ -37,12 +37,21 @@ enum Command {
 /// Parses the command line and runs the subcommand.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    ffwd::core::cpu::check_env()?;
     match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Lm(c) => lm::run(c),
+    }
+}
+
+/// Says once, on stderr, that bf16 weight rows are slow on this CPU: their widening kernels
+/// are AVX-512 only, the portable fallback is slower than f32.
+pub(crate) fn note_bf16_speed() {
+    if !ffwd::core::cpu::avx512() {
+        eprintln!("note: this CPU has no AVX-512, so bf16 weights run a portable path that is slower than f32 (accuracy is unaffected)");
     }
 }
 
