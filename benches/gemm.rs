@@ -6,13 +6,21 @@ use std::time::Instant;
 use ffwd::core::gemm::{matmul, use_gemm_crate, MatMut, MatRef};
 use ffwd::core::Rng;
 
-fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
+/// Random operands of an `m × k · k × n` product, stored transposed when asked.
+fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     let mut rng = Rng::new(0);
-    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    ((0..m * k).map(|_| rng.normal()).collect(), (0..k * n).map(|_| rng.normal()).collect())
+}
+
+/// The views of [`operands`]: `a` as `m × k` (or stored `k × m`, transposed), `b` likewise.
+fn views<'a>(a: &'a [f32], b: &'a [f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> (MatRef<'a>, MatRef<'a>) {
+    (if ta { MatRef::new(a, k, m).t() } else { MatRef::new(a, m, k) }, if tb { MatRef::new(b, n, k).t() } else { MatRef::new(b, k, n) })
+}
+
+fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
+    let (a, b) = operands(m, k, n);
     let mut c = vec![0.0f32; m * n];
-    let av = if ta { MatRef::new(&a, k, m).t() } else { MatRef::new(&a, m, k) };
-    let bv = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
+    let (av, bv) = views(&a, &b, m, k, n, ta, tb);
     let flops = 2.0 * (m * n * k) as f64;
     let reps = ((2e10 / flops) as usize).clamp(5, 2000);
     for _ in 0..reps.min(20) {
@@ -41,12 +49,9 @@ fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
 
 /// Own kernels against the `gemm` crate on one shape, alternating in rounds: medians (µs).
 fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool) {
-    let mut rng = Rng::new(0);
-    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let (a, b) = operands(m, k, n);
     let mut c = vec![0.0f32; m * n];
-    let av = if ta { MatRef::new(&a, k, m).t() } else { MatRef::new(&a, m, k) };
-    let bv = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
+    let (av, bv) = views(&a, &b, m, k, n, ta, tb);
     let flops = 2.0 * (m * n * k) as f64;
     let reps = ((2e9 / flops) as usize).clamp(3, 200);
     let (mut own, mut cr) = (Vec::new(), Vec::new());
