@@ -112,6 +112,14 @@ fn main() {
         }
         return;
     }
+    if args.iter().any(|a| a == "--kernel") {
+        // the micro-kernel alone on packed data in L1, one thread: the share of the FMA peak
+        for _ in 0..3 {
+            let (g, mr, nr) = ffwd::core::sgemm::kernel_gflops(256, 200_000);
+            println!("micro-kernel {mr}x{nr}, kc 256: {g:.1} GFLOP/s");
+        }
+        return;
+    }
     if !json {
         println!("f32 GEMM, {} threads (median)", rayon::current_num_threads());
     }

@@ -160,7 +160,7 @@ pub fn use_gemm_crate(on: bool) {
 }
 
 /// Products smaller than this many multiply-adds run on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// `c = a · b` (or `c += a · b` when `accumulate`).
 ///
@@ -180,7 +180,6 @@ pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
     assert_eq!(bias.len(), n, "matmul_bias: bias of {} for {n} columns", bias.len());
     if use_own() && c.cs == 1 && own_suits(m, n, k) {
         GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
-        let threads = m * n * k >= PARALLEL_MIN_WORK;
         // SAFETY: as in `matmul_on`; the bias has n values (asserted).
         unsafe {
             super::sgemm::gemm(
@@ -192,7 +191,7 @@ pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
                 super::sgemm::Output { ptr: c.data.as_mut_ptr(), rs: c.rs },
                 Some(bias),
                 false,
-                threads,
+                true, // the kernel stays on the calling thread for small products itself
             )
         };
         return;

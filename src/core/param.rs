@@ -63,23 +63,16 @@ impl Param {
     /// Sets the gradient to zero: the touched rows only when the gradient is sparse (every
     /// other row is zero already), so the cost does not grow with the table.
     pub fn zero_grad(&mut self) {
+        let w = self.row_len();
         match &mut self.touched_rows {
             None => self.grad.fill(0.0),
             Some(set) => {
-                let w: usize = self.shape.iter().skip(1).product();
                 for &r in set.rows() {
                     self.grad[r as usize * w..(r as usize + 1) * w].fill(0.0);
                 }
                 set.clear();
             }
         }
-    }
-
-    /// Multiplies the gradient by `s` (the active rows only when sparse).
-    pub fn scale_grad(&mut self, s: f32) {
-        let mut g = std::mem::take(&mut self.grad);
-        self.for_each_active_range(|r| g[r].iter_mut().for_each(|v| *v *= s));
-        self.grad = g;
     }
 
     /// Scalars per row (product of all axes but the first; 1 for a vector).

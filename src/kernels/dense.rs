@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{check_io, InferKernel, Workspace};
-use crate::core::gemm::{add_row_bias, axpy, matmul, MatMut, MatRef};
+use crate::core::gemm::{axpy, matmul_bias, MatMut, MatRef};
 use crate::core::simd::axpy4;
 use crate::core::Activation;
 use crate::error::Result;
@@ -96,9 +96,7 @@ impl InferKernel for DenseKernel {
             if batch == 1 {
                 gemv(wt, bias, input, out);
             } else {
-                out.fill(0.0);
-                add_row_bias(out, bias);
-                matmul(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *n, *o), true);
+                matmul_bias(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *n, *o), bias);
             }
             if i == last {
                 break;

@@ -83,8 +83,8 @@ impl Optimizer for AdamW {
             }
             let (m, v) = (&mut ms[idx], &mut vs[idx]);
             let decay = if p.decay { 1.0 - lr * wd } else { 1.0 };
+            let w = p.row_len();
             if let Some(set) = &mut p.touched_rows {
-                let w: usize = p.shape.iter().skip(1).product();
                 for &r in set.rows() {
                     let r = r as usize * w..(r as usize + 1) * w;
                     update(&mut p.value[r.clone()], &mut p.grad[r.clone()], &mut m[r.clone()], &mut v[r], lr, b1, b2, eps, bc1, bc2, decay, grad_scale);
