@@ -1,0 +1,244 @@
+//! Feedforward layers. One file, one struct each, all behind the [`Layer`] trait and its two
+//! roles: [`Trainable`] (explicit training forward and backward over the parameters) and
+//! [`Compile`] (an immutable inference kernel built from the weights).
+//!
+//! Shapes are row-major: `x` is `batch × in_features`, `y` is `batch × out_features`.
+
+pub mod attention;
+pub mod dense;
+pub mod experts;
+pub mod fff;
+pub mod hash;
+pub mod layer_norm;
+pub mod linear;
+pub mod moe;
+pub mod pkm;
+pub mod smoe;
+pub mod ufff;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Param, Rng};
+use crate::error::{Error, Result};
+use crate::kernels::{InferKernel, Precision, Workspace};
+
+pub use dense::{Dense, DenseConfig};
+pub use fff::{Fff, FffConfig};
+pub use hash::{Hash, HashConfig};
+pub use linear::Linear;
+pub use moe::{Moe, MoeConfig};
+pub use pkm::{Pkm, PkmConfig};
+pub use smoe::{Smoe, SmoeConfig};
+pub use ufff::{Ufff, UfffConfig};
+
+/// The input of a training pass: `x` (`batch × in_features`, row-major) and, for layers that
+/// route by token (hash layers), the token id of every row.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    /// Features, `batch × in_features`.
+    pub x: &'a [f32],
+    /// Rows.
+    pub batch: usize,
+    /// Token id of every row (`batch`), for layers that route by token; `None` elsewhere.
+    pub ids: Option<&'a [u32]>,
+}
+
+impl<'a> Input<'a> {
+    /// Features without token ids.
+    pub fn new(x: &'a [f32], batch: usize) -> Self {
+        Input { x, batch, ids: None }
+    }
+
+    /// The same rows with their token ids.
+    pub fn with_ids(self, ids: &'a [u32]) -> Self {
+        Input { ids: Some(ids), ..self }
+    }
+}
+
+/// A feedforward layer: its shape and configuration, what training needs ([`Trainable`]) and
+/// what inference needs ([`Compile`]: an immutable kernel built from the weights).
+pub trait Layer: Trainable + Compile {
+    /// Short kind name (`dense`, `fff`, `ufff`, …).
+    fn kind(&self) -> &'static str;
+    /// Width of the input.
+    fn in_features(&self) -> usize;
+    /// Width of the output.
+    fn out_features(&self) -> usize;
+    /// The configuration that rebuilds this layer (with the same in/out widths).
+    fn config(&self) -> LayerConfig;
+}
+
+/// The training side of a layer: hand-written forward and backward passes over its
+/// parameters.
+///
+/// Buffers for the training pass live inside the layer and grow only when the batch grows,
+/// so a training step at a fixed batch size allocates nothing.
+pub trait Trainable: Send + Sync {
+    /// Training-mode forward (soft routing for FFF trees): `input.x` (`batch × in`) →
+    /// `y` (`batch × out`). Caches what [`Trainable::backward`] needs; `rng` drives
+    /// stochastic parts (region leak, dropout).
+    fn forward_train(&mut self, input: Input<'_>, y: &mut [f32], rng: &mut Rng) -> Result<()>;
+    /// Backward of the last `forward_train` on the same input. `dy`: `batch × out` is dL/dy.
+    /// *Adds* this batch's gradient (including that of [`Trainable::aux_loss`]) into every
+    /// parameter's `grad`, so that several micro-batches accumulate; call
+    /// [`Trainable::zero_grad`] before the first backward of a step. When given, writes (not
+    /// adds) dL/dx into `dx`: `batch × in`.
+    fn backward(&mut self, input: Input<'_>, dy: &[f32], dx: Option<&mut [f32]>) -> Result<()>;
+    /// Zeroes every parameter gradient (only the touched rows of sparse ones).
+    fn zero_grad(&mut self) {
+        self.visit_params_mut(&mut |p| p.zero_grad());
+    }
+    /// Auxiliary loss of the last `forward_train` (hardening, load balancing), already weighted.
+    fn aux_loss(&self) -> f32 {
+        0.0
+    }
+    /// Share of the routed slots each expert received in the last `forward_train`
+    /// (mixture layers only).
+    fn expert_load(&self) -> Option<&[f32]> {
+        None
+    }
+    /// The parameters in a fixed order; names are their safetensors keys within the layer.
+    fn params(&self) -> Vec<&Param>;
+    /// Visits the parameters mutably in the same order as [`Trainable::params`] (no allocation).
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+}
+
+/// The inference side of a layer: an immutable kernel built from the current weights.
+pub trait Compile {
+    /// The inference kernel of this layer (a copy of the weights in the layout it reads
+    /// fastest); build once, call many times with a reused [`Workspace`].
+    fn kernel(&self) -> Box<dyn InferKernel>;
+    /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a bf16
+    /// kernel (all but `ufff` so far) return an error for [`Precision::Bf16`].
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision {
+            Precision::F32 => Ok(self.kernel()),
+            Precision::Bf16 => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
+        }
+    }
+    /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
+    /// Convenience: builds the kernel and a workspace on every call.
+    fn infer(&self, x: &[f32], batch: usize, y: &mut [f32]) -> Result<()> {
+        self.kernel().forward(x, batch, y, &mut Workspace::new())
+    }
+    /// Hidden neurons one sample evaluates at inference.
+    fn neurons_per_inference(&self) -> usize;
+}
+
+/// Configuration of any layer kind, as stored in checkpoint metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LayerConfig {
+    /// Linear → activation → … → Linear.
+    Dense(DenseConfig),
+    /// Fast feedforward network (Belcak & Wattenhofer 2023).
+    Fff(FffConfig),
+    /// UltraFastBERT tree of single neurons.
+    Ufff(UfffConfig),
+    /// Top-k softmax mixture of experts (Switch, Mixtral-style).
+    Moe(MoeConfig),
+    /// σ-MoE (Csordás et al. 2023).
+    Smoe(SmoeConfig),
+    /// Hash-routed experts (Roller et al. 2021); needs token ids.
+    Hash(HashConfig),
+    /// Product-key memory (Lample et al. 2019).
+    Pkm(PkmConfig),
+}
+
+impl LayerConfig {
+    /// Builds a freshly initialised layer `in_features → out_features`.
+    pub fn build(&self, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<Box<dyn Layer>> {
+        if in_features == 0 || out_features == 0 {
+            return Err(Error::Config(format!("layer needs positive widths, got in_features {in_features}, out_features {out_features}")));
+        }
+        check_size(self.kind(), self.param_count(in_features, out_features))?;
+        Ok(match self {
+            LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Hash(c) => Box::new(Hash::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Pkm(c) => Box::new(Pkm::new(c.clone(), in_features, out_features, rng)?),
+        })
+    }
+
+    /// Scalars of the parameters of a layer `in_features → out_features` with this
+    /// configuration, computed without building it (`None` when the count overflows). Loaders
+    /// compare it with the tensors a file holds before allocating anything.
+    pub fn param_count(&self, in_features: usize, out_features: usize) -> Option<usize> {
+        let (i, o) = (in_features, out_features);
+        // a·b + c·d + … with overflow checks
+        let sum = |terms: &[(usize, usize)]| terms.iter().try_fold(0usize, |acc, &(a, b)| acc.checked_add(a.checked_mul(b)?));
+        let bank = |e: usize, g: usize| sum(&[(e, i.checked_mul(g)?), (e, g), (e, g.checked_mul(o)?), (o, 1)]);
+        match self {
+            LayerConfig::Dense(c) => {
+                // in → w, (layers − 2) × (w → w), w → out; fewer than 2 maps is refused by new
+                let (w, inner) = (c.width, c.layers.saturating_sub(2));
+                sum(&[(i, w), (w, 1), (inner, w.checked_mul(w)?.checked_add(w)?), (w, o), (o, 1)])
+            }
+            LayerConfig::Fff(c) => {
+                let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
+                let m = c.master_leaf;
+                let master = if m > 0 { sum(&[(i, m), (m, 1), (m, o), (o, 1), (i, 1), (1, 1)])? } else { 0 };
+                sum(&[
+                    (leaves - 1, i.checked_add(1)?),
+                    (leaves, i.checked_mul(c.leaf)?),
+                    (leaves, c.leaf),
+                    (leaves, c.leaf.checked_mul(o)?),
+                    (leaves, o),
+                    (master, 1),
+                ])
+            }
+            LayerConfig::Ufff(c) => {
+                let n = (1usize.checked_shl(u32::try_from(c.depth.checked_add(1)?).ok()?)? - 1).checked_mul(c.trees)?;
+                n.checked_mul(i.checked_add(1)?.checked_add(o)?)
+            }
+            LayerConfig::Moe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
+            LayerConfig::Smoe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
+            LayerConfig::Hash(c) => bank(c.experts, c.expert_width),
+            LayerConfig::Pkm(c) => {
+                let hd = c.heads.checked_mul(c.key_dim)?;
+                sum(&[(hd, i), (hd, 1), (c.heads, c.n_keys.checked_mul(c.key_dim)?), (c.n_keys.checked_mul(c.n_keys)?, o), (o, 1)])
+            }
+        }
+    }
+
+    /// Kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerConfig::Dense(_) => "dense",
+            LayerConfig::Fff(_) => "fff",
+            LayerConfig::Ufff(_) => "ufff",
+            LayerConfig::Moe(_) => "moe",
+            LayerConfig::Smoe(_) => "smoe",
+            LayerConfig::Hash(_) => "hash",
+            LayerConfig::Pkm(_) => "pkm",
+        }
+    }
+}
+
+/// Most parameters a model may have (2³² scalars: 16 GiB of values, as much again of
+/// gradients): larger requests are configuration mistakes, refused before allocating.
+pub const MAX_PARAMS: usize = 1 << 32;
+
+/// Refuses parameter counts above [`MAX_PARAMS`] (or that overflow) with an error naming `what`.
+pub fn check_size(what: &str, count: Option<usize>) -> Result<usize> {
+    match count {
+        Some(n) if n <= MAX_PARAMS => Ok(n),
+        Some(n) => Err(Error::Config(format!("{what}: {n} parameters is more than the limit of {MAX_PARAMS}"))),
+        None => Err(Error::Config(format!("{what}: the parameter count overflows"))),
+    }
+}
+
+/// Grows `buf` to at least `n` values (allocates only when the batch grows).
+pub(crate) fn ensure_len(buf: &mut Vec<f32>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+}
+
+/// Counts the scalars of a layer's parameters.
+pub fn param_count(layer: &dyn Layer) -> usize {
+    layer.params().iter().map(|p| p.len()).sum()
+}

@@ -1,0 +1,227 @@
+//! A classifier: one feedforward layer from the input features to the class logits, then
+//! softmax cross-entropy. Trees (`fff`, `ufff`) train soft and predict with hard routing.
+
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointReader, CheckpointWriter, CLASSIFIER_FORMAT, CONFIG_KEY};
+use crate::core::loss::{argmax_rows, softmax_cross_entropy};
+use crate::core::{Param, Rng};
+use crate::data::Dataset;
+use crate::error::{check_dim, check_matrix, Error, Result};
+use crate::kernels::{InferKernel, Precision, Workspace};
+use crate::layers::{param_count, Input, Layer, LayerConfig};
+
+/// Everything needed to rebuild a classifier (stored in checkpoint metadata).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Input features.
+    pub in_features: usize,
+    /// Output classes.
+    pub n_classes: usize,
+    /// The feedforward layer between them.
+    pub layer: LayerConfig,
+}
+
+/// Loss terms and accuracy of one training step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Auxiliary loss of the layer (hardening, load balancing).
+    pub aux: f32,
+    /// Samples whose training-mode (soft) argmax equals the label.
+    pub correct: usize,
+}
+
+/// `x → layer → logits → softmax`.
+pub struct Classifier {
+    cfg: ModelConfig,
+    layer: Box<dyn Layer>,
+    /// Weight storage of the inference kernel ([`Classifier::logits`], `predict`, `accuracy`).
+    precision: Precision,
+    /// The inference kernel of the current weights in `precision`, built on first use and
+    /// dropped by every mutable access to the layer, so it never goes stale.
+    kernel: OnceLock<Box<dyn InferKernel>>,
+    logits: Vec<f32>,
+    dlogits: Vec<f32>,
+}
+
+/// Prefix of the layer's parameters in checkpoints.
+pub const LAYER_PREFIX: &str = "ffn.";
+
+impl ModelConfig {
+    /// Scalars of the model's parameters, computed without building it (`None` on overflow).
+    pub fn param_count(&self) -> Option<usize> {
+        self.layer.param_count(self.in_features, self.n_classes)
+    }
+}
+
+impl Classifier {
+    /// A checkpoint writer holding this model (format `classifier/1`: parameters `ffn.*` and
+    /// the configuration); add run state to it, or write it as is ([`Classifier::save`]).
+    pub fn checkpoint(&self) -> Result<CheckpointWriter<'_>> {
+        let mut w = CheckpointWriter::new(CLASSIFIER_FORMAT);
+        w.params(&self.named_params()).json(CONFIG_KEY, &self.cfg)?;
+        Ok(w)
+    }
+
+    /// Saves the model to `path` (atomically).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        self.checkpoint()?.write(path)
+    }
+
+    /// Loads a model saved by [`Classifier::save`] (or any `classifier/1` checkpoint).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        Self::from_checkpoint(&CheckpointReader::open(path)?)
+    }
+
+    /// The model stored in an opened checkpoint.
+    pub fn from_checkpoint(ck: &CheckpointReader) -> Result<Self> {
+        ck.expect_format(CLASSIFIER_FORMAT)?;
+        let cfg: ModelConfig = ck.json(CONFIG_KEY)?;
+        ck.check_claim("the classifier", cfg.param_count())?;
+        let st = ck.tensors()?;
+        let mut model = ck.about(Classifier::new(cfg, 0))?;
+        ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
+        Ok(model)
+    }
+
+    /// A freshly initialised classifier; `seed` fixes the initial weights.
+    pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed).fork(0x1a7e);
+        let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
+        Ok(Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The feedforward layer.
+    pub fn layer(&self) -> &dyn Layer {
+        self.layer.as_ref()
+    }
+
+    /// The feedforward layer, mutably (drops the cached inference kernel).
+    pub fn layer_mut(&mut self) -> &mut dyn Layer {
+        self.kernel.take();
+        self.layer.as_mut()
+    }
+
+    /// Number of trainable scalars.
+    pub fn param_count(&self) -> usize {
+        param_count(self.layer.as_ref())
+    }
+
+    /// Parameters with their checkpoint names (`ffn.` + the layer's name).
+    pub fn named_params(&self) -> Vec<(String, &Param)> {
+        self.layer.params().into_iter().map(|p| (format!("{LAYER_PREFIX}{}", p.name), p)).collect()
+    }
+
+    /// Zeroes every gradient (the touched rows only of sparse ones).
+    pub fn zero_grad(&mut self) {
+        self.layer.zero_grad()
+    }
+
+    /// Visits the parameters mutably (for optimizers and loaders); drops the cached inference
+    /// kernel.
+    pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.kernel.take();
+        self.layer.visit_params_mut(f)
+    }
+
+    /// Forward and backward on one batch: `x` is `batch × in_features`, `labels` has `batch`
+    /// entries. *Adds* the gradient of (mean cross-entropy + auxiliary loss) into the
+    /// parameters' `grad` (call [`Classifier::zero_grad`] before a step).
+    pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], rng: &mut Rng) -> Result<StepStats> {
+        let batch = labels.len();
+        let c = self.cfg.n_classes;
+        check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= c) {
+            return Err(Error::Invalid(format!("label {bad} out of range for {c} classes")));
+        }
+        crate::layers::ensure_len(&mut self.logits, batch * c);
+        crate::layers::ensure_len(&mut self.dlogits, batch * c);
+        let logits = &mut self.logits[..batch * c];
+        self.layer.forward_train(Input::new(x, batch), logits, rng)?;
+        let dlogits = &mut self.dlogits[..batch * c];
+        let (loss, correct) = softmax_cross_entropy(logits, labels, c, dlogits);
+        self.layer.backward(Input::new(x, batch), dlogits, None)?;
+        Ok(StepStats { loss, aux: self.layer.aux_loss(), correct })
+    }
+
+    /// Runs inference with the layer's weights stored in `precision` (an error if the layer
+    /// has no kernel in that precision).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let kernel = self.layer.kernel_with(precision)?;
+        self.precision = precision;
+        self.kernel = OnceLock::from(kernel);
+        Ok(())
+    }
+
+    /// The inference kernel of the current weights in the chosen precision (built once, then
+    /// reused until the parameters are borrowed mutably).
+    pub fn kernel(&self) -> Result<&dyn InferKernel> {
+        if let Some(k) = self.kernel.get() {
+            return Ok(k.as_ref());
+        }
+        let k = self.layer.kernel_with(self.precision)?;
+        Ok(self.kernel.get_or_init(|| k).as_ref())
+    }
+
+    /// Inference logits: `x` (`batch × in_features`) → `batch × n_classes`.
+    pub fn logits(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        check_matrix("classifier input", x.len(), batch, self.cfg.in_features)?;
+        let mut y = vec![0.0; batch * self.cfg.n_classes];
+        self.kernel()?.forward(x, batch, &mut y, &mut Workspace::new())?;
+        Ok(y)
+    }
+
+    /// Class probabilities (softmax of the inference logits): `x` (`batch × in_features`) →
+    /// `batch × n_classes`, each row summing to 1.
+    pub fn predict_proba(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let mut p = self.logits(x, batch)?;
+        for row in p.chunks_mut(self.cfg.n_classes) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        Ok(p)
+    }
+
+    /// Predicted class of each row of `x` (`batch × in_features`).
+    pub fn predict(&self, x: &[f32], batch: usize) -> Result<Vec<u32>> {
+        let y = self.logits(x, batch)?;
+        let mut out = vec![0; batch];
+        argmax_rows(&y, self.cfg.n_classes, &mut out);
+        Ok(out)
+    }
+
+    /// Inference accuracy on a data set (hard routing for trees), through the layer's kernel.
+    pub fn accuracy(&self, data: &Dataset) -> Result<f32> {
+        check_dim("data set", "features", self.cfg.in_features, data.dim)?;
+        if data.is_empty() {
+            return Err(Error::Invalid("cannot evaluate on an empty data set".into()));
+        }
+        const CHUNK: usize = 1024;
+        let (kernel, mut ws, c) = (self.kernel()?, Workspace::new(), self.cfg.n_classes);
+        let mut y = vec![0.0; CHUNK * c];
+        let mut pred = vec![0u32; CHUNK];
+        let mut correct = 0usize;
+        for start in (0..data.len()).step_by(CHUNK) {
+            let n = (start + CHUNK).min(data.len()) - start;
+            kernel.forward(&data.x[start * data.dim..(start + n) * data.dim], n, &mut y[..n * c], &mut ws)?;
+            argmax_rows(&y[..n * c], c, &mut pred[..n]);
+            correct += pred[..n].iter().zip(&data.y[start..start + n]).filter(|(p, y)| p == y).count();
+        }
+        Ok(correct as f32 / data.len() as f32)
+    }
+}

@@ -1,0 +1,359 @@
+//! Builders: from a serde configuration (and the data it will see) to a model ready to train.
+//! The one place that turns a run configuration into a classifier, a Forward-Forward net or a
+//! language model, and that maps an LM's FFN shorthand (kind, width, depth, experts) to a layer
+//! configuration. The CLI, the Python package and the server call these and nothing else.
+//!
+//! ```
+//! use ffwd::prelude::*;
+//!
+//! // a UFFF classifier (two trees of depth 5) on the embedded digits
+//! let mut cfg = TrainConfig { layer: LayerKind::Ufff, epochs: 20, ..Default::default() };
+//! cfg.apply_shape(&LayerShape { depth: Some(5), trees: Some(2), ..Default::default() })?;
+//! let split = DataSpec::Digits.load(cfg.holdout, cfg.seed, cfg.csv_label)?;
+//! let run = ffwd::spec::fit_classifier(&cfg, &split, &mut ffwd::train::backprop::Silent)?;
+//! assert!(run.report.test_accuracy > 0.6, "{}", run.report.test_accuracy);
+//! assert_eq!(run.model.predict(split.test.row(0), 1)?.len(), 1);
+//! # Ok::<(), ffwd::Error>(())
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{field_names, one_line, to_object, TrainConfig};
+use crate::core::Activation;
+use crate::data::text::CharTokenizer;
+use crate::data::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::layers::hash::balanced_table;
+use crate::layers::{DenseConfig, FffConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::models::{Classifier, Lm, ModelConfig};
+use crate::optim::Optimizer;
+use crate::train::forward_forward::FfNet;
+use crate::train::lm::{LmRunConfig, LmTrainOptions, TextData};
+use crate::train::{new_optimizer, train_from, Progress, TrainReport, TrainState};
+
+/// A new classifier for `cfg`'s layer, sized for `data` (its width and classes), initialised
+/// from `cfg.seed`.
+pub fn classifier(cfg: &TrainConfig, data: &Dataset) -> Result<Classifier> {
+    Classifier::new(ModelConfig { in_features: data.dim, n_classes: data.n_classes, layer: cfg.layer_config() }, cfg.seed)
+}
+
+/// A new Forward-Forward net for `cfg.ff`, sized for `data`.
+pub fn ff_net(cfg: &TrainConfig, data: &Dataset) -> Result<FfNet> {
+    FfNet::new(cfg.ff.clone(), data.dim, data.n_classes)
+}
+
+/// A trained classifier with what resuming or saving its run needs.
+pub struct ClassifierRun {
+    /// The model.
+    pub model: Classifier,
+    /// The optimizer with its state after the last step.
+    pub optimizer: Box<dyn Optimizer>,
+    /// Where the run stands (step, epoch, sums).
+    pub state: TrainState,
+    /// Per-epoch history and final accuracies.
+    pub report: TrainReport,
+}
+
+/// Builds a classifier for `cfg` and trains it on `split` by backpropagation.
+pub fn fit_classifier(cfg: &TrainConfig, split: &Split, progress: &mut dyn Progress) -> Result<ClassifierRun> {
+    let mut model = classifier(cfg, &split.train)?;
+    let opts = cfg.train_options();
+    let mut optimizer = new_optimizer(&opts);
+    let mut state = TrainState::default();
+    let report = train_from(&mut model, split, &opts, optimizer.as_mut(), &mut state, progress)?;
+    Ok(ClassifierRun { model, optimizer, state, report })
+}
+
+/// Kind of feedforward block in every transformer block of an LM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    /// Linear → GELU → Linear.
+    Dense,
+    /// Three Linear maps with GELU between (same width).
+    Dense3,
+    /// Fast feedforward network (leaf = width / 2^depth).
+    Fff,
+    /// UltraFastBERT tree (width = 2^(depth+1) − 1 neurons per tree).
+    Ufff,
+    /// Top-k softmax mixture (expert_width = width / experts).
+    Moe,
+    /// σ-MoE.
+    Smoe,
+    /// Hash layer routed by the input character.
+    Hash,
+    /// Product-key memory (width = n_keys² values).
+    Pkm,
+}
+
+impl FfnKind {
+    /// Every kind, in the order of `--help`.
+    pub const ALL: [FfnKind; 8] = [FfnKind::Dense, FfnKind::Dense3, FfnKind::Fff, FfnKind::Ufff, FfnKind::Moe, FfnKind::Smoe, FfnKind::Hash, FfnKind::Pkm];
+
+    /// The name used in flags and options.
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnKind::Dense => "dense",
+            FfnKind::Dense3 => "dense3",
+            FfnKind::Fff => "fff",
+            FfnKind::Ufff => "ufff",
+            FfnKind::Moe => "moe",
+            FfnKind::Smoe => "smoe",
+            FfnKind::Hash => "hash",
+            FfnKind::Pkm => "pkm",
+        }
+    }
+}
+
+impl std::str::FromStr for FfnKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        FfnKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = FfnKind::ALL.iter().map(|k| k.name()).collect();
+            Error::Config(format!("unknown ffn `{s}` (expected {})", names.join(", ")))
+        })
+    }
+}
+
+/// The LM's FFN as a shorthand: a kind and its size, mapped by [`FfnShape::layer_config`] to
+/// the layer's full configuration (GELU everywhere, the layer's defaults otherwise).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FfnShape {
+    /// The kind (none: keep the run file's `[model.ffn]`).
+    pub ffn: Option<FfnKind>,
+    /// Hidden size: dense units; fff total leaf width; ufff neurons per tree (2^(depth+1)−1);
+    /// moe/smoe/hash experts × expert width; pkm values [default: 4·d_model, 1023 for ufff].
+    pub ffn_width: Option<usize>,
+    /// fff/ufff depth [default: 3 for fff, 9 for ufff].
+    pub depth: Option<usize>,
+    /// ufff parallel trees [default: 1].
+    pub trees: Option<usize>,
+    /// moe/smoe/hash experts [default: 16].
+    pub experts: Option<usize>,
+    /// moe/smoe experts per token; pkm values per head [default: 2; 8 for pkm].
+    pub top_k: Option<usize>,
+    /// hash: a balanced table from the training text's character frequencies (else random).
+    pub balanced_hash: bool,
+}
+
+impl FfnShape {
+    /// The layer configuration for a model of width `d_model`; `freqs` gives the training
+    /// text's token counts (called only for a balanced hash table). `None` when no kind is
+    /// set (then no other option may be).
+    pub fn layer_config(&self, d_model: usize, freqs: &dyn Fn() -> Vec<u64>) -> Result<Option<LayerConfig>> {
+        let Some(kind) = self.ffn else {
+            if self.ffn_width.is_some() || self.depth.is_some() || self.trees.is_some() || self.experts.is_some() || self.top_k.is_some() || self.balanced_hash
+            {
+                return Err(Error::Config("ffn_width, depth, trees, experts, top_k and balanced_hash need an ffn kind".into()));
+            }
+            return Ok(None);
+        };
+        let only = |set: bool, what: &str, kinds: &str| {
+            if set {
+                Err(Error::Config(format!("{what} applies to ffn {kinds}, not {}", kind.name())))
+            } else {
+                Ok(())
+            }
+        };
+        let tree = matches!(kind, FfnKind::Fff | FfnKind::Ufff);
+        let mixture = matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Hash);
+        only(self.depth.is_some() && !tree, "depth", "fff or ufff")?;
+        only(self.trees.is_some() && kind != FfnKind::Ufff, "trees", "ufff")?;
+        only(self.experts.is_some() && !mixture, "experts", "moe, smoe or hash")?;
+        only(self.top_k.is_some() && !matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Pkm), "top_k", "moe, smoe or pkm")?;
+        only(self.balanced_hash && kind != FfnKind::Hash, "balanced_hash", "hash")?;
+        let gelu = Activation::Gelu;
+        let experts = self.experts.unwrap_or(16);
+        let per = |w: usize| -> Result<usize> {
+            if w > 0 && experts > 0 && w.is_multiple_of(experts) {
+                Ok(w / experts)
+            } else {
+                Err(Error::Config(format!("ffn_width {w} is not a positive multiple of experts {experts}")))
+            }
+        };
+        let width = self.ffn_width.unwrap_or(4 * d_model);
+        Ok(Some(match kind {
+            FfnKind::Dense => LayerConfig::Dense(DenseConfig { width, layers: 2, activation: gelu }),
+            FfnKind::Dense3 => LayerConfig::Dense(DenseConfig { width, layers: 3, activation: gelu }),
+            FfnKind::Fff => {
+                let depth = self.depth.unwrap_or(3);
+                let leaves = 1usize.checked_shl(depth as u32).filter(|_| depth < 32).ok_or_else(|| Error::Config(format!("fff depth {depth} is too large")))?;
+                if width == 0 || !width.is_multiple_of(leaves) {
+                    return Err(Error::Config(format!("ffn_width {width} is not a positive multiple of 2^depth = {leaves}")));
+                }
+                LayerConfig::Fff(FffConfig { depth, leaf: width / leaves, activation: gelu, ..Default::default() })
+            }
+            FfnKind::Ufff => {
+                let depth = match (self.depth, self.ffn_width) {
+                    (Some(dp), _) => dp,
+                    (None, Some(w)) => {
+                        if w == 0 || !(w + 1).is_power_of_two() {
+                            return Err(Error::Config(format!("ufff ffn_width {w} is not 2^(depth+1) − 1 neurons per tree")));
+                        }
+                        (w + 1).trailing_zeros() as usize - 1
+                    }
+                    (None, None) => 9,
+                };
+                LayerConfig::Ufff(UfffConfig { depth, trees: self.trees.unwrap_or(1), activation: gelu, ..Default::default() })
+            }
+            FfnKind::Moe => {
+                LayerConfig::Moe(MoeConfig { experts, expert_width: per(width)?, k: self.top_k.unwrap_or(2), activation: gelu, ..Default::default() })
+            }
+            FfnKind::Smoe => {
+                LayerConfig::Smoe(SmoeConfig { experts, expert_width: per(width)?, k: self.top_k.unwrap_or(2), activation: gelu, ..Default::default() })
+            }
+            FfnKind::Hash => {
+                let table = if self.balanced_hash { balanced_table(&freqs(), experts) } else { Vec::new() };
+                LayerConfig::Hash(HashConfig { experts, expert_width: per(width)?, table, activation: gelu, ..Default::default() })
+            }
+            FfnKind::Pkm => {
+                let n = (width as f64).sqrt().round() as usize;
+                if width == 0 || n * n != width {
+                    return Err(Error::Config(format!("pkm ffn_width {width} (memory values) is not a square")));
+                }
+                LayerConfig::Pkm(PkmConfig { n_keys: n, k: self.top_k.unwrap_or(8).min(n), ..Default::default() })
+            }
+        }))
+    }
+}
+
+/// An LM run ready to train: the model, its vocabulary, the resolved options and the text
+/// split into training head and held-out tail.
+pub struct LmRun {
+    /// The freshly initialised model.
+    pub lm: Lm,
+    /// The character vocabulary of the text.
+    pub tokenizer: CharTokenizer,
+    /// The options, with `seq_len` resolved.
+    pub options: LmTrainOptions,
+    /// The encoded text.
+    pub data: TextData,
+}
+
+/// Builds a language model for `run` (its `[model]` with the vocabulary of `text`, and the FFN
+/// of `ffn` when it names a kind) and splits `text` for training. A `seq_len` of 0 means the
+/// model's context.
+pub fn lm(run: &LmRunConfig, ffn: &FfnShape, text: &str) -> Result<LmRun> {
+    let tokenizer = CharTokenizer::from_text(text)?;
+    let mut cfg = run.model.clone();
+    cfg.vocab = tokenizer.len();
+    let freqs = || {
+        let mut f = vec![0u64; tokenizer.len()];
+        for c in text.chars() {
+            if let Ok(i) = tokenizer.chars().binary_search(&c) {
+                f[i] += 1;
+            }
+        }
+        f
+    };
+    if let Some(layer) = ffn.layer_config(cfg.d_model, &freqs)? {
+        cfg.ffn = layer;
+    }
+    let mut options = run.train.clone();
+    if options.seq_len == 0 {
+        options.seq_len = cfg.context;
+    }
+    let lm = Lm::new(cfg, options.seed)?;
+    let data = lm_data(&lm, &tokenizer, text, &options)?;
+    Ok(LmRun { lm, tokenizer, options, data })
+}
+
+/// Encodes `text` with a model's vocabulary and splits it as `options` say (a resumed run
+/// reads its text again this way). `options.seq_len` must be in `1..=` the model's context.
+pub fn lm_data(lm: &Lm, tokenizer: &CharTokenizer, text: &str, options: &LmTrainOptions) -> Result<TextData> {
+    let context = lm.config().context;
+    if options.seq_len == 0 || options.seq_len > context {
+        return Err(Error::Config(format!("seq_len {} must be in 1..={context} (the model's context)", options.seq_len)));
+    }
+    if tokenizer.len() != lm.config().vocab {
+        return Err(Error::Config(format!("the tokenizer has {} characters, the model's vocabulary {}", tokenizer.len(), lm.config().vocab)));
+    }
+    TextData::split(tokenizer.encode(text)?, options.val_fraction, options.seq_len)
+}
+
+/// An LM run configuration and FFN shorthand from loose options, as the Python package's
+/// keyword arguments give them: keys of `[model]` (context, d_model, heads, layers, parallel),
+/// of `[train]` (steps, batch, lr, …) and of [`FfnShape`] (ffn, ffn_width, depth, trees,
+/// experts, top_k, balanced_hash), over `base`. Unknown keys are errors naming the key.
+pub fn lm_options(base: &LmRunConfig, options: &serde_json::Map<String, serde_json::Value>) -> Result<(LmRunConfig, FfnShape)> {
+    let (mut model, mut train, mut shape) = (to_object(&base.model)?, to_object(&base.train)?, serde_json::Map::new());
+    let (model_keys, train_keys) = (field_names(&base.model)?, field_names(&base.train)?);
+    let shape_keys = field_names(&FfnShape::default())?;
+    for (k, v) in options {
+        if shape_keys.contains(k) {
+            shape.insert(k.clone(), v.clone());
+        } else if model_keys.contains(k) && k != "vocab" && k != "ffn" {
+            model.insert(k.clone(), v.clone());
+        } else if train_keys.contains(k) {
+            train.insert(k.clone(), v.clone());
+        } else {
+            return Err(Error::Config(format!(
+                "unknown option `{k}` (model: context, d_model, heads, layers, parallel; train: {}; ffn: {})",
+                train_keys.join(", "),
+                shape_keys.join(", ")
+            )));
+        }
+    }
+    let parse = |m: serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m);
+    let err = |e: serde_json::Error| Error::Config(one_line(&e.to_string()));
+    let run = LmRunConfig { model: serde_json::from_value(parse(model)).map_err(err)?, train: serde_json::from_value(parse(train)).map_err(err)? };
+    Ok((run, serde_json::from_value(parse(shape)).map_err(err)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffn_shorthands_map_to_layers_and_refuse_what_does_not_apply() {
+        let no_freqs = || Vec::new();
+        let shape = |kind, width| FfnShape { ffn: Some(kind), ffn_width: width, ..Default::default() };
+        let fff = shape(FfnKind::Fff, Some(256)).layer_config(64, &no_freqs).unwrap();
+        assert!(matches!(fff, Some(LayerConfig::Fff(ref c)) if c.depth == 3 && c.leaf == 32), "{fff:?}");
+        let ufff = FfnShape { trees: Some(4), ..shape(FfnKind::Ufff, Some(15)) }.layer_config(64, &no_freqs).unwrap();
+        assert!(matches!(ufff, Some(LayerConfig::Ufff(ref c)) if c.depth == 3 && c.trees == 4), "{ufff:?}");
+        let e = FfnShape { trees: Some(2), ..shape(FfnKind::Dense, None) }.layer_config(64, &no_freqs).unwrap_err().to_string();
+        assert!(e.contains("trees applies to ffn ufff, not dense"), "{e}");
+        let e = FfnShape { depth: Some(2), ..Default::default() }.layer_config(64, &no_freqs).unwrap_err().to_string();
+        assert!(e.contains("need an ffn kind"), "{e}");
+        assert!(shape(FfnKind::Moe, Some(100)).layer_config(64, &no_freqs).is_err());
+        assert_eq!(FfnShape::default().layer_config(64, &no_freqs).unwrap(), None);
+    }
+
+    #[test]
+    fn loose_options_route_to_their_tables() {
+        let opts = serde_json::json!({"d_model": 32, "steps": 7, "ffn": "ufff", "depth": 2, "trees": 3});
+        let (run, shape) = lm_options(&LmRunConfig::default(), opts.as_object().unwrap()).unwrap();
+        assert_eq!((run.model.d_model, run.train.steps, shape.ffn, shape.trees), (32, 7, Some(FfnKind::Ufff), Some(3)));
+        let bad = serde_json::json!({"stpes": 7});
+        let e = lm_options(&LmRunConfig::default(), bad.as_object().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("unknown option `stpes`"), "{e}");
+        let bad = serde_json::json!({"steps": "many"});
+        assert!(lm_options(&LmRunConfig::default(), bad.as_object().unwrap()).is_err());
+
+        let opts = serde_json::json!({"layer": "fff", "depth": 2, "width": 32, "epochs": 3, "fff": {"hardening": 0.5}});
+        let c = TrainConfig::from_options(&TrainConfig::default(), opts.as_object().unwrap()).unwrap();
+        assert_eq!((c.fff.depth, c.fff.leaf, c.epochs, c.fff.hardening), (2, 8, 3, 0.5));
+        let bad = serde_json::json!({"layer": "dense", "depth": 2});
+        let e = TrainConfig::from_options(&TrainConfig::default(), bad.as_object().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("depth applies to fff or ufff, not the dense layer"), "{e}");
+        let bad = serde_json::json!({"epoch": 2});
+        let e = TrainConfig::from_options(&TrainConfig::default(), bad.as_object().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("unknown field `epoch`"), "{e}");
+    }
+
+    #[test]
+    fn lm_builder_resolves_vocabulary_ffn_and_seq_len() {
+        let mut run = LmRunConfig::default();
+        (run.model.d_model, run.model.heads, run.model.layers, run.model.context, run.train.seq_len) = (16, 2, 1, 8, 0);
+        let text = "abcabcabdabcabcabcabcabdabcabcabcabc".repeat(4);
+        let shape = FfnShape { ffn: Some(FfnKind::Hash), ffn_width: Some(32), experts: Some(4), balanced_hash: true, ..Default::default() };
+        let built = lm(&run, &shape, &text).unwrap();
+        assert_eq!((built.lm.config().vocab, built.options.seq_len), (4, 8));
+        assert!(matches!(&built.lm.config().ffn, LayerConfig::Hash(c) if c.table.len() == 4 && c.expert_width == 8));
+        run.train.seq_len = 9;
+        let e = lm(&run, &shape, &text).err().expect("seq_len beyond the context").to_string();
+        assert!(e.contains("seq_len 9"), "{e}");
+    }
+}

@@ -1,0 +1,49 @@
+"""Language model: train, generate, save/load, errors."""
+
+import numpy as np
+import pytest
+
+import ffwd
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+
+def small(**extra):
+    return {**dict(d_model=16, heads=2, layers=1, context=16, steps=30, batch=4, eval_every=15, eval_batches=2), **extra}
+
+
+def test_train_generate_save_load(tmp_path):
+    lm, metrics = ffwd.train_lm(TEXT, **small(ffn="ufff", depth=2, trees=2))
+    assert metrics["steps"] == 30 and metrics["val_loss"] is not None
+    assert metrics["model"]["ffn"]["trees"] == 2
+    assert set(lm.vocab) == set(TEXT)
+    out = lm.generate("the ", max_tokens=40, temperature=0.8, seed=3)
+    assert len(out) == 40 and set(out) <= set(TEXT)
+    assert lm.generate("the ", 40, 0.8, 0, 3) == out  # seeded
+    path = tmp_path / "lm.safetensors"
+    lm.save(path)
+    back = ffwd.LM.load(path)
+    assert back.generate("the ", max_tokens=40, temperature=0.8, seed=3) == out
+    assert back.config == lm.config
+
+
+def test_text_from_a_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    a, _ = ffwd.train_lm(path, **small())
+    b, _ = ffwd.train_lm(str(path), **small())
+    assert a.generate("t", 20, 0.0) == b.generate("t", 20, 0.0)
+
+
+def test_errors():
+    lm, _ = ffwd.train_lm(TEXT, **small(steps=2))
+    with pytest.raises(ValueError, match="Z"):
+        lm.generate("Zebra")
+    with pytest.raises(ValueError, match="temperature"):
+        lm.generate("the", temperature=-1.0)
+    with pytest.raises(ValueError, match="unknown option `stepz`"):
+        ffwd.train_lm(TEXT, stepz=3)
+    with pytest.raises(ValueError, match="trees applies to ffn ufff"):
+        ffwd.train_lm(TEXT, **small(ffn="dense", trees=2))
+    with pytest.raises(FileNotFoundError):
+        ffwd.LM.load("/nonexistent/lm.safetensors")

@@ -1,3 +1,0 @@
-//! Interop with reference implementations' checkpoints.
-
-pub mod fastfeedforward;
