@@ -3,7 +3,7 @@
 m.eval_forward(x) in the same Python process, alternating, at batch 256 (width 768, leaf 32,
 depth 4 and 8), with the outputs checked equal (eval_forward + the b2s it drops).
 
-    python3 bench/python_fff.py [--rounds 5] [--batch 256]
+    python3 bench/python_fff.py [--rounds 5] [--batch 256] [--depths 4,8]
 
 Needs torch, fastfeedforward and the ffwd package (`pip install ./python`).
 """
@@ -44,9 +44,10 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--leaf", type=int, default=32)
+    ap.add_argument("--depths", default="4,8", help="comma-separated tree depths")
     a = ap.parse_args()
     torch.manual_seed(0)
-    for depth in (4, 8):
+    for depth in [int(d) for d in a.depths.split(",")]:
         m = fastfeedforward.FFF(a.width, a.leaf, a.width, depth).eval()
         fast = ffwd.layers.FFF.from_fastfeedforward(m)
         wrapped = ffwd.torch.from_fastfeedforward(m)
@@ -64,7 +65,7 @@ def main():
                 mod.append(median_ms(lambda: wrapped(x), 50))
         r, o, w = statistics.median(ref), statistics.median(ours), statistics.median(mod)
         print(json.dumps({"depth": depth, "leaf": a.leaf, "width": a.width, "batch": a.batch, "torch_threads": torch.get_num_threads(), "ffwd_threads": ffwd.threads(),
-                          "eval_forward_ms": r, "ffwd_forward_ms": o, "ffwd_torch_module_ms": w, "speedup": r / o, "speedup_module": r / w, "max_rel_error": err}))
+                          "leaf_weights_mb": round((2**depth) * 2 * a.width * a.leaf * 4 / 1e6, 1), "eval_forward_ms": r, "ffwd_forward_ms": o, "ffwd_torch_module_ms": w, "speedup": r / o, "speedup_module": r / w, "max_rel_error": err}))
 
 
 if __name__ == "__main__":

@@ -472,3 +472,21 @@ fn every_shipped_config_parses() {
     }
     assert!(m >= 2);
 }
+
+#[test]
+fn parallel_trees_and_shorthands_that_do_not_apply() {
+    // UltraFastBERT's KxD: 3 trees of depth 2, 3·3 = 9 neurons per sample
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.json");
+    ok(&ffwd(&["train", "-q", "--layer", "ufff", "--depth", "2", "--trees", "3", "--epochs", "2", "--metrics", p(&metrics)]));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!((m["neurons_per_inference"].as_u64(), m["layer"]["trees"].as_u64()), (Some(9), Some(3)), "{m}");
+    let err = fails(&ffwd(&["train", "--layer", "dense", "--trees", "2"]));
+    assert!(err.contains("--trees applies to ufff, not the dense layer"), "{err}");
+    let err = fails(&ffwd(&["train", "--layer", "moe", "--depth", "2"]));
+    assert!(err.contains("--depth applies to fff or ufff"), "{err}");
+    let err = fails(&ffwd(&["lm", "train", "--ffn", "dense", "--trees", "2", "--steps", "1"]));
+    assert!(err.contains("--trees applies to ffn ufff, not dense"), "{err}");
+    let err = fails(&ffwd(&["lm", "train", "--depth", "2", "--steps", "1"]));
+    assert!(err.contains("need an ffn kind"), "{err}");
+}

@@ -71,6 +71,22 @@ fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String> {
 }
 
 /// Collects the tensors and metadata of one checkpoint, then writes it atomically.
+///
+/// ```
+/// use ffwd::checkpoint::{CheckpointReader, CheckpointWriter};
+///
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let mut ck = CheckpointWriter::new("example/1");
+/// ck.tensor("w", &[2, 3], &w).meta("note", "two rows");
+/// let bytes = ck.to_bytes()?;
+/// let back = CheckpointReader::from_bytes(bytes, "memory")?;
+/// back.expect_format("example/1")?;
+/// assert!(back.expect_format("classifier/1").is_err()); // the tag is checked once, here
+/// let st = back.tensors()?;
+/// assert_eq!(back.read_f32(&st, "w", &[2, 3])?, w);
+/// assert!(back.read_f32(&st, "w", &[3, 2]).is_err());   // shapes are checked
+/// # Ok::<(), ffwd::Error>(())
+/// ```
 pub struct CheckpointWriter<'a> {
     tensors: Vec<(String, Vec<usize>, &'a [f32])>,
     meta: HashMap<String, String>,

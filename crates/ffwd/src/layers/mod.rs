@@ -57,6 +57,26 @@ impl<'a> Input<'a> {
 
 /// A feedforward layer: its shape and configuration, what training needs ([`Trainable`]) and
 /// what inference needs ([`Compile`]: an immutable kernel built from the weights).
+///
+/// ```
+/// use ffwd::prelude::*;
+/// use ffwd::layers::{FffConfig, HashConfig};
+///
+/// let mut rng = Rng::new(0);
+/// let mut fff = LayerConfig::Fff(FffConfig { depth: 2, leaf: 4, ..Default::default() }).build(6, 3, &mut rng)?;
+/// let (x, batch) = (vec![0.1f32; 5 * 6], 5);
+/// let mut y = vec![0.0; batch * 3];
+/// fff.forward_train(Input::new(&x, batch), &mut y, &mut rng)?;      // soft routing, cached
+/// fff.backward(Input::new(&x, batch), &vec![1.0; batch * 3], None)?; // adds into the gradients
+/// let kernel = fff.kernel();                                          // hard routing, immutable
+/// kernel.forward(&x, batch, &mut y, &mut Workspace::new())?;
+///
+/// // a hash layer routes by token id: the ids travel with the input
+/// let mut hash = LayerConfig::Hash(HashConfig { experts: 4, expert_width: 2, ..Default::default() }).build(6, 3, &mut rng)?;
+/// hash.forward_train(Input::new(&x, batch).with_ids(&[3, 1, 4, 1, 5]), &mut y, &mut rng)?;
+/// assert!(hash.forward_train(Input::new(&x, batch), &mut y, &mut rng).is_err());
+/// # Ok::<(), ffwd::Error>(())
+/// ```
 pub trait Layer: Trainable + Compile {
     /// Short kind name (`dense`, `fff`, `ufff`, …).
     fn kind(&self) -> &'static str;

@@ -37,6 +37,24 @@ pub struct StepStats {
 }
 
 /// `x → layer → logits → softmax`.
+///
+/// ```
+/// use ffwd::layers::UfffConfig;
+/// use ffwd::optim::{AdamW, Optimizer};
+/// use ffwd::prelude::*;
+///
+/// let layer = LayerConfig::Ufff(UfffConfig { depth: 2, ..Default::default() });
+/// let cfg = ModelConfig { in_features: 4, n_classes: 3, layer };
+/// let mut model = Classifier::new(cfg, 0)?;
+/// let (x, labels) = (vec![0.5f32; 2 * 4], [0u32, 2]);
+/// let mut opt = AdamW::new(0.0);
+/// let stats = model.forward_backward(&x, &labels, &mut Rng::new(1))?; // gradients added
+/// opt.step(&mut |f| model.visit_params_mut(f), 1e-3, 1.0 / 2.0);    // update, gradients consumed
+/// assert!(stats.loss.is_finite());
+/// let p = model.predict_proba(&x, 2)?;                             // inference kernel
+/// assert!((p[..3].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+/// # Ok::<(), ffwd::Error>(())
+/// ```
 pub struct Classifier {
     cfg: ModelConfig,
     layer: Box<dyn Layer>,

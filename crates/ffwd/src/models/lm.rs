@@ -102,6 +102,22 @@ struct Cache {
 }
 
 /// The language model.
+///
+/// ```
+/// use ffwd::prelude::*;
+/// use ffwd::layers::UfffConfig;
+///
+/// let ffn = LayerConfig::Ufff(UfffConfig { depth: 3, trees: 2, ..Default::default() });
+/// let cfg = LmConfig { vocab: 10, context: 16, d_model: 16, heads: 2, layers: 1, parallel: false, ffn };
+/// let mut lm = Lm::new(cfg, 0)?;
+/// let tokens: Vec<u32> = (0..2 * 8).map(|i| i % 10).collect();
+/// let targets: Vec<u32> = tokens.iter().map(|t| (t + 1) % 10).collect();
+/// let (loss, _aux) = lm.forward_backward(&tokens, &targets, 2, 8, &mut Rng::new(1))?; // b = 2, t = 8
+/// assert!((loss - (10f32).ln()).abs() < 0.5); // about uniform before training
+/// let next = lm.generator().generate(&[1, 2, 3], 5, 0.0, 0, &mut Rng::new(0))?;   // KV cache
+/// assert_eq!(next.len(), 5);
+/// # Ok::<(), ffwd::Error>(())
+/// ```
 pub struct Lm {
     cfg: LmConfig,
     /// `V × d`, shared with the output layer.
