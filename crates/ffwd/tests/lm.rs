@@ -239,6 +239,48 @@ fn kv_cache_generation_equals_full_recomputation() {
 }
 
 #[test]
+fn batched_decoding_equals_one_sequence_at_a_time() {
+    // three sequences of different lengths stepped together, joining and leaving the batch,
+    // against each decoded alone (every FFN kind; hash routes by each row's own token)
+    let kinds = [
+        gelu_dense(),
+        LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, ..Default::default() }),
+        LayerConfig::Ufff(UfffConfig { depth: 2, trees: 2, ..Default::default() }),
+        LayerConfig::Moe(MoeConfig { experts: 4, expert_width: 3, k: 2, ..Default::default() }),
+        LayerConfig::Hash(HashConfig { experts: 3, expert_width: 4, ..Default::default() }),
+        LayerConfig::Pkm(PkmConfig { n_keys: 4, heads: 2, k: 2, key_dim: 4, ..Default::default() }),
+    ];
+    let prompts: [&[u32]; 3] = [&[3, 1, 4, 1, 5, 6], &[2, 2], &[6, 5, 4, 3]];
+    for ffn in kinds {
+        for parallel in [false, true] {
+            let lm = tiny(ffn.clone(), parallel);
+            let alone: Vec<Vec<Vec<f32>>> = prompts
+                .iter()
+                .map(|p| {
+                    let mut g = lm.generator();
+                    p.iter().map(|&t| g.step(t).unwrap().to_vec()).collect()
+                })
+                .collect();
+            let mut dec = lm.decoder();
+            let mut seqs: Vec<_> = prompts.iter().map(|_| lm.sequence()).collect();
+            for step in 0..6 {
+                // sequence 2 joins at step 1; each leaves when its prompt ends
+                let active: Vec<usize> = (0..3).filter(|&i| step >= usize::from(i == 2) && step - usize::from(i == 2) < prompts[i].len()).collect();
+                let tokens: Vec<u32> = active.iter().map(|&i| prompts[i][step - usize::from(i == 2)]).collect();
+                let mut refs: Vec<&mut ffwd::models::lm::Sequence> = seqs.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, s)| s).collect();
+                let logits = dec.step(&mut refs, &tokens).unwrap().to_vec();
+                for (row, &i) in active.iter().enumerate() {
+                    let want = &alone[i][step - usize::from(i == 2)];
+                    for (a, b) in logits[row * 7..(row + 1) * 7].iter().zip(want) {
+                        assert!((a - b).abs() < 1e-4, "{ffn:?} parallel {parallel} step {step} sequence {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn two_hundred_steps_beat_the_unigram_entropy() {
     let text: String = tiny_shakespeare().unwrap().chars().take(40_000).collect();
     let tok = CharTokenizer::from_text(&text).unwrap();

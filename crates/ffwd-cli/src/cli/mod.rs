@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod lm;
 mod predict;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     /// Character-level transformer language model with any FFN kind: train, sample.
     #[command(subcommand)]
     Lm(lm::LmCommand),
+    /// Serve classifiers and language models over HTTP (dynamic batching, streaming).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -44,6 +47,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Lm(c) => lm::run(c),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -266,6 +266,16 @@ impl InferKernel for FffKernel {
         Ok(())
     }
 
+    fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
+        counts.resize(1 << self.depth, 0);
+        if x.len() == batch * self.in_features {
+            for leaf in self.leaves(x, batch) {
+                counts[leaf] += 1;
+            }
+        }
+        Some("leaf")
+    }
+
     fn neurons_per_inference(&self) -> usize {
         self.depth + self.leaf + self.master.as_ref().map_or(0, |m| m.b1.len() + 1)
     }

@@ -59,6 +59,14 @@ pub trait InferKernel: Send + Sync {
         let _ = ids;
         self.forward(x, batch, y, ws)
     }
+    /// Routing statistics for monitoring: adds, for every row of `x` (`batch × in`), one
+    /// count to the unit it is routed to (`counts` is resized to the number of units) and
+    /// returns the unit's name (`leaf`); `None` for kernels without routing (and the
+    /// mixtures, not counted yet). Costs a descent of the routing, not a forward.
+    fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
+        let _ = (x, batch, counts);
+        None
+    }
     /// Hidden neurons one sample evaluates.
     fn neurons_per_inference(&self) -> usize;
     /// Multiply-adds one sample costs (the FLOP count is twice this).

@@ -291,6 +291,30 @@ impl InferKernel for UfffKernel {
         Ok(())
     }
 
+    fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
+        // the last-level neuron each sample reaches in each tree: trees × 2^(levels−1) units
+        let (ni, last) = (self.in_features, 1usize << (self.levels - 1));
+        counts.resize(self.trees * last, 0);
+        if x.len() != batch * ni {
+            return Some("leaf");
+        }
+        let per_tree = (1usize << self.levels) - 1;
+        for xs in x.chunks(ni) {
+            for t in 0..self.trees {
+                let (base, mut node) = (t * per_tree, 0);
+                for _ in 1..self.levels {
+                    let z = match &self.weights {
+                        Weights::F32 { w_in, .. } => w_in.dot(base + node, xs),
+                        Weights::Bf16 { w_in, .. } => w_in.dot(base + node, xs),
+                    } + self.b_in[base + node];
+                    node = 2 * node + 1 + usize::from(z > 0.0);
+                }
+                counts[t * last + node - (last - 1)] += 1;
+            }
+        }
+        Some("leaf")
+    }
+
     fn neurons_per_inference(&self) -> usize {
         self.trees * self.levels
     }

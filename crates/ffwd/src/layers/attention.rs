@@ -194,36 +194,45 @@ impl CausalSelfAttention {
         self.qkv.backward(x, rows, &self.d_qkv[..rows * 3 * d], Some(dx), true);
     }
 
-    /// One new position `pos` of a single sequence: `x`: `d` → `y`: `d`, appending its key and
-    /// value to the caches (`k_cache`, `v_cache`: `capacity × d`). `scratch` holds at least
-    /// `4d + capacity` floats.
-    pub fn step(&self, x: &[f32], pos: usize, k_cache: &mut [f32], v_cache: &mut [f32], scratch: &mut [f32], y: &mut [f32]) {
-        let (d, nh) = (self.dim(), self.heads);
+    /// One new position of each of `n` sequences: `x` (`n × d`, row i for sequence i) → `y`
+    /// (`n × d`). `caches[i]` holds sequence i's key and value caches (`capacity × d`) and its
+    /// position, where the new key and value are written. The projections run as `n`-row
+    /// products; attention runs per sequence. `qkv` (`≥ n × 3d`), `o` (`≥ n × d`) and `scores`
+    /// (`≥` the largest position + 1) are scratch.
+    pub fn step_batch(&self, x: &[f32], caches: &mut [(&mut [f32], &mut [f32], usize)], qkv: &mut [f32], o: &mut [f32], scores: &mut [f32], y: &mut [f32]) {
+        let (d, nh, n) = (self.dim(), self.heads, caches.len());
         let hd = d / nh;
-        let (qkv, rest) = scratch.split_at_mut(3 * d);
-        let (o, att) = rest.split_at_mut(d);
-        matmul_bt(qkv, x, 1, d, &self.qkv.weight.value, 3 * d);
-        for (v, b) in qkv.iter_mut().zip(&self.qkv.bias.value) {
-            *v += b;
+        let (qkv, o) = (&mut qkv[..n * 3 * d], &mut o[..n * d]);
+        matmul_bt(qkv, x, n, d, &self.qkv.weight.value, 3 * d);
+        for row in qkv.chunks_mut(3 * d) {
+            for (v, b) in row.iter_mut().zip(&self.qkv.bias.value) {
+                *v += b;
+            }
         }
-        k_cache[pos * d..(pos + 1) * d].copy_from_slice(&qkv[d..2 * d]);
-        v_cache[pos * d..(pos + 1) * d].copy_from_slice(&qkv[2 * d..]);
         let scale = 1.0 / (hd as f32).sqrt();
         o.fill(0.0);
-        for h in 0..nh {
-            let q = &qkv[h * hd..(h + 1) * hd];
-            let att = &mut att[..=pos];
-            for (j, a) in att.iter_mut().enumerate() {
-                *a = dot(q, &k_cache[j * d + h * hd..j * d + (h + 1) * hd]);
-            }
-            causal_softmax(att, pos, scale);
-            for (j, &a) in att.iter().enumerate() {
-                axpy(a, &v_cache[j * d + h * hd..j * d + (h + 1) * hd], &mut o[h * hd..(h + 1) * hd]);
+        for (r, (k_cache, v_cache, pos)) in caches.iter_mut().enumerate() {
+            let (pos, row) = (*pos, &qkv[r * 3 * d..(r + 1) * 3 * d]);
+            k_cache[pos * d..(pos + 1) * d].copy_from_slice(&row[d..2 * d]);
+            v_cache[pos * d..(pos + 1) * d].copy_from_slice(&row[2 * d..]);
+            let o = &mut o[r * d..(r + 1) * d];
+            for h in 0..nh {
+                let q = &row[h * hd..(h + 1) * hd];
+                let att = &mut scores[..=pos];
+                for (j, a) in att.iter_mut().enumerate() {
+                    *a = dot(q, &k_cache[j * d + h * hd..j * d + (h + 1) * hd]);
+                }
+                causal_softmax(att, pos, scale);
+                for (j, &a) in att.iter().enumerate() {
+                    axpy(a, &v_cache[j * d + h * hd..j * d + (h + 1) * hd], &mut o[h * hd..(h + 1) * hd]);
+                }
             }
         }
-        matmul_bt(y, o, 1, d, &self.proj.weight.value, d);
-        for (v, b) in y.iter_mut().zip(&self.proj.bias.value) {
-            *v += b;
+        matmul_bt(&mut y[..n * d], o, n, d, &self.proj.weight.value, d);
+        for row in y[..n * d].chunks_mut(d) {
+            for (v, b) in row.iter_mut().zip(&self.proj.bias.value) {
+                *v += b;
+            }
         }
     }
 

@@ -454,44 +454,44 @@ impl Lm {
     /// A generator that feeds one token at a time through KV caches. It borrows the model, so
     /// the weights cannot change while it lives.
     pub fn generator(&self) -> Generator<'_> {
-        let (d, ctx) = (self.cfg.d_model, self.cfg.context);
-        Generator {
+        Generator { decoder: self.decoder(), seq: self.sequence() }
+    }
+
+    /// A decoder that advances several sequences by one token each in one batched pass
+    /// (continuous batching: sequences may join and leave between steps).
+    pub fn decoder(&self) -> Decoder<'_> {
+        Decoder {
             lm: self,
             kernels: self.kernels(),
-            k: vec![vec![0.0; ctx * d]; self.blocks.len()],
-            v: vec![vec![0.0; ctx * d]; self.blocks.len()],
-            pos: 0,
             ws: Workspace::new(),
-            x: vec![0.0; d],
-            a: vec![0.0; d],
-            att: vec![0.0; d],
-            bn: vec![0.0; d],
-            f: vec![0.0; d],
-            scratch: vec![0.0; 4 * d + ctx],
-            logits: vec![0.0; self.cfg.vocab],
+            rows: 0,
+            x: Vec::new(),
+            a: Vec::new(),
+            att: Vec::new(),
+            bn: Vec::new(),
+            f: Vec::new(),
+            qkv: Vec::new(),
+            o: Vec::new(),
+            scores: Vec::new(),
+            logits: Vec::new(),
         }
+    }
+
+    /// An empty key/value cache for one sequence of up to `context` tokens.
+    pub fn sequence(&self) -> Sequence {
+        let (d, ctx) = (self.cfg.d_model, self.cfg.context);
+        Sequence { k: vec![vec![0.0; ctx * d]; self.blocks.len()], v: vec![vec![0.0; ctx * d]; self.blocks.len()], pos: 0 }
     }
 }
 
-/// Incremental decoding of one sequence with per-block key/value caches; the FFN runs its
-/// inference kernel at batch 1 (hard routing for trees).
-pub struct Generator<'a> {
-    lm: &'a Lm,
-    kernels: &'a [Box<dyn InferKernel>],
+/// The key/value caches of one sequence being decoded (per block, `context × d`).
+pub struct Sequence {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     pos: usize,
-    ws: Workspace,
-    x: Vec<f32>,
-    a: Vec<f32>,
-    att: Vec<f32>,
-    bn: Vec<f32>,
-    f: Vec<f32>,
-    scratch: Vec<f32>,
-    logits: Vec<f32>,
 }
 
-impl Generator<'_> {
+impl Sequence {
     /// Tokens in the cache.
     pub fn len(&self) -> usize {
         self.pos
@@ -502,50 +502,148 @@ impl Generator<'_> {
         self.pos == 0
     }
 
-    /// Forgets the cached sequence.
+    /// Forgets the cached tokens.
     pub fn reset(&mut self) {
         self.pos = 0;
+    }
+}
+
+/// Batched incremental decoding: one [`Decoder::step`] feeds one token to each of `n`
+/// sequences and returns `n` rows of logits. The projections, the FFN (its inference kernel,
+/// hard routing for trees, at batch n) and the logits run as `n`-row products; attention runs
+/// per sequence over its own cache. Buffers grow with the largest `n` seen and are reused.
+pub struct Decoder<'a> {
+    lm: &'a Lm,
+    kernels: &'a [Box<dyn InferKernel>],
+    ws: Workspace,
+    rows: usize,
+    x: Vec<f32>,
+    a: Vec<f32>,
+    att: Vec<f32>,
+    bn: Vec<f32>,
+    f: Vec<f32>,
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Decoder<'_> {
+    fn grow(&mut self, n: usize) {
+        if n <= self.rows {
+            return;
+        }
+        let (d, v, ctx) = (self.lm.cfg.d_model, self.lm.cfg.vocab, self.lm.cfg.context);
+        for (buf, width) in [
+            (&mut self.x, d),
+            (&mut self.a, d),
+            (&mut self.att, d),
+            (&mut self.bn, d),
+            (&mut self.f, d),
+            (&mut self.qkv, 3 * d),
+            (&mut self.o, d),
+            (&mut self.logits, v),
+        ] {
+            buf.resize(n * width, 0.0);
+        }
+        self.scores.resize(ctx, 0.0);
+        self.rows = n;
+    }
+
+    /// Feeds `tokens[i]` to `seqs[i]` at its next position; returns the logits (`n × V`, row
+    /// i for sequence i) of the token after. Errors (before changing any cache) when a
+    /// sequence's context is full or a token is outside the vocabulary.
+    pub fn step(&mut self, seqs: &mut [&mut Sequence], tokens: &[u32]) -> Result<&[f32]> {
+        let lm = self.lm;
+        let (d, v, n) = (lm.cfg.d_model, lm.cfg.vocab, seqs.len());
+        crate::error::check_dim("decoder tokens", "sequences", n, tokens.len())?;
+        if n == 0 {
+            return Err(Error::Invalid("decoder: no sequence to step".into()));
+        }
+        for (s, &t) in seqs.iter().zip(tokens) {
+            if s.pos >= lm.cfg.context {
+                return Err(Error::Invalid(format!("generator: context of {} tokens is full", lm.cfg.context)));
+            }
+            if t as usize >= v {
+                return Err(Error::Invalid(format!("generator: token id {t} is outside the vocabulary of {v}")));
+            }
+        }
+        self.grow(n);
+        for (r, (s, &t)) in seqs.iter().zip(tokens).enumerate() {
+            let x = &mut self.x[r * d..(r + 1) * d];
+            for ((x, a), b) in x.iter_mut().zip(&lm.tok_emb.value[t as usize * d..][..d]).zip(&lm.pos_emb.value[s.pos * d..][..d]) {
+                *x = a + b;
+            }
+        }
+        let rows = n * d;
+        for (l, blk) in lm.blocks.iter().enumerate() {
+            for r in 0..n {
+                blk.ln1.forward_row(&self.x[r * d..(r + 1) * d], &mut self.a[r * d..(r + 1) * d]);
+            }
+            let mut caches: Vec<(&mut [f32], &mut [f32], usize)> = Vec::with_capacity(n);
+            for s in seqs.iter_mut() {
+                let pos = s.pos;
+                let Sequence { k, v, .. } = &mut **s;
+                caches.push((&mut k[l], &mut v[l], pos));
+            }
+            blk.attn.step_batch(&self.a[..rows], &mut caches, &mut self.qkv, &mut self.o, &mut self.scores, &mut self.att[..rows]);
+            if lm.cfg.parallel {
+                self.kernels[l].forward_tokens(&self.a[..rows], tokens, n, &mut self.f[..rows], &mut self.ws)?;
+                for ((x, a), f) in self.x[..rows].iter_mut().zip(&self.att[..rows]).zip(&self.f[..rows]) {
+                    *x += a + f;
+                }
+            } else {
+                for (x, a) in self.x[..rows].iter_mut().zip(&self.att[..rows]) {
+                    *x += a;
+                }
+                let ln2 = blk.ln2.as_ref().expect("sequential block has ln2");
+                for r in 0..n {
+                    ln2.forward_row(&self.x[r * d..(r + 1) * d], &mut self.bn[r * d..(r + 1) * d]);
+                }
+                self.kernels[l].forward_tokens(&self.bn[..rows], tokens, n, &mut self.f[..rows], &mut self.ws)?;
+                for (x, f) in self.x[..rows].iter_mut().zip(&self.f[..rows]) {
+                    *x += f;
+                }
+            }
+        }
+        for r in 0..n {
+            lm.ln_f.forward_row(&self.x[r * d..(r + 1) * d], &mut self.a[r * d..(r + 1) * d]);
+        }
+        crate::core::gemm::matmul_bt(&mut self.logits[..n * v], &self.a[..rows], n, d, &lm.tok_emb.value, v);
+        for s in seqs.iter_mut() {
+            s.pos += 1;
+        }
+        Ok(&self.logits[..n * v])
+    }
+}
+
+/// Incremental decoding of one sequence with per-block key/value caches (a [`Decoder`] at
+/// batch 1); the FFN runs its inference kernel (hard routing for trees).
+pub struct Generator<'a> {
+    decoder: Decoder<'a>,
+    seq: Sequence,
+}
+
+impl Generator<'_> {
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.seq.pos
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.seq.pos == 0
+    }
+
+    /// Forgets the cached sequence.
+    pub fn reset(&mut self) {
+        self.seq.pos = 0;
     }
 
     /// Feeds `token` at the next position and returns the logits (`V`) for the one after.
     /// Errors when the context is full (call [`Generator::reset`] and re-feed a suffix).
     pub fn step(&mut self, token: u32) -> Result<&[f32]> {
-        let lm = self.lm;
-        let (d, v) = (lm.cfg.d_model, lm.cfg.vocab);
-        if self.pos >= lm.cfg.context {
-            return Err(Error::Invalid(format!("generator: context of {} tokens is full", lm.cfg.context)));
-        }
-        if token as usize >= v {
-            return Err(Error::Invalid(format!("generator: token id {token} is outside the vocabulary of {v}")));
-        }
-        let p = self.pos;
-        for ((x, a), b) in self.x.iter_mut().zip(&lm.tok_emb.value[token as usize * d..][..d]).zip(&lm.pos_emb.value[p * d..][..d]) {
-            *x = a + b;
-        }
-        for (l, blk) in lm.blocks.iter().enumerate() {
-            blk.ln1.forward_row(&self.x, &mut self.a);
-            blk.attn.step(&self.a, p, &mut self.k[l], &mut self.v[l], &mut self.scratch, &mut self.att);
-            let ids = [token];
-            if lm.cfg.parallel {
-                self.kernels[l].forward_tokens(&self.a, &ids, 1, &mut self.f, &mut self.ws)?;
-                for ((x, a), f) in self.x.iter_mut().zip(&self.att).zip(&self.f) {
-                    *x += a + f;
-                }
-            } else {
-                for (x, a) in self.x.iter_mut().zip(&self.att) {
-                    *x += a;
-                }
-                blk.ln2.as_ref().expect("sequential block has ln2").forward_row(&self.x, &mut self.bn);
-                self.kernels[l].forward_tokens(&self.bn, &ids, 1, &mut self.f, &mut self.ws)?;
-                for (x, f) in self.x.iter_mut().zip(&self.f) {
-                    *x += f;
-                }
-            }
-        }
-        lm.ln_f.forward_row(&self.x, &mut self.a);
-        crate::core::gemm::matmul_bt(&mut self.logits, &self.a, 1, d, &lm.tok_emb.value, v);
-        self.pos += 1;
-        Ok(&self.logits)
+        self.decoder.step(&mut [&mut self.seq], &[token])
     }
 
     /// Feeds `prompt`, then samples `n` tokens (temperature `temperature`, 0 = greedy; only the
@@ -555,7 +653,7 @@ impl Generator<'_> {
         if prompt.is_empty() {
             return Err(Error::Invalid("generation needs a prompt of at least one token".into()));
         }
-        let ctx = self.lm.cfg.context;
+        let ctx = self.decoder.lm.cfg.context;
         let mut seq: Vec<u32> = prompt.to_vec();
         self.reset();
         let start = seq.len().saturating_sub(ctx);
@@ -565,7 +663,7 @@ impl Generator<'_> {
         let mut out = Vec::with_capacity(n);
         let mut last = *seq.last().expect("non-empty prompt");
         for _ in 0..n {
-            if self.pos >= ctx {
+            if self.seq.pos >= ctx {
                 self.reset();
                 let keep = ctx / 2;
                 let from = seq.len() - keep;

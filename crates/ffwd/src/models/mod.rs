@@ -4,4 +4,4 @@ pub mod classifier;
 pub mod lm;
 
 pub use classifier::{Classifier, ModelConfig, StepStats};
-pub use lm::{Generator, Lm, LmConfig};
+pub use lm::{Decoder, Generator, Lm, LmConfig, Sequence};
