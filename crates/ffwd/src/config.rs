@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, FffConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, GluConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -31,6 +31,8 @@ pub enum LayerKind {
     Dense,
     /// Fast feedforward network.
     Fff,
+    /// Gated FFN (SwiGLU, GEGLU, ReGLU by the activation).
+    Glu,
     /// UltraFastBERT tree.
     Ufff,
     /// Top-k softmax mixture of experts.
@@ -47,6 +49,7 @@ impl LayerKind {
         match self {
             LayerKind::Dense => "dense",
             LayerKind::Fff => "fff",
+            LayerKind::Glu => "glu",
             LayerKind::Ufff => "ufff",
             LayerKind::Moe => "moe",
             LayerKind::Smoe => "smoe",
@@ -61,11 +64,12 @@ impl std::str::FromStr for LayerKind {
         match s {
             "dense" => Ok(LayerKind::Dense),
             "fff" => Ok(LayerKind::Fff),
+            "glu" => Ok(LayerKind::Glu),
             "ufff" => Ok(LayerKind::Ufff),
             "moe" => Ok(LayerKind::Moe),
             "smoe" => Ok(LayerKind::Smoe),
             "pkm" => Ok(LayerKind::Pkm),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, ufff, moe, smoe or pkm)"))),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, glu, ufff, moe, smoe or pkm)"))),
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct TrainConfig {
     pub dense: DenseConfig,
     /// Options of the FFF layer.
     pub fff: FffConfig,
+    /// Options of the gated FFN.
+    pub glu: GluConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
     /// Options of the top-k mixture of experts.
@@ -163,6 +169,7 @@ impl Default for TrainConfig {
             layer: LayerKind::Dense,
             dense: DenseConfig::default(),
             fff: FffConfig::default(),
+            glu: GluConfig::default(),
             ufff: UfffConfig::default(),
             moe: MoeConfig::default(),
             smoe: SmoeConfig::default(),
@@ -209,6 +216,7 @@ impl TrainConfig {
         match self.layer {
             LayerKind::Dense => LayerConfig::Dense(self.dense.clone()),
             LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
+            LayerKind::Glu => LayerConfig::Glu(self.glu.clone()),
             LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
             LayerKind::Moe => LayerConfig::Moe(self.moe.clone()),
             LayerKind::Smoe => LayerConfig::Smoe(self.smoe.clone()),
@@ -216,12 +224,13 @@ impl TrainConfig {
         }
     }
 
-    /// Sets the hidden width of the selected layer: dense units; for `fff`, leaf = width / 2^depth;
+    /// Sets the hidden width of the selected layer: dense and glu units; for `fff`, leaf = width / 2^depth;
     /// for `ufff`, depth such that 2^(depth+1) − 1 = width; for `moe`/`smoe`, expert_width =
     /// width / experts; for `pkm`, n_keys = √width (the number of memory values).
     pub fn set_width(&mut self, width: usize) -> Result<()> {
         match self.layer {
             LayerKind::Dense => self.dense.width = width,
+            LayerKind::Glu => self.glu.width = width,
             LayerKind::Fff => {
                 let leaves = 1usize << self.fff.depth;
                 if width == 0 || !width.is_multiple_of(leaves) {
@@ -316,6 +325,7 @@ impl TrainConfig {
             match kind {
                 LayerKind::Dense => self.dense.activation = act,
                 LayerKind::Fff => self.fff.activation = act,
+                LayerKind::Glu => self.glu.activation = act,
                 LayerKind::Ufff => self.ufff.activation = act,
                 LayerKind::Moe => self.moe.activation = act,
                 LayerKind::Smoe => self.smoe.activation = act,

@@ -24,7 +24,7 @@ use crate::data::text::CharTokenizer;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::layers::hash::balanced_table;
-use crate::layers::{DenseConfig, FffConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::models::{Classifier, Lm, ModelConfig};
 use crate::optim::Optimizer;
 use crate::train::forward_forward::FfNet;
@@ -72,6 +72,12 @@ pub enum FfnKind {
     Dense,
     /// Three Linear maps with GELU between (same width).
     Dense3,
+    /// Gated FFN with SiLU (width default ⅔ · 4d: a dense FFN's parameters).
+    Swiglu,
+    /// Gated FFN with GELU.
+    Geglu,
+    /// Gated FFN with ReLU.
+    Reglu,
     /// Fast feedforward network (leaf = width / 2^depth).
     Fff,
     /// UltraFastBERT tree (width = 2^(depth+1) − 1 neurons per tree).
@@ -88,13 +94,28 @@ pub enum FfnKind {
 
 impl FfnKind {
     /// Every kind, in the order of `--help`.
-    pub const ALL: [FfnKind; 8] = [FfnKind::Dense, FfnKind::Dense3, FfnKind::Fff, FfnKind::Ufff, FfnKind::Moe, FfnKind::Smoe, FfnKind::Hash, FfnKind::Pkm];
+    pub const ALL: [FfnKind; 11] = [
+        FfnKind::Dense,
+        FfnKind::Dense3,
+        FfnKind::Swiglu,
+        FfnKind::Geglu,
+        FfnKind::Reglu,
+        FfnKind::Fff,
+        FfnKind::Ufff,
+        FfnKind::Moe,
+        FfnKind::Smoe,
+        FfnKind::Hash,
+        FfnKind::Pkm,
+    ];
 
     /// The name used in flags and options.
     pub fn name(self) -> &'static str {
         match self {
             FfnKind::Dense => "dense",
             FfnKind::Dense3 => "dense3",
+            FfnKind::Swiglu => "swiglu",
+            FfnKind::Geglu => "geglu",
+            FfnKind::Reglu => "reglu",
             FfnKind::Fff => "fff",
             FfnKind::Ufff => "ufff",
             FfnKind::Moe => "moe",
@@ -122,8 +143,9 @@ impl std::str::FromStr for FfnKind {
 pub struct FfnShape {
     /// The kind (none: keep the run file's `[model.ffn]`).
     pub ffn: Option<FfnKind>,
-    /// Hidden size: dense units; fff total leaf width; ufff neurons per tree (2^(depth+1)−1);
-    /// moe/smoe/hash experts × expert width; pkm values [default: 4·d_model, 1023 for ufff].
+    /// Hidden size: dense units; glu gated units; fff total leaf width; ufff neurons per tree
+    /// (2^(depth+1)−1); moe/smoe/hash experts × expert width; pkm values [default: 4·d_model;
+    /// ⅔ · 4·d_model rounded up to a multiple of 8 for the glu kinds; 1023 for ufff].
     pub ffn_width: Option<usize>,
     /// fff/ufff depth [default: 3 for fff, 9 for ufff].
     pub depth: Option<usize>,
@@ -176,6 +198,16 @@ impl FfnShape {
         Ok(Some(match kind {
             FfnKind::Dense => LayerConfig::Dense(DenseConfig { width, layers: 2, activation: gelu }),
             FfnKind::Dense3 => LayerConfig::Dense(DenseConfig { width, layers: 3, activation: gelu }),
+            FfnKind::Swiglu | FfnKind::Geglu | FfnKind::Reglu => {
+                let activation = match kind {
+                    FfnKind::Swiglu => Activation::Silu,
+                    FfnKind::Geglu => Activation::Gelu,
+                    _ => Activation::Relu,
+                };
+                // three matrices of d × h hold a dense FFN's 2 · d · 4d parameters at h = ⅔ · 4d
+                let width = self.ffn_width.unwrap_or((8 * d_model).div_ceil(3).next_multiple_of(8));
+                LayerConfig::Glu(GluConfig { width, activation })
+            }
             FfnKind::Fff => {
                 let depth = self.depth.unwrap_or(3);
                 let leaves = 1usize.checked_shl(depth as u32).filter(|_| depth < 32).ok_or_else(|| Error::Config(format!("fff depth {depth} is too large")))?;

@@ -202,6 +202,15 @@ fn fff_load_balance_master_leaf_region_leak_and_dropout() {
 }
 
 #[test]
+fn glu_family_gate_and_value() {
+    // SwiGLU, GEGLU, ReGLU (ReLU's kink: coordinates that cross it are skipped)
+    for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {
+        let mut g = ffwd::layers::Glu::new(ffwd::layers::GluConfig { width: 5, activation: act }, 6, 4, &mut Rng::new(17)).unwrap();
+        check_layer(&mut g, 7, 41, 15, &|_: &ffwd::layers::Glu, _: &[f32]| true);
+    }
+}
+
+#[test]
 fn ufff_conditional_backward() {
     // one tree, and UltraFastBERT's parallel trees (KxD = 3x2)
     for (depth, trees) in [(3, 1), (2, 3)] {

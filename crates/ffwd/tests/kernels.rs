@@ -40,6 +40,33 @@ fn naive_ufff(w_in: &[f32], b_in: &[f32], w_out: &[f32], x: &[f32], batch: usize
 const ACTS: [Activation; 3] = [Activation::Relu, Activation::Gelu, Activation::Silu];
 
 #[test]
+fn glu_kernel_matches_naive_and_the_training_forward() {
+    let mut r = Rng::new(21);
+    for case in 0..21 {
+        let (ni, no, h) = (1 + r.below(40), 1 + r.below(20), 1 + r.below(50));
+        let batch = [1, 2, 3, 7, 17, 64, 129][case % 7];
+        let act = ACTS[case % 3];
+        let mut g = ffwd::layers::Glu::new(ffwd::layers::GluConfig { width: h, activation: act }, ni, no, &mut r).unwrap();
+        let x = randn(batch * ni, &mut r);
+        let [fc13, fc2] = g.linears();
+        let mut want = vec![0.0f32; batch * no];
+        for b in 0..batch {
+            let z = |j: usize| fc13.bias.value[j] as f64 + (0..ni).map(|i| fc13.weight.value[j * ni + i] as f64 * x[b * ni + i] as f64).sum::<f64>();
+            let hidden: Vec<f64> = (0..h).map(|j| act.apply(z(j) as f32) as f64 * z(h + j)).collect();
+            for o in 0..no {
+                want[b * no + o] = (fc2.bias.value[o] as f64 + (0..h).map(|j| fc2.weight.value[o * h + j] as f64 * hidden[j]).sum::<f64>()) as f32;
+            }
+        }
+        let mut y = vec![f32::NAN; batch * no];
+        g.kernel().forward(&x, batch, &mut y, &mut Workspace::new()).unwrap();
+        close(&y, &want, &format!("glu case {case}"));
+        let mut t = vec![f32::NAN; batch * no];
+        g.forward_train(ffwd::layers::Input::new(&x, batch), &mut t, &mut Rng::new(0)).unwrap();
+        close(&t, &want, &format!("glu case {case}: training forward"));
+    }
+}
+
+#[test]
 fn dense_kernel_matches_naive() {
     let mut r = Rng::new(1);
     for case in 0..30 {

@@ -214,6 +214,7 @@ fn same_seed_same_run_and_training_learns() {
     // fff 0.919–0.922, ufff with 6 neurons per sample 0.886–0.933), a little below
     for (layer, floor) in [
         (LayerConfig::Dense(DenseConfig::default()), 0.95),
+        (LayerConfig::Glu(ffwd::layers::GluConfig::default()), 0.95),
         (LayerConfig::Fff(FffConfig { depth: 3, leaf: 8, region_leak: 0.1, load_balance: 0.01, master_leaf: 4, ..Default::default() }), 0.9),
         (LayerConfig::Ufff(UfffConfig { depth: 5, activation: Activation::Gelu, ..Default::default() }), 0.86),
     ] {

@@ -135,6 +135,7 @@ fn whole_model_gradients_sequential_and_parallel() {
         LayerConfig::Smoe(SmoeConfig { experts: 4, expert_width: 3, k: 2, activation: Activation::Gelu, ..Default::default() }),
         LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, ..Default::default() }),
         LayerConfig::Ufff(UfffConfig { depth: 2, activation: Activation::Gelu, ..Default::default() }),
+        LayerConfig::Glu(ffwd::layers::GluConfig { width: 5, activation: Activation::Gelu }),
     ] {
         let mut lm = tiny(ffn, false);
         check_lm(&mut lm, 6);
@@ -214,6 +215,7 @@ fn attention_is_causal() {
 fn kv_cache_generation_equals_full_recomputation() {
     let kinds = [
         gelu_dense(),
+        LayerConfig::Glu(ffwd::layers::GluConfig { width: 6, activation: Activation::Silu }),
         LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, ..Default::default() }),
         LayerConfig::Ufff(UfffConfig { depth: 2, ..Default::default() }),
         LayerConfig::Moe(MoeConfig { experts: 4, expert_width: 3, k: 2, ..Default::default() }),

@@ -51,7 +51,7 @@ pub struct LmTrainArgs {
     /// Parallel attention and FFN (PAF layout).
     #[arg(long)]
     parallel: bool,
-    /// Feedforward block of every layer: dense, dense3 (three maps), fff, ufff, moe, smoe,
+    /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), fff, ufff, moe, smoe,
     /// hash (routed by the input character) or pkm.
     #[arg(long, value_parser = parse_ffn)]
     ffn: Option<FfnKind>,

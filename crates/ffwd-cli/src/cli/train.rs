@@ -58,10 +58,11 @@ pub struct TrainArgs {
     /// Evaluate the 10-pass goodness predictor every N epochs (and at the end) [default: 10].
     #[arg(long, default_value_t = 10)]
     ff_goodness_every: usize,
-    /// Layer between the input and the softmax: dense, fff, ufff, moe, smoe or pkm [default: dense].
+    /// Layer between the input and the softmax: dense, glu (gated: --activation silu = SwiGLU,
+    /// gelu = GEGLU, relu = ReGLU), fff, ufff, moe, smoe or pkm [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
-    /// Hidden width: dense units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
+    /// Hidden width: dense and glu units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
     /// moe/smoe experts·expert_width; pkm memory values n_keys².
     #[arg(long)]
     width: Option<usize>,

@@ -49,7 +49,7 @@ impl DenseKernel {
 
 /// `y = Wᵀᵀ·x + b` for one sample from `wt` (`in × out`): `y = b + Σ_i x_i · wt[i, :]`, the
 /// output columns split across threads when the matrix is large.
-fn gemv(wt: &[f32], b: &[f32], x: &[f32], y: &mut [f32]) {
+pub(crate) fn gemv(wt: &[f32], b: &[f32], x: &[f32], y: &mut [f32]) {
     let o = y.len();
     let cols = |(c, yc): (usize, &mut [f32])| {
         let c0 = c * GEMV_COLS;

@@ -18,6 +18,7 @@
 
 pub mod dense;
 pub mod fff;
+pub mod glu;
 pub mod grouped;
 pub mod moe;
 pub mod pkm;
@@ -25,6 +26,7 @@ pub mod ufff;
 
 pub use dense::DenseKernel;
 pub use fff::FffKernel;
+pub use glu::GluKernel;
 pub use moe::{MoeKernel, Router};
 pub use pkm::PkmKernel;
 pub use ufff::UfffKernel;

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod dense;
 pub mod experts;
 pub mod fff;
+pub mod glu;
 pub mod hash;
 pub mod layer_norm;
 pub mod linear;
@@ -24,6 +25,7 @@ use crate::kernels::{InferKernel, Precision, Workspace};
 
 pub use dense::{Dense, DenseConfig};
 pub use fff::{Fff, FffConfig};
+pub use glu::{Glu, GluConfig};
 pub use hash::{Hash, HashConfig};
 pub use linear::Linear;
 pub use moe::{Moe, MoeConfig};
@@ -153,6 +155,8 @@ pub enum LayerConfig {
     Dense(DenseConfig),
     /// Fast feedforward network (Belcak & Wattenhofer 2023).
     Fff(FffConfig),
+    /// Gated FFN: SwiGLU, GEGLU, ReGLU (Shazeer 2020).
+    Glu(GluConfig),
     /// UltraFastBERT tree of single neurons.
     Ufff(UfffConfig),
     /// Top-k softmax mixture of experts (Switch, Mixtral-style).
@@ -175,6 +179,7 @@ impl LayerConfig {
         Ok(match self {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Glu(c) => Box::new(Glu::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
@@ -197,6 +202,7 @@ impl LayerConfig {
                 let (w, inner) = (c.width, c.layers.saturating_sub(2));
                 sum(&[(i, w), (w, 1), (inner, w.checked_mul(w)?.checked_add(w)?), (w, o), (o, 1)])
             }
+            LayerConfig::Glu(c) => sum(&[(2 * c.width, i.checked_add(1)?), (o, c.width.checked_add(1)?)]),
             LayerConfig::Fff(c) => {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
                 let m = c.master_leaf;
@@ -229,6 +235,7 @@ impl LayerConfig {
         match self {
             LayerConfig::Dense(_) => "dense",
             LayerConfig::Fff(_) => "fff",
+            LayerConfig::Glu(_) => "glu",
             LayerConfig::Ufff(_) => "ufff",
             LayerConfig::Moe(_) => "moe",
             LayerConfig::Smoe(_) => "smoe",
