@@ -499,3 +499,28 @@ fn grouped_kernels_refuse_bad_segment_tables() {
         .to_string();
     assert!(e.contains("w1"), "{e}");
 }
+
+#[test]
+fn route_usage_counts_every_chosen_expert() {
+    // the monitoring pass of the kernels (the server's usage counters) against the layers' own
+    // routing: each row adds one count to each of its k experts
+    let mut r = Rng::new(31);
+    let (batch, ni) = (50, 7);
+    let x: Vec<f32> = (0..batch * ni).map(|_| r.normal()).collect();
+    let moe = Moe::new(MoeConfig { experts: 6, expert_width: 3, k: 2, ..Default::default() }, ni, 4, &mut r).unwrap();
+    let smoe = Smoe::new(SmoeConfig { experts: 5, expert_width: 3, k: 3, ..Default::default() }, ni, 4, &mut r).unwrap();
+    for (kernel, ranking, experts, k) in [(moe.kernel(), moe.routing(&x, batch).unwrap(), 6, 2), (smoe.kernel(), smoe.routing(&x, batch).unwrap(), 5, 3)] {
+        let mut counts = Vec::new();
+        assert_eq!(kernel.route_usage(&x, batch, &mut counts), Some("expert"));
+        let mut want = vec![0u64; experts];
+        for row in ranking.chunks(ranking.len() / batch) {
+            for &e in &row[..k] {
+                want[e as usize] += 1;
+            }
+        }
+        assert_eq!(counts, want, "{}", kernel.kind());
+        assert_eq!(counts.iter().sum::<u64>(), (batch * k) as u64);
+    }
+    let hash = Hash::new(HashConfig::default(), ni, 4, &mut r).unwrap();
+    assert_eq!(hash.kernel().route_usage(&x, batch, &mut Vec::new()), None, "hash layers route by token id");
+}

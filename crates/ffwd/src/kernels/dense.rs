@@ -24,27 +24,25 @@ pub struct DenseKernel {
 impl DenseKernel {
     /// From Linear maps (first to last) and the activation applied between them.
     pub fn new(linears: &[Linear], activation: Activation) -> Self {
-        DenseKernel {
-            linears: linears
-                .iter()
-                .map(|l| {
-                    let (o, n) = (l.out_features(), l.in_features());
-                    let mut wt = vec![0.0; o * n];
-                    for j in 0..o {
-                        for i in 0..n {
-                            wt[i * o + j] = l.weight.value[j * n + i];
-                        }
-                    }
-                    (wt, l.bias.value.clone(), o, n)
-                })
-                .collect(),
-            activation,
-        }
+        DenseKernel { linears: linears.iter().map(|l| (transposed(l), l.bias.value.clone(), l.out_features(), l.in_features())).collect(), activation }
     }
 
     fn max_width(&self) -> usize {
         self.linears.iter().map(|l| l.2).max().unwrap_or(0)
     }
+}
+
+/// A linear map's weight (`out × in`) transposed to `in × out`, the layout the kernels'
+/// products and matrix-vector paths read.
+pub(crate) fn transposed(l: &Linear) -> Vec<f32> {
+    let (o, n) = (l.out_features(), l.in_features());
+    let mut t = vec![0.0; o * n];
+    for j in 0..o {
+        for i in 0..n {
+            t[i * o + j] = l.weight.value[j * n + i];
+        }
+    }
+    t
 }
 
 /// `y = Wᵀᵀ·x + b` for one sample from `wt` (`in × out`): `y = b + Σ_i x_i · wt[i, :]`, the

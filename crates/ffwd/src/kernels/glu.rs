@@ -1,7 +1,7 @@
 //! Gated FFN inference (see `layers::glu`): the fused gate/value product, the gate, the output
 //! product; batch 1 as two matrix-vector products over the transposed weights.
 
-use super::dense::gemv;
+use super::dense::{gemv, transposed};
 use super::{check_io, InferKernel, Workspace};
 use crate::core::gemm::{matmul_bias, MatMut, MatRef};
 use crate::core::Activation;
@@ -19,17 +19,6 @@ pub struct GluKernel {
     width: usize,
     out_features: usize,
     activation: Activation,
-}
-
-fn transposed(l: &Linear) -> Vec<f32> {
-    let (o, n) = (l.out_features(), l.in_features());
-    let mut t = vec![0.0; o * n];
-    for j in 0..o {
-        for i in 0..n {
-            t[i * o + j] = l.weight.value[j * n + i];
-        }
-    }
-    t
 }
 
 impl GluKernel {

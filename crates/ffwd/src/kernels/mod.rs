@@ -63,8 +63,9 @@ pub trait InferKernel: Send + Sync {
     }
     /// Routing statistics for monitoring: adds, for every row of `x` (`batch × in`), one
     /// count to the unit it is routed to (`counts` is resized to the number of units) and
-    /// returns the unit's name (`leaf`); `None` for kernels without routing (and the
-    /// mixtures, not counted yet). Costs a descent of the routing, not a forward.
+    /// returns the unit's name (`leaf` for trees, `expert` for softmax and sigmoid mixtures:
+    /// each of a row's k experts counts); `None` for kernels without routing and for hash
+    /// layers (they route by token id). Costs a routing pass, not a forward.
     fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
         let _ = (x, batch, counts);
         None

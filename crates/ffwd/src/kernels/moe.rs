@@ -208,6 +208,30 @@ impl InferKernel for MoeKernel {
         self.run(x, Some(ids), batch, y, ws)
     }
 
+    fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
+        // hash layers route by token id, which this call does not have
+        let (experts, d, k) = (self.shape.experts, self.shape.in_features, self.k);
+        let weight = match &self.router {
+            Router::Softmax { weight, .. } | Router::Sigmoid { weight } => weight,
+            Router::Hash(_) => return None,
+        };
+        counts.resize(experts, 0);
+        if x.len() != batch * d {
+            return Some("expert");
+        }
+        let mut logits = vec![0.0f32; batch * experts];
+        matmul_bt(&mut logits, x, batch, d, weight, experts);
+        let (mut idx, mut gates) = (vec![0u32; k], vec![0.0f32; k]);
+        for l in logits.chunks_exact(experts) {
+            match &self.router {
+                Router::Softmax { renormalize, .. } => route_softmax_gates(l, k, *renormalize, &mut idx, &mut gates),
+                _ => route_sigmoid(l, k, &mut idx, &mut gates, |_| false),
+            }
+            idx.iter().for_each(|&e| counts[e as usize] += 1);
+        }
+        Some("expert")
+    }
+
     fn neurons_per_inference(&self) -> usize {
         self.k * self.shape.width
     }
