@@ -490,3 +490,23 @@ fn parallel_trees_and_shorthands_that_do_not_apply() {
     let err = fails(&ffwd(&["lm", "train", "--depth", "2", "--steps", "1"]));
     assert!(err.contains("need an ffn kind"), "{err}");
 }
+
+#[test]
+fn gradient_noise_is_seeded_and_refused_where_it_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, noise: &str| {
+        let m = dir.path().join(name);
+        ok(&ffwd(&["train", "-q", "--layer", "fff", "--depth", "2", "--epochs", "3", "--grad-noise", noise, "--metrics", p(&m)]));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+        let losses: Vec<f64> = v["history"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect();
+        (losses, v["config"]["grad_noise"].as_f64())
+    };
+    let (a, eta) = run("a.json", "0.05");
+    let (b, _) = run("b.json", "0.05");
+    let (c, _) = run("c.json", "0");
+    assert_eq!(eta, Some(0.05f32 as f64));
+    assert_eq!(a, b, "the same seed gives the same noise");
+    assert_ne!(a, c, "noise changes the run");
+    let err = fails(&ffwd(&["train", "--algo", "ff", "--grad-noise", "0.1", "--epochs", "1"]));
+    assert!(err.contains("grad_noise") && err.contains("Forward-Forward"), "{err}");
+}

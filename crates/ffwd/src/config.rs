@@ -157,6 +157,11 @@ pub struct TrainConfig {
     /// Also write the checkpoint (`save`) every this many steps, with the optimizer state, so
     /// that `--resume` can continue an interrupted run (0 = only at the end).
     pub save_every: usize,
+    /// Gradient noise η: Gaussian noise of variance η / (1 + t)^γ added to the gradients
+    /// before clipping (0 = off; Neelakantan et al. 2015).
+    pub grad_noise: f32,
+    /// Gradient noise decay γ.
+    pub grad_noise_gamma: f32,
 }
 
 impl Default for TrainConfig {
@@ -191,6 +196,8 @@ impl Default for TrainConfig {
             save: None,
             metrics: None,
             save_every: 0,
+            grad_noise: 0.0,
+            grad_noise_gamma: 0.55,
         }
     }
 }
@@ -375,6 +382,8 @@ impl TrainConfig {
             seed: self.seed,
             input_dropout: self.input_dropout,
             save_every: self.save_every,
+            grad_noise: self.grad_noise,
+            grad_noise_gamma: self.grad_noise_gamma,
         }
     }
 }

@@ -39,6 +39,9 @@ pub fn classifier(cfg: &TrainConfig, data: &Dataset) -> Result<Classifier> {
 
 /// A new Forward-Forward net for `cfg.ff`, sized for `data`.
 pub fn ff_net(cfg: &TrainConfig, data: &Dataset) -> Result<FfNet> {
+    if cfg.grad_noise != 0.0 {
+        return Err(Error::Config("grad_noise applies to backpropagation (algo bp) and LM training, not yet to Forward-Forward".into()));
+    }
     FfNet::new(cfg.ff.clone(), data.dim, data.n_classes)
 }
 

@@ -203,6 +203,8 @@ fn quick_run(layer: LayerConfig, seed: u64, epochs: usize) -> (Vec<f32>, f32) {
         seed,
         input_dropout: 0.0,
         save_every: 0,
+        grad_noise: 0.0,
+        grad_noise_gamma: 0.55,
     };
     let r = train(&mut m, &split, &opts, &mut ffwd::train::backprop::Silent).unwrap();
     (r.history.iter().map(|e| e.train_loss).collect(), r.test_accuracy)

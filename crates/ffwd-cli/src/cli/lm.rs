@@ -102,6 +102,13 @@ pub struct LmTrainArgs {
     /// Global gradient-norm clip (0 = off) [default: 1].
     #[arg(long)]
     clip: Option<f32>,
+    /// Gradient noise η: Gaussian noise of variance η / (1 + step)^γ added to the mean
+    /// gradient before clipping (Neelakantan et al. 2015) [default: 0 = off].
+    #[arg(long, value_name = "ETA")]
+    grad_noise: Option<f32>,
+    /// Gradient noise decay γ [default: 0.55].
+    #[arg(long, value_name = "GAMMA")]
+    grad_noise_gamma: Option<f32>,
     /// Evaluate on the held-out tail every N steps [default: 250].
     #[arg(long)]
     eval_every: Option<usize>,
@@ -257,6 +264,8 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
             (a.min_lr_ratio, &mut opts.min_lr_ratio),
             (a.weight_decay, &mut opts.weight_decay),
             (a.clip, &mut opts.clip),
+            (a.grad_noise, &mut opts.grad_noise),
+            (a.grad_noise_gamma, &mut opts.grad_noise_gamma),
             (a.val_fraction, &mut opts.val_fraction),
         ] {
             if let Some(v) = v {

@@ -159,6 +159,13 @@ pub struct TrainArgs {
     /// Inverted dropout on the input features during training, any layer [default: 0].
     #[arg(long)]
     input_dropout: Option<f32>,
+    /// Gradient noise η: Gaussian noise of variance η / (1 + step)^γ added to the gradients
+    /// before clipping (Neelakantan et al. 2015) [default: 0 = off].
+    #[arg(long, value_name = "ETA")]
+    grad_noise: Option<f32>,
+    /// Gradient noise decay γ [default: 0.55].
+    #[arg(long, value_name = "GAMMA")]
+    grad_noise_gamma: Option<f32>,
     /// Seed of initialisation, shuffling and region leak [default: 0].
     #[arg(long)]
     seed: Option<u64>,
@@ -231,7 +238,25 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { c.$field = v; } )* };
     }
-    set!(data, holdout, csv_label, algo, layer, epochs, batch, lr, warmup, optimizer, weight_decay, clip, seed, input_dropout, threads);
+    set!(
+        data,
+        holdout,
+        csv_label,
+        algo,
+        layer,
+        epochs,
+        batch,
+        lr,
+        warmup,
+        optimizer,
+        weight_decay,
+        clip,
+        seed,
+        input_dropout,
+        threads,
+        grad_noise,
+        grad_noise_gamma
+    );
     // Forward-Forward keeps its own schedule in [ff]; the generic flags override it when given
     if let Some(v) = a.epochs {
         c.ff.epochs = v;

@@ -2,10 +2,12 @@
 //! learning-rate schedules.
 
 pub mod adamw;
+pub mod noise;
 pub mod schedule;
 pub mod sgd;
 
 pub use adamw::AdamW;
+pub use noise::GradNoise;
 pub use schedule::Schedule;
 pub use sgd::Sgd;
 

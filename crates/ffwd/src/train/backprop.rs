@@ -17,7 +17,7 @@ use crate::core::Rng;
 use crate::data::Split;
 use crate::error::{Error, Result};
 use crate::models::Classifier;
-use crate::optim::{clip_factor, grad_norm, AdamW, Optimizer, OptimizerKind, Schedule, Sgd};
+use crate::optim::{clip_factor, grad_norm, AdamW, GradNoise, Optimizer, OptimizerKind, Schedule, Sgd};
 
 /// Hyper-parameters of a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +47,10 @@ pub struct TrainOptions {
     pub input_dropout: f32,
     /// Call [`Progress::checkpoint`] every this many steps (0 = never).
     pub save_every: usize,
+    /// Gradient noise η (variance at step 0; 0 = off), added before clipping.
+    pub grad_noise: f32,
+    /// Gradient noise decay γ: variance η / (1 + t)^γ.
+    pub grad_noise_gamma: f32,
 }
 
 /// What happened in one epoch.
@@ -178,7 +182,8 @@ pub fn train_from(
     let total = steps_per_epoch * opts.epochs;
     let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(total / 2), total, min_ratio: opts.min_lr_ratio };
     let root = Rng::new(opts.seed);
-    let (shuffle_root, layer_root, input_root) = (root.fork(1), root.fork(2), root.fork(3));
+    let (shuffle_root, layer_root, input_root, noise_root) = (root.fork(1), root.fork(2), root.fork(3), root.fork(4));
+    let noise = GradNoise { eta: opts.grad_noise, gamma: opts.grad_noise_gamma };
     let mut order: Vec<usize> = (0..n).collect();
     let mut order_epoch = usize::MAX;
     let mut xb = vec![0.0f32; batch * data.dim];
@@ -215,6 +220,7 @@ pub fn train_from(
                 *a += v;
             }
         }
+        noise.apply(state.step, 1.0, &mut noise_root.fork(state.step as u64), &mut |f| model.visit_params_mut(f));
         let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
         let lr = schedule.lr(state.step);
         opt.step(&mut |f| model.visit_params_mut(f), lr, scale);

@@ -23,7 +23,7 @@ use crate::core::{profile, Rng};
 use crate::data::text::CharTokenizer;
 use crate::error::{Error, Result};
 use crate::models::{Lm, LmConfig};
-use crate::optim::{clip_factor, grad_norm, AdamW, Optimizer, Schedule};
+use crate::optim::{clip_factor, grad_norm, AdamW, GradNoise, Optimizer, Schedule};
 
 /// Hyper-parameters of a language-model run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,6 +64,10 @@ pub struct LmTrainOptions {
     /// Call [`LmProgress::checkpoint`] every this many steps (0 = never); the CLI saves the
     /// run there (`--save-every`).
     pub save_every: usize,
+    /// Gradient noise η (variance at step 0 of the mean gradient; 0 = off), before clipping.
+    pub grad_noise: f32,
+    /// Gradient noise decay γ: variance η / (1 + t)^γ.
+    pub grad_noise_gamma: f32,
 }
 
 impl Default for LmTrainOptions {
@@ -88,6 +92,8 @@ impl Default for LmTrainOptions {
             val_fraction: 0.1,
             seed: 0,
             save_every: 0,
+            grad_noise: 0.0,
+            grad_noise_gamma: 0.55,
         }
     }
 }
@@ -275,6 +281,9 @@ pub fn train_lm(
         // the gradients hold the sum over micro-batches: average (and clip) in the update
         let inv_k = 1.0 / k as f32;
         let s = profile::span("optimizer (clip + AdamW)");
+        // the gradients hold a sum over k micro-batches: noise of k times the deviation
+        let noise = GradNoise { eta: opts.grad_noise, gamma: opts.grad_noise_gamma };
+        noise.apply(state.step, k as f32, &mut root.fork(state.step as u64 ^ 0x6e01_5e00_0000_0000), &mut |f| lm.visit_params_mut(f));
         let clip = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| lm.visit_params_mut(f)) * inv_k, opts.clip) } else { 1.0 };
         opt.step(&mut |f| lm.visit_params_mut(f), schedule.lr(state.step), clip * inv_k);
         drop(s);
