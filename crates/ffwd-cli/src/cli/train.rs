@@ -13,7 +13,7 @@ use ffwd::data::DataSpec;
 use ffwd::kernels::pkm::PkmScoring;
 use ffwd::models::Classifier;
 use ffwd::optim::{Optimizer, OptimizerKind};
-use ffwd::train::forward_forward::{train_ff, Negatives};
+use ffwd::train::forward_forward::{train_ff, LabelInput, Negatives};
 use ffwd::train::{load_run, new_optimizer, save_run, train_from, EpochReport, Progress, TrainState};
 
 /// Options of `ffwd train`. Flags override the values of `--config`.
@@ -49,6 +49,11 @@ pub struct TrainArgs {
     /// Collaborative Forward-Forward (each layer's probability includes the others' goodness).
     #[arg(long)]
     ff_collaborative: bool,
+    /// Forward-Forward label input: overlay (one-hot over the first features, the paper's
+    /// MNIST setting) or concat (extra inputs after the features, paper section 3.4)
+    /// [default: overlay].
+    #[arg(long, value_parser = parse_label_input)]
+    ff_label_input: Option<LabelInput>,
     /// Forward-Forward peer-normalisation strength [default: 0.03].
     #[arg(long)]
     ff_peer: Option<f32>,
@@ -213,6 +218,14 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation `{s}` (relu, gelu, silu)"))
 }
 
+fn parse_label_input(s: &str) -> Result<LabelInput, String> {
+    match s {
+        "overlay" => Ok(LabelInput::Overlay),
+        "concat" => Ok(LabelInput::Concat),
+        _ => Err(format!("unknown label input `{s}` (overlay, concat)")),
+    }
+}
+
 fn parse_negatives(s: &str) -> Result<Negatives, String> {
     match s {
         "hard" => Ok(Negatives::Hard),
@@ -278,6 +291,9 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if a.ff_collaborative {
         c.ff.collaborative = true;
+    }
+    if let Some(v) = a.ff_label_input {
+        c.ff.label_input = v;
     }
     if let Some(v) = a.ff_peer {
         c.ff.peer = v;

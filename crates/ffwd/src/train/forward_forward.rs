@@ -43,6 +43,27 @@ pub enum Negatives {
     Random,
 }
 
+/// Where a Forward-Forward input carries its label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelInput {
+    /// One-hot (× strength) over the first `classes` features.
+    #[default]
+    Overlay,
+    /// One-hot (× strength) as `classes` extra inputs after the features.
+    Concat,
+}
+
+impl LabelInput {
+    /// Extra input features the label adds.
+    fn extra(self, classes: usize) -> usize {
+        match self {
+            LabelInput::Overlay => 0,
+            LabelInput::Concat => classes,
+        }
+    }
+}
+
 /// Hyper-parameters of Forward-Forward training (defaults: the official recipe).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,6 +90,10 @@ pub struct FfConfig {
     pub theta: Option<f32>,
     /// Value written into the label slot.
     pub label_strength: f32,
+    /// Where the label goes: `overlay` (over the first `classes` features, the paper's MNIST
+    /// setting) or `concat` (a separate one-hot input after the features, the paper's
+    /// section 3.4 alternative; every feature is kept).
+    pub label_input: LabelInput,
     /// Negative labels.
     pub negatives: Negatives,
     /// Collaborative Forward-Forward.
@@ -91,6 +116,7 @@ impl Default for FfConfig {
             peer: 0.03,
             theta: None,
             label_strength: 1.0,
+            label_input: LabelInput::Overlay,
             negatives: Negatives::Hard,
             collaborative: false,
             seed: 0,
@@ -174,19 +200,22 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 }
 
 impl FfNet {
-    /// A new network for `n_in` features (the first `classes` carry the label); weights
-    /// N(0, 1/fan_in), biases 0, as the official code.
+    /// A new network for `n_in` features (with `overlay` the first `classes` carry the label;
+    /// with `concat` the first layer reads `n_in + classes` inputs); weights N(0, 1/fan_in),
+    /// biases 0, as the official code.
     pub fn new(cfg: FfConfig, n_in: usize, classes: usize) -> Result<Self> {
         if cfg.layers.is_empty() || cfg.layers.contains(&0) {
             return Err(Error::Config(format!("ff.layers must be non-empty positive widths, got {:?}", cfg.layers)));
         }
         crate::layers::check_size("ff network", Self::param_count(&cfg, n_in, classes))?;
-        if n_in <= classes || classes < 2 {
-            return Err(Error::Config(format!("ff needs more input features ({n_in}) than classes ({classes}) to overlay the label")));
+        if classes < 2 || (cfg.label_input == LabelInput::Overlay && n_in <= classes) {
+            return Err(Error::Config(format!(
+                "ff needs more input features ({n_in}) than classes ({classes}) to overlay the label (or ff.label_input = \"concat\")"
+            )));
         }
         let mut rng = Rng::new(cfg.seed).fork(0xff);
         let mut layers = Vec::new();
-        let mut fan_in = n_in;
+        let mut fan_in = n_in + cfg.label_input.extra(classes);
         for &w in &cfg.layers {
             let std = 1.0 / (fan_in as f32).sqrt();
             layers.push(FfLayer {
@@ -232,9 +261,15 @@ impl FfNet {
         self.cfg.theta.unwrap_or(self.layers[l].n_out as f32)
     }
 
+    /// Width of an input row with its label: the first layer's fan-in.
+    fn row_width(&self) -> usize {
+        self.n_in + self.cfg.label_input.extra(self.classes)
+    }
+
     fn ensure(&mut self, rows: usize) {
-        grow(&mut self.x, rows * self.n_in);
-        grow(&mut self.norm[0], rows * self.n_in);
+        let width = self.row_width();
+        grow(&mut self.x, rows * width);
+        grow(&mut self.norm[0], rows * width);
         let mut maxw = 0;
         for l in 0..self.layers.len() {
             let w = self.layers[l].n_out;
@@ -255,10 +290,14 @@ impl FfNet {
 
     /// Writes `features` with `label` (one-hot × strength, or neutral when `None`) into row `row`.
     fn put(&mut self, row: usize, features: &[f32], label: Option<usize>) {
-        let (n, c, s) = (self.n_in, self.classes, self.cfg.label_strength);
-        let dst = &mut self.x[row * n..(row + 1) * n];
-        dst.copy_from_slice(features);
-        for (k, v) in dst[..c].iter_mut().enumerate() {
+        let (n, c, s, w) = (self.n_in, self.classes, self.cfg.label_strength, self.row_width());
+        let dst = &mut self.x[row * w..(row + 1) * w];
+        dst[..n].copy_from_slice(features);
+        let slot = match self.cfg.label_input {
+            LabelInput::Overlay => 0..c,
+            LabelInput::Concat => n..n + c,
+        };
+        for (k, v) in dst[slot].iter_mut().enumerate() {
             *v = match label {
                 Some(l) if k == l => s,
                 Some(_) => 0.0,
@@ -270,7 +309,7 @@ impl FfNet {
     /// Forward of rows `start..start + rows` of `self.x`: activities, normalised activities and
     /// goodness of every layer, in the same rows of the buffers.
     fn forward(&mut self, start: usize, rows: usize) {
-        let n = self.n_in;
+        let n = self.row_width();
         let r = start..start + rows;
         norm_rows(&self.x[r.start * n..r.end * n], n, &mut self.norm[0][r.start * n..r.end * n]);
         for l in 0..self.layers.len() {
@@ -551,7 +590,7 @@ impl FfNet {
     /// Scalars stored for a network of `cfg` (weights, biases and the softmax head), without
     /// building it (`None` on overflow).
     pub fn param_count(cfg: &FfConfig, n_in: usize, classes: usize) -> Option<usize> {
-        let mut fan_in = n_in;
+        let mut fan_in = n_in.checked_add(cfg.label_input.extra(classes))?;
         let mut total = 0usize;
         for (l, &w) in cfg.layers.iter().enumerate() {
             let head = if l > 0 { w.checked_mul(classes)? } else { 0 };
@@ -826,5 +865,43 @@ mod toy_tests {
                 l.test_accuracy_goodness
             );
         }
+    }
+
+    #[test]
+    fn the_label_as_a_separate_input_keeps_every_feature_and_learns() {
+        // the toy classes differ only in their first four features: overlaying the label
+        // erases what tells them apart, a separate label input keeps it
+        let only_first = |n: usize, seed: u64| {
+            let mut d = toy(n, seed);
+            for (i, row) in d.x.chunks_mut(30).enumerate() {
+                let c = i % 4;
+                row[4..].fill(0.5);
+                row[..4].iter_mut().enumerate().for_each(|(k, v)| *v = if k == c { 1.0 } else { 0.0 });
+            }
+            d
+        };
+        let split = Split::new(only_first(400, 1), only_first(200, 2)).unwrap();
+        let run = |label_input| {
+            let cfg = FfConfig { layers: vec![40, 40], epochs: 20, batch: 20, lr: 0.02, label_input, ..Default::default() };
+            let mut net = FfNet::new(cfg, 30, 4).unwrap();
+            let h = train_ff(&mut net, &split, 0, &mut |_| {}).unwrap();
+            (net, h.last().unwrap().test_accuracy)
+        };
+        let (net, concat) = run(LabelInput::Concat);
+        let (_, overlay) = run(LabelInput::Overlay);
+        assert!(concat > 0.95, "concat {concat}");
+        assert!(overlay < 0.5, "overlay should lose the class features: {overlay}");
+        // the first layer reads features + label; a checkpoint round trip keeps it
+        assert_eq!(net.layers[0].n_in, 34);
+        let bytes = net.checkpoint().unwrap().to_bytes().unwrap();
+        let mut back = FfNet::from_checkpoint(&crate::checkpoint::CheckpointReader::from_bytes(bytes, "memory").unwrap()).unwrap();
+        let (mut a, mut b) = (vec![0u32; 200], vec![0u32; 200]);
+        let mut net = net;
+        net.predict_softmax(&split.test.x, 200, &mut a);
+        back.predict_softmax(&split.test.x, 200, &mut b);
+        assert_eq!(a, b);
+        // concat needs no spare features: 3 features, 4 classes
+        assert!(FfNet::new(FfConfig { layers: vec![4], label_input: LabelInput::Concat, ..Default::default() }, 3, 4).is_ok());
+        assert!(FfNet::new(FfConfig { layers: vec![4], ..Default::default() }, 3, 4).is_err());
     }
 }
