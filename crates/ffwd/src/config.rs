@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, FffConfig, GluConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -33,6 +33,9 @@ pub enum LayerKind {
     Fff,
     /// Gated FFN (SwiGLU, GEGLU, ReGLU by the activation).
     Glu,
+    /// Low-rank FFN (U·V factors, SVD init).
+    #[serde(rename = "lowrank")]
+    LowRank,
     /// UltraFastBERT tree.
     Ufff,
     /// Top-k softmax mixture of experts.
@@ -50,6 +53,7 @@ impl LayerKind {
             LayerKind::Dense => "dense",
             LayerKind::Fff => "fff",
             LayerKind::Glu => "glu",
+            LayerKind::LowRank => "lowrank",
             LayerKind::Ufff => "ufff",
             LayerKind::Moe => "moe",
             LayerKind::Smoe => "smoe",
@@ -65,11 +69,12 @@ impl std::str::FromStr for LayerKind {
             "dense" => Ok(LayerKind::Dense),
             "fff" => Ok(LayerKind::Fff),
             "glu" => Ok(LayerKind::Glu),
+            "lowrank" => Ok(LayerKind::LowRank),
             "ufff" => Ok(LayerKind::Ufff),
             "moe" => Ok(LayerKind::Moe),
             "smoe" => Ok(LayerKind::Smoe),
             "pkm" => Ok(LayerKind::Pkm),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, glu, ufff, moe, smoe or pkm)"))),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, glu, lowrank, ufff, moe, smoe or pkm)"))),
         }
     }
 }
@@ -116,6 +121,8 @@ pub struct TrainConfig {
     pub fff: FffConfig,
     /// Options of the gated FFN.
     pub glu: GluConfig,
+    /// Options of the low-rank FFN.
+    pub lowrank: LowRankConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
     /// Options of the top-k mixture of experts.
@@ -175,6 +182,7 @@ impl Default for TrainConfig {
             dense: DenseConfig::default(),
             fff: FffConfig::default(),
             glu: GluConfig::default(),
+            lowrank: LowRankConfig::default(),
             ufff: UfffConfig::default(),
             moe: MoeConfig::default(),
             smoe: SmoeConfig::default(),
@@ -224,6 +232,7 @@ impl TrainConfig {
             LayerKind::Dense => LayerConfig::Dense(self.dense.clone()),
             LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
             LayerKind::Glu => LayerConfig::Glu(self.glu.clone()),
+            LayerKind::LowRank => LayerConfig::LowRank(self.lowrank.clone()),
             LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
             LayerKind::Moe => LayerConfig::Moe(self.moe.clone()),
             LayerKind::Smoe => LayerConfig::Smoe(self.smoe.clone()),
@@ -238,6 +247,7 @@ impl TrainConfig {
         match self.layer {
             LayerKind::Dense => self.dense.width = width,
             LayerKind::Glu => self.glu.width = width,
+            LayerKind::LowRank => self.lowrank.width = width,
             LayerKind::Fff => {
                 let leaves = 1usize << self.fff.depth;
                 if width == 0 || !width.is_multiple_of(leaves) {
@@ -299,6 +309,12 @@ impl TrainConfig {
                 _ => return Err(refuse("depth", "fff or ufff")),
             }
         }
+        if let Some(r) = shape.rank {
+            match kind {
+                LayerKind::LowRank => self.lowrank.rank = r,
+                _ => return Err(refuse("rank", "lowrank")),
+            }
+        }
         if let Some(t) = shape.trees {
             match kind {
                 LayerKind::Ufff => self.ufff.trees = t,
@@ -333,6 +349,7 @@ impl TrainConfig {
                 LayerKind::Dense => self.dense.activation = act,
                 LayerKind::Fff => self.fff.activation = act,
                 LayerKind::Glu => self.glu.activation = act,
+                LayerKind::LowRank => self.lowrank.activation = act,
                 LayerKind::Ufff => self.ufff.activation = act,
                 LayerKind::Moe => self.moe.activation = act,
                 LayerKind::Smoe => self.smoe.activation = act,
@@ -399,6 +416,8 @@ pub struct LayerShape {
     pub depth: Option<usize>,
     /// ufff parallel trees K.
     pub trees: Option<usize>,
+    /// lowrank rank r.
+    pub rank: Option<usize>,
     /// fff leaf width.
     pub leaf: Option<usize>,
     /// moe/smoe experts.

@@ -24,7 +24,7 @@ use crate::data::text::CharTokenizer;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::layers::hash::balanced_table;
-use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::models::{Classifier, Lm, ModelConfig};
 use crate::optim::Optimizer;
 use crate::train::forward_forward::FfNet;
@@ -81,6 +81,9 @@ pub enum FfnKind {
     Geglu,
     /// Gated FFN with ReLU.
     Reglu,
+    /// Low-rank FFN (width 4d, GELU; `rank` r, default d/4).
+    #[serde(rename = "lowrank")]
+    LowRank,
     /// Fast feedforward network (leaf = width / 2^depth).
     Fff,
     /// UltraFastBERT tree (width = 2^(depth+1) − 1 neurons per tree).
@@ -97,12 +100,13 @@ pub enum FfnKind {
 
 impl FfnKind {
     /// Every kind, in the order of `--help`.
-    pub const ALL: [FfnKind; 11] = [
+    pub const ALL: [FfnKind; 12] = [
         FfnKind::Dense,
         FfnKind::Dense3,
         FfnKind::Swiglu,
         FfnKind::Geglu,
         FfnKind::Reglu,
+        FfnKind::LowRank,
         FfnKind::Fff,
         FfnKind::Ufff,
         FfnKind::Moe,
@@ -119,6 +123,7 @@ impl FfnKind {
             FfnKind::Swiglu => "swiglu",
             FfnKind::Geglu => "geglu",
             FfnKind::Reglu => "reglu",
+            FfnKind::LowRank => "lowrank",
             FfnKind::Fff => "fff",
             FfnKind::Ufff => "ufff",
             FfnKind::Moe => "moe",
@@ -154,6 +159,8 @@ pub struct FfnShape {
     pub depth: Option<usize>,
     /// ufff parallel trees [default: 1].
     pub trees: Option<usize>,
+    /// lowrank rank [default: d_model / 4].
+    pub rank: Option<usize>,
     /// moe/smoe/hash experts [default: 16].
     pub experts: Option<usize>,
     /// moe/smoe experts per token; pkm values per head [default: 2; 8 for pkm].
@@ -168,9 +175,9 @@ impl FfnShape {
     /// set (then no other option may be).
     pub fn layer_config(&self, d_model: usize, freqs: &dyn Fn() -> Vec<u64>) -> Result<Option<LayerConfig>> {
         let Some(kind) = self.ffn else {
-            if self.ffn_width.is_some() || self.depth.is_some() || self.trees.is_some() || self.experts.is_some() || self.top_k.is_some() || self.balanced_hash
-            {
-                return Err(Error::Config("ffn_width, depth, trees, experts, top_k and balanced_hash need an ffn kind".into()));
+            let any = [self.ffn_width, self.depth, self.trees, self.rank, self.experts, self.top_k].iter().any(Option::is_some);
+            if any || self.balanced_hash {
+                return Err(Error::Config("ffn_width, depth, trees, rank, experts, top_k and balanced_hash need an ffn kind".into()));
             }
             return Ok(None);
         };
@@ -185,6 +192,7 @@ impl FfnShape {
         let mixture = matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Hash);
         only(self.depth.is_some() && !tree, "depth", "fff or ufff")?;
         only(self.trees.is_some() && kind != FfnKind::Ufff, "trees", "ufff")?;
+        only(self.rank.is_some() && kind != FfnKind::LowRank, "rank", "lowrank")?;
         only(self.experts.is_some() && !mixture, "experts", "moe, smoe or hash")?;
         only(self.top_k.is_some() && !matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Pkm), "top_k", "moe, smoe or pkm")?;
         only(self.balanced_hash && kind != FfnKind::Hash, "balanced_hash", "hash")?;
@@ -201,6 +209,7 @@ impl FfnShape {
         Ok(Some(match kind {
             FfnKind::Dense => LayerConfig::Dense(DenseConfig { width, layers: 2, activation: gelu }),
             FfnKind::Dense3 => LayerConfig::Dense(DenseConfig { width, layers: 3, activation: gelu }),
+            FfnKind::LowRank => LayerConfig::LowRank(LowRankConfig { width, rank: self.rank.unwrap_or((d_model / 4).max(1)), activation: gelu }),
             FfnKind::Swiglu | FfnKind::Geglu | FfnKind::Reglu => {
                 let activation = match kind {
                     FfnKind::Swiglu => Activation::Silu,

@@ -211,6 +211,16 @@ fn glu_family_gate_and_value() {
 }
 
 #[test]
+fn lowrank_factors_both_maps() {
+    // ranks below and at the maps' smaller dimensions
+    for rank in [2, 5] {
+        let cfg = ffwd::layers::LowRankConfig { width: 7, rank, activation: Activation::Gelu };
+        let mut l = ffwd::layers::LowRank::new(cfg, 6, 4, &mut Rng::new(19)).unwrap();
+        check_layer(&mut l, 6, 43, 15, &|_: &ffwd::layers::LowRank, _: &[f32]| true);
+    }
+}
+
+#[test]
 fn ufff_conditional_backward() {
     // one tree, and UltraFastBERT's parallel trees (KxD = 3x2)
     for (depth, trees) in [(3, 1), (2, 3)] {

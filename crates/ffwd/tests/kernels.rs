@@ -67,6 +67,37 @@ fn glu_kernel_matches_naive_and_the_training_forward() {
 }
 
 #[test]
+fn lowrank_kernel_matches_the_training_forward_and_full_rank_is_the_dense_init() {
+    let mut r = Rng::new(23);
+    for case in 0..14 {
+        let (ni, no, h, rank) = (1 + r.below(30), 1 + r.below(20), 1 + r.below(40), 1 + r.below(12));
+        let batch = [1, 2, 3, 7, 17, 64, 129][case % 7];
+        let cfg = ffwd::layers::LowRankConfig { width: h, rank, activation: ACTS[case % 3] };
+        let mut l = ffwd::layers::LowRank::new(cfg, ni, no, &mut r).unwrap();
+        let x = randn(batch * ni, &mut r);
+        let mut want = vec![f32::NAN; batch * no];
+        l.forward_train(ffwd::layers::Input::new(&x, batch), &mut want, &mut Rng::new(0)).unwrap();
+        let mut y = vec![f32::NAN; batch * no];
+        l.kernel().forward(&x, batch, &mut y, &mut Workspace::new()).unwrap();
+        close(&y, &want, &format!("lowrank case {case}"));
+    }
+    // at full rank, U·V is the dense init the SVD started from (drawn first from the same RNG)
+    let (ni, h) = (9, 6);
+    let mut r = Rng::new(5);
+    let bound = 1.0 / (ni as f32).sqrt();
+    let dense: Vec<f32> = (0..h * ni).map(|_| r.uniform_range(-bound, bound)).collect();
+    let l = ffwd::layers::LowRank::new(ffwd::layers::LowRankConfig { width: h, rank: 100, activation: Activation::Relu }, ni, 3, &mut Rng::new(5)).unwrap();
+    let fc1 = l.maps()[0];
+    assert_eq!(fc1.rank(), 6, "rank clamped to min(h, in)");
+    for i in 0..h {
+        for j in 0..ni {
+            let uv: f32 = (0..6).map(|c| fc1.u.value[i * 6 + c] * fc1.v.value[c * ni + j]).sum();
+            assert!((uv - dense[i * ni + j]).abs() < 1e-5, "({i},{j}): {uv} vs {}", dense[i * ni + j]);
+        }
+    }
+}
+
+#[test]
 fn dense_kernel_matches_naive() {
     let mut r = Rng::new(1);
     for case in 0..30 {

@@ -136,6 +136,7 @@ fn whole_model_gradients_sequential_and_parallel() {
         LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, ..Default::default() }),
         LayerConfig::Ufff(UfffConfig { depth: 2, activation: Activation::Gelu, ..Default::default() }),
         LayerConfig::Glu(ffwd::layers::GluConfig { width: 5, activation: Activation::Gelu }),
+        LayerConfig::LowRank(ffwd::layers::LowRankConfig { width: 10, rank: 3, activation: Activation::Gelu }),
     ] {
         let mut lm = tiny(ffn, false);
         check_lm(&mut lm, 6);

@@ -34,7 +34,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
     resume: Option<PathBuf>,
     /// Context length in characters [default: 128].
     #[arg(long)]
@@ -51,7 +51,7 @@ pub struct LmTrainArgs {
     /// Parallel attention and FFN (PAF layout).
     #[arg(long)]
     parallel: bool,
-    /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), fff, ufff, moe, smoe,
+    /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), lowrank, fff, ufff, moe, smoe,
     /// hash (routed by the input character) or pkm.
     #[arg(long, value_parser = parse_ffn)]
     ffn: Option<FfnKind>,
@@ -66,6 +66,9 @@ pub struct LmTrainArgs {
     /// ufff parallel trees (UltraFastBERT's KxD) [default: 1].
     #[arg(long)]
     trees: Option<usize>,
+    /// lowrank rank of both FFN maps [default: d_model / 4].
+    #[arg(long)]
+    rank: Option<usize>,
     /// moe/smoe/hash experts [default: 16].
     #[arg(long)]
     experts: Option<usize>,
@@ -188,10 +191,29 @@ pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
 /// A library message about an option, with the option named as its flag
 /// (`ffn_width` → `--ffn-width`).
 fn flag_names(msg: &str) -> String {
-    let mut out = msg.trim_start_matches("config: ").to_string();
-    for key in ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "seq_len"] {
-        out = out.replace(key, &format!("--{}", key.replace('_', "-")));
+    const KEYS: [&str; 8] = ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "rank", "seq_len"];
+    // whole words only (`rank` in `lowrank` stays)
+    let msg = msg.trim_start_matches("config: ");
+    let mut out = String::with_capacity(msg.len() + 16);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if KEYS.contains(&word.as_str()) {
+            out.push_str("--");
+            out.push_str(&word.replace('_', "-"));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for ch in msg.chars() {
+        if ch.is_ascii_alphanumeric() || ch == '_' {
+            word.push(ch);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(ch);
+        }
     }
+    flush(&mut word, &mut out);
     out
 }
 
@@ -296,8 +318,16 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
         }
         file.train.seed = a.seed.unwrap_or(file.train.seed);
         flags(&mut file.train);
-        let shape =
-            FfnShape { ffn: a.ffn, ffn_width: a.ffn_width, depth: a.depth, trees: a.trees, experts: a.experts, top_k: a.top_k, balanced_hash: a.balanced_hash };
+        let shape = FfnShape {
+            ffn: a.ffn,
+            ffn_width: a.ffn_width,
+            depth: a.depth,
+            trees: a.trees,
+            rank: a.rank,
+            experts: a.experts,
+            top_k: a.top_k,
+            balanced_hash: a.balanced_hash,
+        };
         let run = ffwd::spec::lm(&file, &shape, &text).map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
         (run.lm, run.tokenizer, run.options, run.data, LmTrainState::default(), AdamW::new(0.0))
     };

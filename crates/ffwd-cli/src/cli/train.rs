@@ -64,7 +64,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     ff_goodness_every: usize,
     /// Layer between the input and the softmax: dense, glu (gated: --activation silu = SwiGLU,
-    /// gelu = GEGLU, relu = ReGLU), fff, ufff, moe, smoe or pkm [default: dense].
+    /// gelu = GEGLU, relu = ReGLU), lowrank (U·V factors, --rank), fff, ufff, moe, smoe or pkm
+    /// [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
     /// Hidden width: dense and glu units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
@@ -77,6 +78,9 @@ pub struct TrainArgs {
     /// ufff parallel trees K (UltraFastBERT's KxD configurations) [default: 1].
     #[arg(long)]
     trees: Option<usize>,
+    /// lowrank rank r of both maps [default: 16].
+    #[arg(long)]
+    rank: Option<usize>,
     /// fff leaf width ℓ.
     #[arg(long)]
     leaf: Option<usize>,
@@ -197,7 +201,7 @@ pub struct TrainArgs {
 /// (`top_k` → `--top-k`).
 fn flag_names(msg: &str) -> String {
     let mut out = msg.to_string();
-    for key in ["expert_width", "dense_layers", "top_k", "experts", "depth", "trees", "leaf", "width", "activation"] {
+    for key in ["expert_width", "dense_layers", "top_k", "experts", "depth", "trees", "rank", "leaf", "width", "activation"] {
         if let Some(rest) = out.strip_prefix(&format!("config: {key} ")) {
             out = format!("--{} {rest}", key.replace('_', "-"));
             break;
@@ -345,6 +349,7 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         width: a.width,
         depth: a.depth,
         trees: a.trees,
+        rank: a.rank,
         leaf: a.leaf,
         experts: a.experts,
         expert_width: a.expert_width,

@@ -1,6 +1,7 @@
 //! The compute core: tensors and parameters, GEMM, element-wise kernels, bf16 weight kernels,
 //! the loss, and the RNG.
-//! Everything here works on row-major `f32` slices and never allocates on its own.
+//! Everything here works on row-major `f32` slices and never allocates on its own (except the
+//! SVD, which initialises factored layers).
 
 pub mod activation;
 pub mod bf16;
@@ -12,6 +13,7 @@ pub mod profile;
 pub mod rng;
 pub mod sgemm;
 pub mod simd;
+pub mod svd;
 pub mod tensor;
 
 pub use activation::Activation;

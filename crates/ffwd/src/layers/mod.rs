@@ -12,6 +12,7 @@ pub mod glu;
 pub mod hash;
 pub mod layer_norm;
 pub mod linear;
+pub mod lowrank;
 pub mod moe;
 pub mod pkm;
 pub mod smoe;
@@ -28,6 +29,7 @@ pub use fff::{Fff, FffConfig};
 pub use glu::{Glu, GluConfig};
 pub use hash::{Hash, HashConfig};
 pub use linear::Linear;
+pub use lowrank::{LowRank, LowRankConfig};
 pub use moe::{Moe, MoeConfig};
 pub use pkm::{Pkm, PkmConfig};
 pub use smoe::{Smoe, SmoeConfig};
@@ -157,6 +159,9 @@ pub enum LayerConfig {
     Fff(FffConfig),
     /// Gated FFN: SwiGLU, GEGLU, ReGLU (Shazeer 2020).
     Glu(GluConfig),
+    /// Low-rank FFN: each matrix as U·V (SVD init).
+    #[serde(rename = "lowrank")]
+    LowRank(LowRankConfig),
     /// UltraFastBERT tree of single neurons.
     Ufff(UfffConfig),
     /// Top-k softmax mixture of experts (Switch, Mixtral-style).
@@ -180,6 +185,7 @@ impl LayerConfig {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Glu(c) => Box::new(Glu::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::LowRank(c) => Box::new(LowRank::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
@@ -203,6 +209,10 @@ impl LayerConfig {
                 sum(&[(i, w), (w, 1), (inner, w.checked_mul(w)?.checked_add(w)?), (w, o), (o, 1)])
             }
             LayerConfig::Glu(c) => sum(&[(2 * c.width, i.checked_add(1)?), (o, c.width.checked_add(1)?)]),
+            LayerConfig::LowRank(c) => {
+                let (h, r1, r2) = (c.width, c.rank_of(c.width, i), c.rank_of(o, c.width));
+                sum(&[(r1, i.checked_add(h)?), (h, 1), (r2, h.checked_add(o)?), (o, 1)])
+            }
             LayerConfig::Fff(c) => {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
                 let m = c.master_leaf;
@@ -236,6 +246,7 @@ impl LayerConfig {
             LayerConfig::Dense(_) => "dense",
             LayerConfig::Fff(_) => "fff",
             LayerConfig::Glu(_) => "glu",
+            LayerConfig::LowRank(_) => "lowrank",
             LayerConfig::Ufff(_) => "ufff",
             LayerConfig::Moe(_) => "moe",
             LayerConfig::Smoe(_) => "smoe",
