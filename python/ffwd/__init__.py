@@ -43,13 +43,14 @@ def train_classifier(
     """Trains a classifier with one ffwd layer between the input and the softmax.
 
     x: float32 array, samples × features. y: integer labels 0..classes-1.
-    layer: ``dense``, ``fff``, ``ufff``, ``moe``, ``smoe`` or ``pkm``.
+    layer: ``dense``, ``glu`` (gated; ``activation`` silu/gelu/relu = SwiGLU/GEGLU/ReGLU),
+    ``lowrank``, ``fff``, ``ufff``, ``moe``, ``smoe`` or ``pkm``.
     x_test, y_test: the test set; without them a seeded ``holdout`` share (0.2) of x is held out.
     options: any key of ``ffwd train``'s TOML configuration (``epochs``, ``batch``, ``lr``,
-    ``seed``, ``optimizer``, ``weight_decay``, a layer table such as ``fff={"hardening": 1}``)
-    and the layer shorthands ``width``, ``depth``, ``trees``, ``leaf``, ``experts``,
-    ``expert_width``, ``top_k``, ``activation``, ``dense_layers``. Unknown keys raise
-    ``ValueError``.
+    ``seed``, ``optimizer``, ``weight_decay``, a layer table such as ``fff={"hardening": 1}``,
+    ``grad_noise``) and the layer shorthands ``width``, ``depth``, ``trees``, ``rank``,
+    ``leaf``, ``experts``, ``expert_width``, ``top_k``, ``activation``, ``dense_layers``.
+    Unknown keys raise ``ValueError``.
 
     Returns the trained :class:`Classifier` and a metrics dict (``test_accuracy``,
     ``train_accuracy``, ``history``, ``config``, ...).
@@ -64,8 +65,8 @@ def train_lm(text: Union[str, os.PathLike], *, verbose: bool = False, **options:
     ``str`` naming an existing file). Its last ``val_fraction`` (0.1) is held out.
     options: ``[model]`` keys (``context``, ``d_model``, ``heads``, ``layers``, ``parallel``),
     ``[train]`` keys (``steps``, ``batch``, ``lr``, ``seed``, ...) and the FFN shorthands
-    (``ffn`` = dense, dense3, fff, ufff, moe, smoe, hash or pkm; ``ffn_width``, ``depth``,
-    ``trees``, ``experts``, ``top_k``, ``balanced_hash``).
+    (``ffn`` = dense, dense3, swiglu, geglu, reglu, lowrank, fff, ufff, moe, smoe, hash or pkm;
+    ``ffn_width``, ``depth``, ``trees``, ``rank``, ``experts``, ``top_k``, ``balanced_hash``).
 
     Returns the trained :class:`LM` and a metrics dict (``val_loss``, ``val_bpc``, ``history``, ...).
     """

@@ -253,7 +253,9 @@ fn batched_decoding_equals_one_sequence_at_a_time() {
         LayerConfig::Hash(HashConfig { experts: 3, expert_width: 4, ..Default::default() }),
         LayerConfig::Pkm(PkmConfig { n_keys: 4, heads: 2, k: 2, key_dim: 4, ..Default::default() }),
     ];
-    let prompts: [&[u32]; 3] = [&[3, 1, 4, 1, 5, 6], &[2, 2], &[6, 5, 4, 3]];
+    // six sequences (more than four rows take the transposed-weight products), two joining late
+    let prompts: [&[u32]; 6] = [&[3, 1, 4, 1, 5, 6], &[2, 2], &[6, 5, 4, 3], &[1, 1, 1, 1, 1], &[0, 6, 2], &[5, 4, 3, 2, 1, 0]];
+    let start = [0usize, 0, 1, 0, 2, 0];
     for ffn in kinds {
         for parallel in [false, true] {
             let lm = tiny(ffn.clone(), parallel);
@@ -267,13 +269,13 @@ fn batched_decoding_equals_one_sequence_at_a_time() {
             let mut dec = lm.decoder();
             let mut seqs: Vec<_> = prompts.iter().map(|_| lm.sequence()).collect();
             for step in 0..6 {
-                // sequence 2 joins at step 1; each leaves when its prompt ends
-                let active: Vec<usize> = (0..3).filter(|&i| step >= usize::from(i == 2) && step - usize::from(i == 2) < prompts[i].len()).collect();
-                let tokens: Vec<u32> = active.iter().map(|&i| prompts[i][step - usize::from(i == 2)]).collect();
+                // sequences join at their start step and leave when their prompt ends
+                let active: Vec<usize> = (0..prompts.len()).filter(|&i| step >= start[i] && step - start[i] < prompts[i].len()).collect();
+                let tokens: Vec<u32> = active.iter().map(|&i| prompts[i][step - start[i]]).collect();
                 let mut refs: Vec<&mut ffwd::models::lm::Sequence> = seqs.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, s)| s).collect();
                 let logits = dec.step(&mut refs, &tokens).unwrap().to_vec();
                 for (row, &i) in active.iter().enumerate() {
-                    let want = &alone[i][step - usize::from(i == 2)];
+                    let want = &alone[i][step - start[i]];
                     for (a, b) in logits[row * 7..(row + 1) * 7].iter().zip(want) {
                         assert!((a - b).abs() < 1e-4, "{ffn:?} parallel {parallel} step {step} sequence {i}: {a} vs {b}");
                     }

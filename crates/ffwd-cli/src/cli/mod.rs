@@ -9,9 +9,7 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
-/// ffwd: feedforward networks and their conditional-computation variants (dense FFNs,
-/// Fast Feedforward Networks, UltraFastBERT trees, mixtures of experts, hash layers,
-/// product-key memories), trained and served on CPUs.
+/// The `ffwd` command line (its `--help` summary is the crate's description).
 #[derive(Parser, Debug)]
 #[command(name = "ffwd", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {

@@ -35,11 +35,15 @@ impl DenseKernel {
 /// A linear map's weight (`out × in`) transposed to `in × out`, the layout the kernels'
 /// products and matrix-vector paths read.
 pub(crate) fn transposed(l: &Linear) -> Vec<f32> {
-    let (o, n) = (l.out_features(), l.in_features());
-    let mut t = vec![0.0; o * n];
-    for j in 0..o {
-        for i in 0..n {
-            t[i * o + j] = l.weight.value[j * n + i];
+    transpose(&l.weight.value, l.out_features(), l.in_features())
+}
+
+/// A row-major `rows × cols` matrix transposed to `cols × rows`.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
         }
     }
     t

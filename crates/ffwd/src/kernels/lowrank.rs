@@ -7,16 +7,9 @@ use crate::core::{Activation, Param};
 use crate::error::Result;
 use crate::layers::lowrank::Factored;
 
-/// `rows × cols` → `cols × rows`.
+/// A matrix parameter transposed.
 fn transpose(p: &Param) -> Vec<f32> {
-    let (rows, cols) = (p.shape[0], p.shape[1]);
-    let mut t = vec![0.0; rows * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            t[j * rows + i] = p.value[i * cols + j];
-        }
-    }
-    t
+    super::dense::transpose(&p.value, p.shape[0], p.shape[1])
 }
 
 /// One factored map: `Vᵀ` (`in × r`), `Uᵀ` (`r × out`), bias.

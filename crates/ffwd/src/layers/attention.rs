@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::Linear;
-use crate::core::gemm::{matmul_bt, matmul_serial, MatMut, MatRef};
+use crate::core::gemm::{matmul_bias, matmul_bt, matmul_serial, MatMut, MatRef};
 use crate::core::profile::span;
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
@@ -199,14 +199,32 @@ impl CausalSelfAttention {
     /// position, where the new key and value are written. The projections run as `n`-row
     /// products; attention runs per sequence. `qkv` (`≥ n × 3d`), `o` (`≥ n × d`) and `scores`
     /// (`≥` the largest position + 1) are scratch.
-    pub fn step_batch(&self, x: &[f32], caches: &mut [(&mut [f32], &mut [f32], usize)], qkv: &mut [f32], o: &mut [f32], scores: &mut [f32], y: &mut [f32]) {
+    ///
+    /// `transposed` holds the projections' weights transposed (`d × 3d`, `d × d`): above four
+    /// rows the products then read them in place, without packing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_batch(
+        &self,
+        x: &[f32],
+        caches: &mut [(&mut [f32], &mut [f32], usize)],
+        qkv: &mut [f32],
+        o: &mut [f32],
+        scores: &mut [f32],
+        y: &mut [f32],
+        transposed: Option<(&[f32], &[f32])>,
+    ) {
         let (d, nh, n) = (self.dim(), self.heads, caches.len());
         let hd = d / nh;
         let (qkv, o) = (&mut qkv[..n * 3 * d], &mut o[..n * d]);
-        matmul_bt(qkv, x, n, d, &self.qkv.weight.value, 3 * d);
-        for row in qkv.chunks_mut(3 * d) {
-            for (v, b) in row.iter_mut().zip(&self.qkv.bias.value) {
-                *v += b;
+        let wide = transposed.filter(|_| n > 4);
+        if let Some((qkv_t, _)) = wide {
+            matmul_bias(MatMut::new(qkv, n, 3 * d), MatRef::new(x, n, d), MatRef::new(qkv_t, d, 3 * d), &self.qkv.bias.value);
+        } else {
+            matmul_bt(qkv, x, n, d, &self.qkv.weight.value, 3 * d);
+            for row in qkv.chunks_mut(3 * d) {
+                for (v, b) in row.iter_mut().zip(&self.qkv.bias.value) {
+                    *v += b;
+                }
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
@@ -228,12 +246,22 @@ impl CausalSelfAttention {
                 }
             }
         }
+        if let Some((_, proj_t)) = wide {
+            matmul_bias(MatMut::new(&mut y[..n * d], n, d), MatRef::new(o, n, d), MatRef::new(proj_t, d, d), &self.proj.bias.value);
+            return;
+        }
         matmul_bt(&mut y[..n * d], o, n, d, &self.proj.weight.value, d);
         for row in y[..n * d].chunks_mut(d) {
             for (v, b) in row.iter_mut().zip(&self.proj.bias.value) {
                 *v += b;
             }
         }
+    }
+
+    /// The projections' weights transposed (`d × 3d`, `d × d`), for [`Self::step_batch`].
+    pub fn transposed(&self) -> (Vec<f32>, Vec<f32>) {
+        let d = self.dim();
+        (crate::kernels::dense::transpose(&self.qkv.weight.value, 3 * d, d), crate::kernels::dense::transpose(&self.proj.weight.value, d, d))
     }
 
     /// The parameters: `qkv.weight`, `qkv.bias`, `proj.weight`, `proj.bias`.

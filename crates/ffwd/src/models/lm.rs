@@ -137,7 +137,17 @@ pub struct Lm {
     /// FFN inference kernels, built from the weights on first use and dropped by every
     /// mutable access to the parameters ([`Lm::visit_params_mut`]), so they never go stale.
     kernels: OnceLock<Vec<Box<dyn InferKernel>>>,
+    /// Transposed projection and embedding weights for batched decoding, cached as `kernels`.
+    decode: OnceLock<DecodeWeights>,
     ws: Workspace,
+}
+
+/// Weights of the batched decoder in the layout its products read in place: per block the
+/// attention projections transposed (`d × 3d`, `d × d`), and the embedding transposed
+/// (`d × V`) for the logits.
+struct DecodeWeights {
+    attn: Vec<(Vec<f32>, Vec<f32>)>,
+    emb_t: Vec<f32>,
 }
 
 fn fit(v: &mut Vec<f32>, n: usize) {
@@ -194,6 +204,7 @@ impl Lm {
             da: Vec::new(),
             dtmp: Vec::new(),
             kernels: OnceLock::new(),
+            decode: OnceLock::new(),
             ws: Workspace::new(),
         })
     }
@@ -207,6 +218,13 @@ impl Lm {
     /// on first use after any change of the parameters.
     fn kernels(&self) -> &[Box<dyn InferKernel>] {
         self.kernels.get_or_init(|| self.blocks.iter().map(|b| b.ffn.kernel()).collect())
+    }
+
+    fn decode_weights(&self) -> &DecodeWeights {
+        self.decode.get_or_init(|| DecodeWeights {
+            attn: self.blocks.iter().map(|b| b.attn.transposed()).collect(),
+            emb_t: crate::kernels::dense::transpose(&self.tok_emb.value, self.cfg.vocab, self.cfg.d_model),
+        })
     }
 
     /// Every parameter with its full safetensors key, in a fixed order.
@@ -228,6 +246,7 @@ impl Lm {
     /// kernels (the parameters may change).
     pub fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         self.kernels.take();
+        self.decode.take();
         f(&mut self.tok_emb);
         f(&mut self.pos_emb);
         for b in &mut self.blocks {
@@ -463,6 +482,7 @@ impl Lm {
         Decoder {
             lm: self,
             kernels: self.kernels(),
+            weights: self.decode_weights(),
             ws: Workspace::new(),
             rows: 0,
             x: Vec::new(),
@@ -515,6 +535,7 @@ impl Sequence {
 pub struct Decoder<'a> {
     lm: &'a Lm,
     kernels: &'a [Box<dyn InferKernel>],
+    weights: &'a DecodeWeights,
     ws: Workspace,
     rows: usize,
     x: Vec<f32>,
@@ -586,7 +607,8 @@ impl Decoder<'_> {
                 let Sequence { k, v, .. } = &mut **s;
                 caches.push((&mut k[l], &mut v[l], pos));
             }
-            blk.attn.step_batch(&self.a[..rows], &mut caches, &mut self.qkv, &mut self.o, &mut self.scores, &mut self.att[..rows]);
+            let (qkv_t, proj_t) = &self.weights.attn[l];
+            blk.attn.step_batch(&self.a[..rows], &mut caches, &mut self.qkv, &mut self.o, &mut self.scores, &mut self.att[..rows], Some((qkv_t, proj_t)));
             if lm.cfg.parallel {
                 self.kernels[l].forward_tokens(&self.a[..rows], tokens, n, &mut self.f[..rows], &mut self.ws)?;
                 for ((x, a), f) in self.x[..rows].iter_mut().zip(&self.att[..rows]).zip(&self.f[..rows]) {
@@ -609,7 +631,12 @@ impl Decoder<'_> {
         for r in 0..n {
             lm.ln_f.forward_row(&self.x[r * d..(r + 1) * d], &mut self.a[r * d..(r + 1) * d]);
         }
-        crate::core::gemm::matmul_bt(&mut self.logits[..n * v], &self.a[..rows], n, d, &lm.tok_emb.value, v);
+        if n > 4 {
+            let emb_t = &self.weights.emb_t;
+            matmul(MatMut::new(&mut self.logits[..n * v], n, v), MatRef::new(&self.a[..rows], n, d), MatRef::new(emb_t, d, v), false);
+        } else {
+            crate::core::gemm::matmul_bt(&mut self.logits[..n * v], &self.a[..rows], n, d, &lm.tok_emb.value, v);
+        }
         for s in seqs.iter_mut() {
             s.pos += 1;
         }
