@@ -37,12 +37,15 @@ pub fn classifier(cfg: &TrainConfig, data: &Dataset) -> Result<Classifier> {
     Classifier::new(ModelConfig { in_features: data.dim, n_classes: data.n_classes, layer: cfg.layer_config() }, cfg.seed)
 }
 
-/// A new Forward-Forward net for `cfg.ff`, sized for `data`.
+/// A new Forward-Forward net for `cfg.ff`, sized for `data` (the run's `grad_noise`, when set,
+/// overrides `ff.grad_noise`).
 pub fn ff_net(cfg: &TrainConfig, data: &Dataset) -> Result<FfNet> {
+    // the run's gradient noise, when set, applies to Forward-Forward's local gradients too
+    let mut ff = cfg.ff.clone();
     if cfg.grad_noise != 0.0 {
-        return Err(Error::Config("grad_noise applies to backpropagation (algo bp) and LM training, not yet to Forward-Forward".into()));
+        (ff.grad_noise, ff.grad_noise_gamma) = (cfg.grad_noise, cfg.grad_noise_gamma);
     }
-    FfNet::new(cfg.ff.clone(), data.dim, data.n_classes)
+    FfNet::new(ff, data.dim, data.n_classes)
 }
 
 /// A trained classifier with what resuming or saving its run needs.

@@ -98,6 +98,11 @@ pub struct FfConfig {
     pub negatives: Negatives,
     /// Collaborative Forward-Forward.
     pub collaborative: bool,
+    /// Gradient noise η on the layers' local gradients (variance η / (1 + t)^γ at step t of
+    /// the mean gradient; 0 = off); the softmax head's gradients get none.
+    pub grad_noise: f32,
+    /// Gradient noise decay γ.
+    pub grad_noise_gamma: f32,
     /// Seed.
     pub seed: u64,
 }
@@ -119,6 +124,8 @@ impl Default for FfConfig {
             label_input: LabelInput::Overlay,
             negatives: Negatives::Hard,
             collaborative: false,
+            grad_noise: 0.0,
+            grad_noise_gamma: 0.55,
             seed: 0,
         }
     }
@@ -171,6 +178,8 @@ pub struct FfNet {
     scratch: Vec<f32>,
     col: Vec<f32>,
     neg: Vec<usize>,
+    /// Training steps taken (the gradient-noise schedule's t).
+    steps: usize,
 }
 
 /// Divides each row of `x` (`rows × cols`) by its RMS into `out`.
@@ -248,6 +257,7 @@ impl FfNet {
             scratch: Vec::new(),
             col: Vec::new(),
             neg: Vec::new(),
+            steps: 0,
         })
     }
 
@@ -498,11 +508,18 @@ impl FfNet {
             self.local_grad(l, b..2 * b, false, st);
         }
         // update every layer from its positives and negatives (2b rows)
+        let noise = crate::optim::GradNoise { eta: self.cfg.grad_noise, gamma: self.cfg.grad_noise_gamma };
+        // the sums below are divided by b in the update: noise of b times the deviation
+        let noise_std = noise.std(self.steps) * b as f32;
+        let mut noise_rng = Rng::new(self.cfg.seed).fork(self.steps as u64 ^ 0x6e01_5e00_0000_0000);
         for l in 0..nl {
             let (ni, no) = (self.layers[l].n_in, self.layers[l].n_out);
             let mut gw = std::mem::take(&mut self.scratch);
             let mut gb = std::mem::take(&mut self.col);
             self.param_grads(l, 2 * b, &mut gw[..no * ni], &mut gb[..no]);
+            if noise_std > 0.0 {
+                gw[..no * ni].iter_mut().chain(gb[..no].iter_mut()).for_each(|g| *g += noise_std * noise_rng.normal());
+            }
             let layer = &mut self.layers[l];
             let (mo, lr, wc, inv_b) = (self.cfg.momentum, self.cfg.lr * gain, self.cfg.weight_cost, 1.0 / b as f32);
             for ((wv, gv), d) in layer.w.iter_mut().zip(layer.gw.iter_mut()).zip(&gw[..no * ni]) {
@@ -516,6 +533,7 @@ impl FfNet {
             self.scratch = gw;
             self.col = gb;
         }
+        self.steps += 1;
         Ok(head_loss / b as f32)
     }
 
@@ -865,6 +883,23 @@ mod toy_tests {
                 l.test_accuracy_goodness
             );
         }
+    }
+
+    #[test]
+    fn gradient_noise_is_seeded_and_changes_the_run() {
+        let split = Split::new(toy(200, 1), toy(100, 2)).unwrap();
+        let run = |grad_noise: f32| {
+            let cfg = FfConfig { layers: vec![20], epochs: 3, batch: 20, lr: 0.02, grad_noise, ..Default::default() };
+            let mut net = FfNet::new(cfg, 30, 4).unwrap();
+            train_ff(&mut net, &split, 0, &mut |_| {}).unwrap();
+            net.layers[0].w.clone()
+        };
+        let (a, b, none) = (run(0.01), run(0.01), run(0.0));
+        assert_eq!(a, b, "the same seed gives the same noise");
+        assert_ne!(a, none, "noise changes the weights");
+        // small noise: the weights stay close to the noiseless run
+        let diff = a.iter().zip(&none).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 0.5, "{diff}");
     }
 
     #[test]
