@@ -73,9 +73,7 @@ impl BatchModel {
             BatchModel::Classifier(m) => {
                 let kernel: &dyn InferKernel = m.kernel()?;
                 let what = kernel.route_usage(x, rows, usage);
-                let probabilities = m.predict_proba(x, rows)?;
-                let c = m.config().n_classes;
-                let classes = probabilities.chunks(c).map(argmax).collect();
+                let (classes, probabilities) = m.classify(x, rows)?;
                 Ok((Prediction { classes, probabilities: Some(probabilities) }, what))
             }
             BatchModel::Ff(f) => {
@@ -85,16 +83,6 @@ impl BatchModel {
             }
         }
     }
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Starts the worker of one model; returns the queue to send jobs to. The worker runs on a

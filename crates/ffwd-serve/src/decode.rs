@@ -15,7 +15,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use ffwd::core::Rng;
-use ffwd::models::lm::{sample, Sequence};
+use ffwd::models::lm::sample;
+use ffwd::models::{Sequence, Stream};
 use ffwd::train::lm::LmCheckpoint;
 
 use crate::metrics::Metrics;
@@ -72,29 +73,26 @@ pub fn spawn(name: String, ck: Arc<LmCheckpoint>, max_batch: usize, threads: usi
 struct Active {
     job: Job,
     seq: Sequence,
+    stream: Stream,
     rng: Rng,
-    /// Prompt and generated tokens so far.
-    history: Vec<u32>,
-    /// The token to feed at the next step.
-    last: u32,
     made: usize,
 }
 
 fn worker(name: &str, ck: &LmCheckpoint, max_batch: usize, rx: &Receiver<Job>, metrics: &Metrics, active: &mut Vec<Active>) {
     let lm = &ck.lm;
-    let ctx = lm.config().context;
+    let v = lm.config().vocab;
     let mut dec = lm.decoder();
     loop {
         // wait for work when idle; otherwise take whatever has arrived, up to max_batch
         if active.is_empty() {
             match rx.recv() {
-                Ok(job) => admit(job, lm, &mut dec, ctx, active),
+                Ok(job) => admit(job, lm, &mut dec, active),
                 Err(_) => return,
             }
         }
         while active.len() < max_batch {
             match rx.try_recv() {
-                Ok(job) => admit(job, lm, &mut dec, ctx, active),
+                Ok(job) => admit(job, lm, &mut dec, active),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     if active.is_empty() {
@@ -104,37 +102,31 @@ fn worker(name: &str, ck: &LmCheckpoint, max_batch: usize, rx: &Receiver<Job>, m
                 }
             }
         }
-        // clients that left, and sequences that are complete, leave the batch
-        active.retain(|a| !a.job.out.is_closed() && a.made < a.job.max_tokens);
-        if active.is_empty() {
-            continue;
-        }
-        // a full context restarts from its last half, as the CLI's generator does
-        for a in active.iter_mut() {
-            if a.seq.len() >= ctx {
-                a.seq.reset();
-                let from = a.history.len() - ctx / 2;
-                let refeed: Vec<u32> = a.history[from..a.history.len() - 1].to_vec();
-                if let Err(e) = feed(&mut dec, &mut a.seq, &refeed) {
+        // clients that left, and sequences that are complete or fail to restart a full cache,
+        // leave the batch
+        active.retain_mut(|a| {
+            if a.job.out.is_closed() || a.made >= a.job.max_tokens {
+                return false;
+            }
+            match a.stream.make_room(&mut dec, &mut a.seq) {
+                Ok(()) => true,
+                Err(e) => {
                     let _ = a.job.out.send(Token::Failed(e.to_string()));
-                    a.made = a.job.max_tokens;
+                    false
                 }
             }
-        }
-        active.retain(|a| a.made < a.job.max_tokens);
+        });
         if active.is_empty() {
             continue;
         }
-        let tokens: Vec<u32> = active.iter().map(|a| a.last).collect();
+        let tokens: Vec<u32> = active.iter().map(|a| a.stream.last()).collect();
         let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
-        let v = lm.config().vocab;
         match dec.step(&mut seqs, &tokens) {
             Ok(logits) => {
                 metrics.batch(name, tokens.len());
                 for (a, row) in active.iter_mut().zip(logits.chunks(v)) {
                     let next = sample(row, a.job.temperature, a.job.top_k, &mut a.rng);
-                    a.history.push(next);
-                    a.last = next;
+                    a.stream.push(next);
                     a.made += 1;
                     let _ = a.job.out.send(Token::Text(ck.tokenizer.decode(&[next])));
                     if a.made == a.job.max_tokens {
@@ -152,29 +144,18 @@ fn worker(name: &str, ck: &LmCheckpoint, max_batch: usize, rx: &Receiver<Job>, m
     }
 }
 
-/// Feeds `tokens` to one sequence, one step each.
-fn feed(dec: &mut ffwd::models::Decoder<'_>, seq: &mut Sequence, tokens: &[u32]) -> ffwd::Result<()> {
-    for &t in tokens {
-        dec.step(&mut [&mut *seq], &[t])?;
-    }
-    Ok(())
-}
-
-/// Starts a sequence: its prompt (all but the last token, which the next step feeds), as
-/// `Generator::generate` does.
-fn admit(job: Job, lm: &ffwd::models::Lm, dec: &mut ffwd::models::Decoder<'_>, ctx: usize, active: &mut Vec<Active>) {
+/// Starts a sequence on its prompt (as `Generator::generate` does, through [`Stream`]).
+fn admit(job: Job, lm: &ffwd::models::Lm, dec: &mut ffwd::models::Decoder<'_>, active: &mut Vec<Active>) {
     if job.max_tokens == 0 || job.prompt.is_empty() {
         let _ = job.out.send(Token::Done);
         return;
     }
     let mut seq = lm.sequence();
-    let start = job.prompt.len().saturating_sub(ctx);
-    let history = job.prompt.clone();
-    let last = history[history.len() - 1];
-    if let Err(e) = feed(dec, &mut seq, &history[start..history.len() - 1]) {
-        let _ = job.out.send(Token::Failed(e.to_string()));
-        return;
+    match Stream::start(dec, &mut seq, &job.prompt) {
+        Ok(stream) => {
+            let rng = Rng::new(job.seed);
+            active.push(Active { job, seq, stream, rng, made: 0 });
+        }
+        Err(e) => drop(job.out.send(Token::Failed(e.to_string()))),
     }
-    let rng = Rng::new(job.seed);
-    active.push(Active { job, seq, rng, history, last, made: 0 });
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use safetensors::tensor::Dtype;
 
-use super::{fill, tensor, StateDict};
+use super::{fill, read_state, tensor, StateDict};
 use crate::checkpoint::CheckpointReader;
 use crate::core::{Activation, Rng};
 use crate::error::{Error, Result};
@@ -22,14 +22,8 @@ use crate::layers::{check_size, Fff, FffConfig, LayerConfig, Trainable};
 pub fn load_fff(path: &Path, activation: Activation) -> Result<Fff> {
     let ck = CheckpointReader::open(path)?;
     let st = ck.tensors()?;
-    let mut state = StateDict::new();
-    for name in ["node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s"] {
-        let t = st.tensor(name).map_err(|_| ck.error(format!("missing tensor `{name}` (not a fastfeedforward FFF state dict?)")))?;
-        let shape = t.shape().to_vec();
-        // a claimed size is checked against the file's bytes before it is read
-        let values = ck.read_f32(&st, name, &shape)?;
-        state.insert(name.to_string(), (shape, values));
-    }
+    let names = ["node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s"].map(String::from);
+    let state = read_state(&ck, &st, &names, "not a fastfeedforward FFF state dict?")?;
     if let Ok(t) = st.tensor("depth") {
         let stored = match (t.dtype(), t.data().len()) {
             (Dtype::I64, 8) => i64::from_le_bytes(t.data().try_into().unwrap_or([0; 8])),

@@ -7,6 +7,9 @@ pub mod ultrafastbert;
 
 use std::collections::BTreeMap;
 
+use safetensors::SafeTensors;
+
+use crate::checkpoint::CheckpointReader;
 use crate::core::{Param, ParamVisitor};
 use crate::error::{Error, Result};
 
@@ -25,6 +28,20 @@ pub fn tensor<'a>(state: &'a StateDict, name: &str, shape: Option<&[usize]>, wha
         }
     }
     Ok((s, v))
+}
+
+/// Reads the f32 tensors `names` of a safetensors file into a state dict (each at the shape
+/// the file gives, checked against the file's bytes before it is read); a missing one is an
+/// error naming it, followed by `hint`.
+pub fn read_state(ck: &CheckpointReader, st: &SafeTensors<'_>, names: &[String], hint: &str) -> Result<StateDict> {
+    let mut state = StateDict::new();
+    for name in names {
+        let t = st.tensor(name).map_err(|_| ck.error(format!("missing tensor `{name}` ({hint})")))?;
+        let shape = t.shape().to_vec();
+        let values = ck.read_f32(st, name, &shape)?;
+        state.insert(name.clone(), (shape, values));
+    }
+    Ok(state)
 }
 
 /// Sets the visited parameters, in order, from `values` (already checked to have each one's

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use super::{fill, tensor, StateDict};
+use super::{fill, read_state, tensor, StateDict};
 use crate::checkpoint::CheckpointReader;
 use crate::core::{Activation, Rng};
 use crate::error::{Error, Result};
@@ -55,14 +55,8 @@ pub fn ufff_from_state(state: &StateDict, prefix: &str, trees: usize, activation
 pub fn load_ultrafastbert(path: &Path, prefix: &str, trees: usize) -> Result<Ufff> {
     let ck = CheckpointReader::open(path)?;
     let st = ck.tensors()?;
-    let mut state = StateDict::new();
-    for name in ["linear_in.weight", "linear_in.bias", "linear_out.weight"] {
-        let full = format!("{prefix}{name}");
-        let t = st.tensor(&full).map_err(|_| ck.error(format!("missing tensor `{full}` (not an UltraFastBERT FFF layer?)")))?;
-        let shape = t.shape().to_vec();
-        let values = ck.read_f32(&st, &full, &shape)?;
-        state.insert(full, (shape, values));
-    }
+    let names = ["linear_in.weight", "linear_in.bias", "linear_out.weight"].map(|n| format!("{prefix}{n}"));
+    let state = read_state(&ck, &st, &names, "not an UltraFastBERT FFF layer?")?;
     ck.about(ufff_from_state(&state, prefix, trees, Activation::Gelu))
 }
 

@@ -2,7 +2,7 @@
 //! transposed (`in × r`, `r × out`), the layout the products read row-major.
 
 use super::{check_io, InferKernel, Workspace};
-use crate::core::gemm::{matmul_bias, MatMut, MatRef};
+use crate::core::gemm::{matmul, matmul_bias, MatMut, MatRef};
 use crate::core::{Activation, Param};
 use crate::error::Result;
 use crate::layers::lowrank::Factored;
@@ -17,19 +17,18 @@ struct Map {
     vt: Vec<f32>,
     ut: Vec<f32>,
     bias: Vec<f32>,
-    zero: Vec<f32>,
     dims: (usize, usize, usize),
 }
 
 impl Map {
     fn new(f: &Factored) -> Self {
         let dims = (f.v.shape[1], f.v.shape[0], f.u.shape[0]);
-        Map { vt: transpose(&f.v), ut: transpose(&f.u), bias: f.bias.value.clone(), zero: vec![0.0; dims.1], dims }
+        Map { vt: transpose(&f.v), ut: transpose(&f.u), bias: f.bias.value.clone(), dims }
     }
 
     fn forward(&self, x: &[f32], batch: usize, t: &mut [f32], y: &mut [f32]) {
         let (i, r, o) = self.dims;
-        matmul_bias(MatMut::new(&mut t[..batch * r], batch, r), MatRef::new(x, batch, i), MatRef::new(&self.vt, i, r), &self.zero);
+        matmul(MatMut::new(&mut t[..batch * r], batch, r), MatRef::new(x, batch, i), MatRef::new(&self.vt, i, r), false);
         matmul_bias(MatMut::new(&mut y[..batch * o], batch, o), MatRef::new(&t[..batch * r], batch, r), MatRef::new(&self.ut, r, o), &self.bias);
     }
 }

@@ -14,6 +14,41 @@ use crate::core::profile::span;
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
 
+/// The key/value caches of one sequence being decoded: per block, `capacity × d` keys and
+/// values, and the number of positions filled.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    pos: usize,
+}
+
+impl KvCache {
+    /// Empty caches for `blocks` blocks of `capacity` positions of width `d`.
+    pub fn new(blocks: usize, capacity: usize, d: usize) -> Self {
+        KvCache { k: vec![vec![0.0; capacity * d]; blocks], v: vec![vec![0.0; capacity * d]; blocks], pos: 0 }
+    }
+
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    /// True before the first position.
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Forgets the cached positions.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Marks one more position filled (after every block wrote its keys and values there).
+    pub fn advance(&mut self) {
+        self.pos += 1;
+    }
+}
+
 /// Causal self-attention over sequences.
 #[derive(Clone, Debug)]
 pub struct CausalSelfAttention {
@@ -195,8 +230,9 @@ impl CausalSelfAttention {
     }
 
     /// One new position of each of `n` sequences: `x` (`n × d`, row i for sequence i) → `y`
-    /// (`n × d`). `caches[i]` holds sequence i's key and value caches (`capacity × d`) and its
-    /// position, where the new key and value are written. The projections run as `n`-row
+    /// (`n × d`). `caches[i]` is sequence i's cache; this block's keys and values (block
+    /// `layer`) are written at its position, which the caller advances after the last block.
+    /// The projections run as `n`-row
     /// products; attention runs per sequence. `qkv` (`≥ n × 3d`), `o` (`≥ n × d`) and `scores`
     /// (`≥` the largest position + 1) are scratch.
     ///
@@ -206,7 +242,8 @@ impl CausalSelfAttention {
     pub fn step_batch(
         &self,
         x: &[f32],
-        caches: &mut [(&mut [f32], &mut [f32], usize)],
+        caches: &mut [&mut KvCache],
+        layer: usize,
         qkv: &mut [f32],
         o: &mut [f32],
         scores: &mut [f32],
@@ -229,8 +266,10 @@ impl CausalSelfAttention {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         o.fill(0.0);
-        for (r, (k_cache, v_cache, pos)) in caches.iter_mut().enumerate() {
-            let (pos, row) = (*pos, &qkv[r * 3 * d..(r + 1) * 3 * d]);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (pos, row) = (cache.pos, &qkv[r * 3 * d..(r + 1) * 3 * d]);
+            let KvCache { k, v, .. } = &mut **cache;
+            let (k_cache, v_cache) = (&mut k[layer], &mut v[layer]);
             k_cache[pos * d..(pos + 1) * d].copy_from_slice(&row[d..2 * d]);
             v_cache[pos * d..(pos + 1) * d].copy_from_slice(&row[2 * d..]);
             let o = &mut o[r * d..(r + 1) * d];

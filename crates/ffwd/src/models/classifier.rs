@@ -202,17 +202,21 @@ impl Classifier {
     /// Class probabilities (softmax of the inference logits): `x` (`batch × in_features`) →
     /// `batch × n_classes`, each row summing to 1.
     pub fn predict_proba(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let mut p = self.logits(x, batch)?;
-        for row in p.chunks_mut(self.cfg.n_classes) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            row.iter_mut().for_each(|v| *v /= sum);
+        Ok(self.classify(x, batch)?.1)
+    }
+
+    /// Classes (as [`Classifier::predict`]: argmax of the logits) and class probabilities
+    /// (as [`Classifier::predict_proba`]) from one inference pass.
+    pub fn classify(&self, x: &[f32], batch: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let logits = self.logits(x, batch)?;
+        let c = self.cfg.n_classes;
+        let mut classes = vec![0; batch];
+        argmax_rows(&logits, c, &mut classes);
+        let mut p = vec![0.0; logits.len()];
+        for (l, pr) in logits.chunks_exact(c).zip(p.chunks_exact_mut(c)) {
+            crate::kernels::moe::softmax(l, pr);
         }
-        Ok(p)
+        Ok((classes, p))
     }
 
     /// Predicted class of each row of `x` (`batch × in_features`).

@@ -24,7 +24,7 @@ use crate::core::profile::span;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_dim, Error, Result};
 use crate::kernels::{InferKernel, Workspace};
-use crate::layers::attention::CausalSelfAttention;
+use crate::layers::attention::{CausalSelfAttention, KvCache};
 use crate::layers::layer_norm::LayerNorm;
 use crate::layers::{DenseConfig, Input, Layer, LayerConfig};
 
@@ -499,32 +499,52 @@ impl Lm {
 
     /// An empty key/value cache for one sequence of up to `context` tokens.
     pub fn sequence(&self) -> Sequence {
-        let (d, ctx) = (self.cfg.d_model, self.cfg.context);
-        Sequence { k: vec![vec![0.0; ctx * d]; self.blocks.len()], v: vec![vec![0.0; ctx * d]; self.blocks.len()], pos: 0 }
+        KvCache::new(self.blocks.len(), self.cfg.context, self.cfg.d_model)
     }
 }
 
 /// The key/value caches of one sequence being decoded (per block, `context × d`).
-pub struct Sequence {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    pos: usize,
+pub type Sequence = KvCache;
+
+/// The tokens one sequence being generated has seen (prompt and samples), with the rule
+/// `ffwd lm sample` and the server share for its cache: the prompt's last `context` tokens are
+/// fed, and a full cache restarts from the last half of the history.
+pub struct Stream {
+    history: Vec<u32>,
 }
 
-impl Sequence {
-    /// Tokens in the cache.
-    pub fn len(&self) -> usize {
-        self.pos
+impl Stream {
+    /// Starts on `prompt` (at least one token): resets `seq` and feeds all but the last of the
+    /// prompt's last `context` tokens; the last one is fed by the first step.
+    pub fn start(dec: &mut Decoder<'_>, seq: &mut Sequence, prompt: &[u32]) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("generation needs a prompt of at least one token".into()));
+        }
+        seq.reset();
+        let start = prompt.len().saturating_sub(dec.lm.cfg.context);
+        dec.feed(seq, &prompt[start..prompt.len() - 1])?;
+        Ok(Stream { history: prompt.to_vec() })
     }
 
-    /// True before the first token.
-    pub fn is_empty(&self) -> bool {
-        self.pos == 0
+    /// Before a step: when `seq` is full, restarts it from the last half of the history.
+    pub fn make_room(&self, dec: &mut Decoder<'_>, seq: &mut Sequence) -> Result<()> {
+        let ctx = dec.lm.cfg.context;
+        if seq.len() >= ctx {
+            seq.reset();
+            let from = self.history.len() - ctx / 2;
+            dec.feed(seq, &self.history[from..self.history.len() - 1])?;
+        }
+        Ok(())
     }
 
-    /// Forgets the cached tokens.
-    pub fn reset(&mut self) {
-        self.pos = 0;
+    /// The token the next step feeds (the last one seen).
+    pub fn last(&self) -> u32 {
+        self.history[self.history.len() - 1]
+    }
+
+    /// Records the token sampled after a step.
+    pub fn push(&mut self, token: u32) {
+        self.history.push(token);
     }
 }
 
@@ -582,7 +602,7 @@ impl Decoder<'_> {
             return Err(Error::Invalid("decoder: no sequence to step".into()));
         }
         for (s, &t) in seqs.iter().zip(tokens) {
-            if s.pos >= lm.cfg.context {
+            if s.len() >= lm.cfg.context {
                 return Err(Error::Invalid(format!("generator: context of {} tokens is full", lm.cfg.context)));
             }
             if t as usize >= v {
@@ -592,7 +612,7 @@ impl Decoder<'_> {
         self.grow(n);
         for (r, (s, &t)) in seqs.iter().zip(tokens).enumerate() {
             let x = &mut self.x[r * d..(r + 1) * d];
-            for ((x, a), b) in x.iter_mut().zip(&lm.tok_emb.value[t as usize * d..][..d]).zip(&lm.pos_emb.value[s.pos * d..][..d]) {
+            for ((x, a), b) in x.iter_mut().zip(&lm.tok_emb.value[t as usize * d..][..d]).zip(&lm.pos_emb.value[s.len() * d..][..d]) {
                 *x = a + b;
             }
         }
@@ -601,14 +621,8 @@ impl Decoder<'_> {
             for r in 0..n {
                 blk.ln1.forward_row(&self.x[r * d..(r + 1) * d], &mut self.a[r * d..(r + 1) * d]);
             }
-            let mut caches: Vec<(&mut [f32], &mut [f32], usize)> = Vec::with_capacity(n);
-            for s in seqs.iter_mut() {
-                let pos = s.pos;
-                let Sequence { k, v, .. } = &mut **s;
-                caches.push((&mut k[l], &mut v[l], pos));
-            }
             let (qkv_t, proj_t) = &self.weights.attn[l];
-            blk.attn.step_batch(&self.a[..rows], &mut caches, &mut self.qkv, &mut self.o, &mut self.scores, &mut self.att[..rows], Some((qkv_t, proj_t)));
+            blk.attn.step_batch(&self.a[..rows], seqs, l, &mut self.qkv, &mut self.o, &mut self.scores, &mut self.att[..rows], Some((qkv_t, proj_t)));
             if lm.cfg.parallel {
                 self.kernels[l].forward_tokens(&self.a[..rows], tokens, n, &mut self.f[..rows], &mut self.ws)?;
                 for ((x, a), f) in self.x[..rows].iter_mut().zip(&self.att[..rows]).zip(&self.f[..rows]) {
@@ -638,9 +652,17 @@ impl Decoder<'_> {
             crate::core::gemm::matmul_bt(&mut self.logits[..n * v], &self.a[..rows], n, d, &lm.tok_emb.value, v);
         }
         for s in seqs.iter_mut() {
-            s.pos += 1;
+            s.advance();
         }
         Ok(&self.logits[..n * v])
+    }
+
+    /// Feeds `tokens` to one sequence, one step each (a prompt, a restarted cache).
+    pub fn feed(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<()> {
+        for &t in tokens {
+            self.step(&mut [&mut *seq], &[t])?;
+        }
+        Ok(())
     }
 }
 
@@ -654,17 +676,17 @@ pub struct Generator<'a> {
 impl Generator<'_> {
     /// Tokens in the cache.
     pub fn len(&self) -> usize {
-        self.seq.pos
+        self.seq.len()
     }
 
     /// True before the first token.
     pub fn is_empty(&self) -> bool {
-        self.seq.pos == 0
+        self.seq.is_empty()
     }
 
     /// Forgets the cached sequence.
     pub fn reset(&mut self) {
-        self.seq.pos = 0;
+        self.seq.reset();
     }
 
     /// Feeds `token` at the next position and returns the logits (`V`) for the one after.
@@ -677,32 +699,14 @@ impl Generator<'_> {
     /// `top_k` most likely when `top_k > 0`). When the context fills up, the cache is rebuilt
     /// from the last half of the context. Returns the sampled tokens.
     pub fn generate(&mut self, prompt: &[u32], n: usize, temperature: f32, top_k: usize, rng: &mut Rng) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::Invalid("generation needs a prompt of at least one token".into()));
-        }
-        let ctx = self.decoder.lm.cfg.context;
-        let mut seq: Vec<u32> = prompt.to_vec();
-        self.reset();
-        let start = seq.len().saturating_sub(ctx);
-        for &t in &seq[start..seq.len() - 1] {
-            self.step(t)?;
-        }
+        let mut stream = Stream::start(&mut self.decoder, &mut self.seq, prompt)?;
         let mut out = Vec::with_capacity(n);
-        let mut last = *seq.last().expect("non-empty prompt");
         for _ in 0..n {
-            if self.seq.pos >= ctx {
-                self.reset();
-                let keep = ctx / 2;
-                let from = seq.len() - keep;
-                for &t in &seq[from..seq.len() - 1] {
-                    self.step(t)?;
-                }
-            }
-            let logits = self.step(last)?.to_vec();
-            let next = sample(&logits, temperature, top_k, rng);
+            stream.make_room(&mut self.decoder, &mut self.seq)?;
+            let logits = self.decoder.step(&mut [&mut self.seq], &[stream.last()])?;
+            let next = sample(logits, temperature, top_k, rng);
+            stream.push(next);
             out.push(next);
-            seq.push(next);
-            last = next;
         }
         Ok(out)
     }

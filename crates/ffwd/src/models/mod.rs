@@ -4,4 +4,4 @@ pub mod classifier;
 pub mod lm;
 
 pub use classifier::{Classifier, ModelConfig, StepStats};
-pub use lm::{Decoder, Generator, Lm, LmConfig, Sequence};
+pub use lm::{Decoder, Generator, Lm, LmConfig, Sequence, Stream};
