@@ -517,3 +517,58 @@ fn gradient_noise_is_seeded_on_every_trainer() {
     assert_eq!(ff("f1.json", "0.01"), ff("f2.json", "0.01"));
     assert_ne!(ff("f3.json", "0.01"), ff("f4.json", "0"));
 }
+
+fn series(name: &str) -> String {
+    format!("{}/../ffwd/assets/timeseries/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn forecast_train_save_predict_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, metrics, csv) = (dir.path().join("f.safetensors"), dir.path().join("f.json"), dir.path().join("next.csv"));
+    let sun = series("sunspots.csv");
+    let out = ok(&ffwd(&[
+        "forecast",
+        "train",
+        "--data",
+        &sun,
+        "--lags",
+        "12",
+        "--horizon",
+        "3",
+        "--sparsity",
+        "0.3",
+        "--epochs",
+        "40",
+        "--quiet",
+        "--save",
+        p(&model),
+        "--metrics",
+        p(&metrics),
+    ]));
+    assert!(out.contains("least-squares AR") && out.contains("test"), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let test = doc["report"]["metrics"].as_array().unwrap().iter().find(|m| m["split"] == "test").unwrap().clone();
+    assert!(test["model"]["mase"].as_f64().unwrap() < test["seasonal_naive"]["mase"].as_f64().unwrap(), "{test}");
+    ok(&ffwd(&["forecast", "predict", "--model", p(&model), "--data", &sun, "--out", p(&csv)]));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "step,time,forecast");
+    assert!(lines[1].starts_with("1,2009,") && lines[3].starts_with("3,2011,"), "{text}");
+    // errors: gaps without --fill, an unknown column, a classifier given to predict, shape flags without --ffn
+    let co2 = series("co2.csv");
+    let e = fails(&ffwd(&["forecast", "train", "--data", &co2, "--quiet"]));
+    assert!(e.contains("59 of 2284 weekly values missing") && e.contains("--fill linear"), "{e}");
+    let e = fails(&ffwd(&["forecast", "train", "--data", &sun, "--column", "nope", "--quiet"]));
+    assert!(e.contains("no column `nope`"), "{e}");
+    let e = fails(&ffwd(&["forecast", "train", "--data", &sun, "--width", "8", "--quiet"]));
+    assert!(e.contains("give --ffn"), "{e}");
+    let e = fails(&ffwd(&["forecast", "train", "--data", &sun, "--ffn", "fff", "--depth", "2", "--width", "7", "--quiet"]));
+    assert!(e.contains("width 7 is not"), "{e}");
+    let clf = dir.path().join("c.safetensors");
+    ok(&ffwd(&["train", "--epochs", "1", "--quiet", "--save", p(&clf)]));
+    let e = fails(&ffwd(&["forecast", "predict", "--model", p(&clf), "--data", &sun]));
+    assert!(e.contains("forecaster/1"), "{e}");
+    // with an FFN (and a linear fill of the weekly CO2 gaps)
+    ok(&ffwd(&["forecast", "train", "--data", &co2, "--fill", "linear", "--lags", "8", "--ffn", "dense", "--width", "8", "--epochs", "2", "--quiet"]));
+}

@@ -1,6 +1,6 @@
 //! Persistence in one place: a checkpoint is one `.safetensors` file holding parameters (f32,
 //! little endian) under their names, optimizer state as `optim.{slot}.{name}`, and in the
-//! metadata a format tag (`ffwd.format`: `classifier/1`, `ff/1`, `lm/1`) and JSON documents
+//! metadata a format tag (`ffwd.format`: `classifier/1`, `ff/1`, `lm/1`, `forecaster/1`) and JSON documents
 //! (the model configuration under `ffwd.config`, run options and state, a vocabulary), so
 //! that a file loads with nothing else.
 //!
@@ -46,6 +46,8 @@ pub const VOCAB_KEY: &str = "ffwd.vocab";
 pub const CLASSIFIER_FORMAT: &str = "classifier/1";
 /// Format tag of Forward-Forward checkpoints.
 pub const FF_FORMAT: &str = "ff/1";
+/// Format tag of forecaster checkpoints.
+pub const FORECASTER_FORMAT: &str = "forecaster/1";
 /// Format tag of language-model checkpoints.
 pub const LM_FORMAT: &str = "lm/1";
 

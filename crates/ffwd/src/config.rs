@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, DeqConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -29,6 +29,8 @@ pub enum LayerKind {
     /// Dense FFN.
     #[default]
     Dense,
+    /// Deep-equilibrium FFN.
+    Deq,
     /// Fast feedforward network.
     Fff,
     /// Gated FFN (SwiGLU, GEGLU, ReGLU by the activation).
@@ -51,6 +53,7 @@ impl LayerKind {
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Dense => "dense",
+            LayerKind::Deq => "deq",
             LayerKind::Fff => "fff",
             LayerKind::Glu => "glu",
             LayerKind::LowRank => "lowrank",
@@ -67,6 +70,7 @@ impl std::str::FromStr for LayerKind {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "dense" => Ok(LayerKind::Dense),
+            "deq" => Ok(LayerKind::Deq),
             "fff" => Ok(LayerKind::Fff),
             "glu" => Ok(LayerKind::Glu),
             "lowrank" => Ok(LayerKind::LowRank),
@@ -74,7 +78,7 @@ impl std::str::FromStr for LayerKind {
             "moe" => Ok(LayerKind::Moe),
             "smoe" => Ok(LayerKind::Smoe),
             "pkm" => Ok(LayerKind::Pkm),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, fff, glu, lowrank, ufff, moe, smoe or pkm)"))),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, deq, fff, glu, lowrank, ufff, moe, smoe or pkm)"))),
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct TrainConfig {
     pub layer: LayerKind,
     /// Options of the dense layer.
     pub dense: DenseConfig,
+    /// Options of the deep-equilibrium layer.
+    pub deq: DeqConfig,
     /// Options of the FFF layer.
     pub fff: FffConfig,
     /// Options of the gated FFN.
@@ -180,6 +186,7 @@ impl Default for TrainConfig {
             algo: Algo::Bp,
             layer: LayerKind::Dense,
             dense: DenseConfig::default(),
+            deq: DeqConfig::default(),
             fff: FffConfig::default(),
             glu: GluConfig::default(),
             lowrank: LowRankConfig::default(),
@@ -230,6 +237,7 @@ impl TrainConfig {
     pub fn layer_config(&self) -> LayerConfig {
         match self.layer {
             LayerKind::Dense => LayerConfig::Dense(self.dense.clone()),
+            LayerKind::Deq => LayerConfig::Deq(self.deq.clone()),
             LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
             LayerKind::Glu => LayerConfig::Glu(self.glu.clone()),
             LayerKind::LowRank => LayerConfig::LowRank(self.lowrank.clone()),
@@ -246,6 +254,7 @@ impl TrainConfig {
     pub fn set_width(&mut self, width: usize) -> Result<()> {
         match self.layer {
             LayerKind::Dense => self.dense.width = width,
+            LayerKind::Deq => self.deq.width = width,
             LayerKind::Glu => self.glu.width = width,
             LayerKind::LowRank => self.lowrank.width = width,
             LayerKind::Fff => {
@@ -347,6 +356,7 @@ impl TrainConfig {
         if let Some(act) = shape.activation {
             match kind {
                 LayerKind::Dense => self.dense.activation = act,
+                LayerKind::Deq => self.deq.activation = act,
                 LayerKind::Fff => self.fff.activation = act,
                 LayerKind::Glu => self.glu.activation = act,
                 LayerKind::LowRank => self.lowrank.activation = act,

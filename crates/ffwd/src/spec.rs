@@ -37,6 +37,14 @@ pub fn classifier(cfg: &TrainConfig, data: &Dataset) -> Result<Classifier> {
     Classifier::new(ModelConfig { in_features: data.dim, n_classes: data.n_classes, layer: cfg.layer_config() }, cfg.seed)
 }
 
+/// The configuration of a layer of `kind` with the shape shorthands `shape` over that kind's
+/// defaults (the FFN of a forecaster, or any layer built outside a [`TrainConfig`]).
+pub fn layer(kind: crate::config::LayerKind, shape: &crate::config::LayerShape) -> Result<LayerConfig> {
+    let mut cfg = TrainConfig { layer: kind, ..Default::default() };
+    cfg.apply_shape(shape)?;
+    Ok(cfg.layer_config())
+}
+
 /// A new Forward-Forward net for `cfg.ff`, sized for `data` (the run's `grad_noise`, when set,
 /// overrides `ff.grad_noise`).
 pub fn ff_net(cfg: &TrainConfig, data: &Dataset) -> Result<FfNet> {

@@ -4,7 +4,7 @@
 use ffwd::core::{Activation, Rng};
 use ffwd::kernels::pkm::PkmScoring;
 use ffwd::layers::{
-    DenseConfig, Fff, FffConfig, Hash, HashConfig, Input, Layer, LayerConfig, Moe, MoeConfig, Pkm, PkmConfig, Smoe, SmoeConfig, Ufff, UfffConfig,
+    DenseConfig, DeqConfig, Fff, FffConfig, Hash, HashConfig, Input, Layer, LayerConfig, Moe, MoeConfig, Pkm, PkmConfig, Smoe, SmoeConfig, Ufff, UfffConfig,
 };
 use ffwd::models::{Classifier, ModelConfig};
 
@@ -198,6 +198,23 @@ fn fff_load_balance_master_leaf_region_leak_and_dropout() {
         let base = fff.hard_leaves(&x, 8).unwrap();
         let route = move |f: &Fff, xx: &[f32]| f.hard_leaves(xx, 8).unwrap() == base;
         check_layer(&mut fff, 8, 21, 12, &route);
+    }
+}
+
+#[test]
+fn deq_implicit_gradient_through_the_fixed_point() {
+    use ffwd::core::fixed_point::{Solver, SolverConfig};
+    // a tight solve, so that the finite differences see the exact fixed point
+    for (solver, activation) in [(Solver::Anderson, Activation::Gelu), (Solver::Broyden, Activation::Silu), (Solver::Anderson, Activation::Relu)] {
+        let cfg = DeqConfig { state: 6, width: 9, activation, solver: SolverConfig { solver, tol: 1e-7, max_iter: 200, ..Default::default() }, lipschitz: 0.0 };
+        let mut l = build(LayerConfig::Deq(cfg), 5, 4);
+        check_layer(l.as_mut(), 6, 2, 12, &always);
+        let (_, x, r) = inputs(4, 6, 5, 4);
+        let mut y = vec![0.0; 6 * 4];
+        l.forward_train(Input::new(&x, 6), &mut y, &mut Rng::new(0)).unwrap();
+        l.backward(Input::new(&x, 6), &r, None).unwrap();
+        let s = l.fixed_point_stats().unwrap();
+        assert!(s.forward.converged && s.backward.converged && s.backward.iterations > 1, "{solver:?}: {s:?}");
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod forecast;
 mod lm;
 mod predict;
 mod serve;
@@ -31,6 +32,9 @@ enum Command {
     /// Character-level transformer language model with any FFN kind: train, sample.
     #[command(subcommand)]
     Lm(lm::LmCommand),
+    /// Forecast a time series with AR-Net (sparse linear AR plus any FFN): train, predict.
+    #[command(subcommand)]
+    Forecast(forecast::ForecastCommand),
     /// Serve classifiers and language models over HTTP (dynamic batching, streaming).
     Serve(serve::ServeArgs),
 }
@@ -45,6 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Lm(c) => lm::run(c),
+        Command::Forecast(c) => forecast::run(c),
         Command::Serve(a) => serve::run(a),
     }
 }

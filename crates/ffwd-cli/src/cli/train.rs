@@ -64,11 +64,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     ff_goodness_every: usize,
     /// Layer between the input and the softmax: dense, glu (gated: --activation silu = SwiGLU,
-    /// gelu = GEGLU, relu = ReGLU), lowrank (U·V factors, --rank), fff, ufff, moe, smoe or pkm
+    /// gelu = GEGLU, relu = ReGLU), lowrank (U·V factors, --rank), deq (deep equilibrium: the fixed point of one block, --deq-*), fff, ufff, moe, smoe or pkm
     /// [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
-    /// Hidden width: dense and glu units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
+    /// Hidden width: dense, glu and deq units; fff total leaf width 2^depth·leaf; ufff neurons 2^(depth+1)−1;
     /// moe/smoe experts·expert_width; pkm memory values n_keys².
     #[arg(long)]
     width: Option<usize>,
@@ -138,6 +138,18 @@ pub struct TrainArgs {
     /// pkm query heads [default: 2].
     #[arg(long)]
     heads: Option<usize>,
+    /// deq equilibrium state size [default: 64].
+    #[arg(long)]
+    deq_state: Option<usize>,
+    /// deq fixed-point solver: anderson, broyden or picard [default: anderson].
+    #[arg(long, value_parser = parse_solver)]
+    deq_solver: Option<ffwd::core::fixed_point::Solver>,
+    /// deq solver iteration cap [default: 30].
+    #[arg(long)]
+    deq_max_iter: Option<usize>,
+    /// deq solver tolerance on the relative residual [default: 1e-4].
+    #[arg(long)]
+    deq_tol: Option<f32>,
     /// pkm query width per head (even) [default: 32].
     #[arg(long)]
     key_dim: Option<usize>,
@@ -199,7 +211,7 @@ pub struct TrainArgs {
 
 /// A library message about an option, with the option named as its flag
 /// (`top_k` → `--top-k`).
-fn flag_names(msg: &str) -> String {
+pub(crate) fn flag_names(msg: &str) -> String {
     let mut out = msg.to_string();
     for key in ["expert_width", "dense_layers", "top_k", "experts", "depth", "trees", "rank", "leaf", "width", "activation"] {
         if let Some(rest) = out.strip_prefix(&format!("config: {key} ")) {
@@ -218,7 +230,17 @@ fn parse_scoring(s: &str) -> Result<PkmScoring, String> {
     }
 }
 
-fn parse_activation(s: &str) -> Result<Activation, String> {
+fn parse_solver(s: &str) -> Result<ffwd::core::fixed_point::Solver, String> {
+    use ffwd::core::fixed_point::Solver;
+    match s {
+        "anderson" => Ok(Solver::Anderson),
+        "broyden" => Ok(Solver::Broyden),
+        "picard" => Ok(Solver::Picard),
+        _ => Err(format!("unknown solver `{s}` (anderson, broyden, picard)")),
+    }
+}
+
+pub(crate) fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation `{s}` (relu, gelu, silu)"))
 }
 
@@ -361,6 +383,18 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(v) = a.hardening {
         c.fff.hardening = v;
     }
+    if let Some(v) = a.deq_state {
+        c.deq.state = v;
+    }
+    if let Some(v) = a.deq_solver {
+        c.deq.solver.solver = v;
+    }
+    if let Some(v) = a.deq_max_iter {
+        c.deq.solver.max_iter = v;
+    }
+    if let Some(v) = a.deq_tol {
+        c.deq.solver.tol = v;
+    }
     if let Some(v) = a.region_leak {
         c.fff.region_leak = v;
     }
@@ -411,6 +445,15 @@ impl Progress for Bar<'_> {
             let e = load.len() as f32;
             let (lo, hi) = load.iter().fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v * e), b.max(v * e)));
             line += &format!("  expert load {lo:.2}–{hi:.2}× uniform");
+        }
+        if let Some(s) = &r.fixed_point {
+            line += &format!("  deq iterations fwd {:.1} bwd {:.1}", s.forward_iterations, s.backward_iterations);
+            if s.unconverged > 0 {
+                line += &format!(
+                    "\nwarning: {} of {} steps stopped a fixed-point solve at its iteration cap (largest residual: forward {:.1e}, backward {:.1e}); their gradients are approximate — raise [deq.solver] max_iter or lower the learning rate",
+                    s.unconverged, s.steps, s.forward_residual, s.backward_residual
+                );
+            }
         }
         if self.pb.is_hidden() {
             eprintln!("{line}");

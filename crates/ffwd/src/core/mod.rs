@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod bf16;
 pub mod cpu;
+pub mod fixed_point;
 pub mod gemm;
 pub mod loss;
 pub mod param;

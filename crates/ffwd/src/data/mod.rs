@@ -6,6 +6,7 @@ pub mod digits;
 pub mod idx;
 pub mod spec;
 pub mod text;
+pub mod timeseries;
 
 pub use spec::DataSpec;
 

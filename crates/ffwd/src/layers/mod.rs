@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod dense;
+pub mod deq;
 pub mod experts;
 pub mod fff;
 pub mod glu;
@@ -25,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{InferKernel, Precision, Workspace};
 
 pub use dense::{Dense, DenseConfig};
+pub use deq::{Deq, DeqConfig};
 pub use fff::{Fff, FffConfig};
 pub use glu::{Glu, GluConfig};
 pub use hash::{Hash, HashConfig};
@@ -121,6 +123,11 @@ pub trait Trainable: Send + Sync {
     fn expert_load(&self) -> Option<&[f32]> {
         None
     }
+    /// Iterations and residuals of the last forward and adjoint fixed-point solves
+    /// (deep-equilibrium layers only).
+    fn fixed_point_stats(&self) -> Option<deq::FixedPointStats> {
+        None
+    }
     /// The parameters in a fixed order; names are their safetensors keys within the layer.
     fn params(&self) -> Vec<&Param>;
     /// Visits the parameters mutably in the same order as [`Trainable::params`] (no allocation).
@@ -155,6 +162,8 @@ pub trait Compile {
 pub enum LayerConfig {
     /// Linear → activation → … → Linear.
     Dense(DenseConfig),
+    /// Deep-equilibrium FFN (Bai et al. 2019): the fixed point of a weight-tied block.
+    Deq(DeqConfig),
     /// Fast feedforward network (Belcak & Wattenhofer 2023).
     Fff(FffConfig),
     /// Gated FFN: SwiGLU, GEGLU, ReGLU (Shazeer 2020).
@@ -183,6 +192,7 @@ impl LayerConfig {
         check_size(self.kind(), self.param_count(in_features, out_features))?;
         Ok(match self {
             LayerConfig::Dense(c) => Box::new(Dense::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Deq(c) => Box::new(Deq::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Glu(c) => Box::new(Glu::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::LowRank(c) => Box::new(LowRank::new(c.clone(), in_features, out_features, rng)?),
@@ -208,6 +218,7 @@ impl LayerConfig {
                 let (w, inner) = (c.width, c.layers.saturating_sub(2));
                 sum(&[(i, w), (w, 1), (inner, w.checked_mul(w)?.checked_add(w)?), (w, o), (o, 1)])
             }
+            LayerConfig::Deq(c) => c.param_count(i, o),
             LayerConfig::Glu(c) => sum(&[(2 * c.width, i.checked_add(1)?), (o, c.width.checked_add(1)?)]),
             LayerConfig::LowRank(c) => {
                 let (h, r1, r2) = (c.width, c.rank_of(c.width, i), c.rank_of(o, c.width));
@@ -244,6 +255,7 @@ impl LayerConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             LayerConfig::Dense(_) => "dense",
+            LayerConfig::Deq(_) => "deq",
             LayerConfig::Fff(_) => "fff",
             LayerConfig::Glu(_) => "glu",
             LayerConfig::LowRank(_) => "lowrank",

@@ -74,6 +74,44 @@ pub struct EpochReport {
     /// epoch's steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_load: Option<Vec<f32>>,
+    /// Deep-equilibrium layers: iterations and residuals of the epoch's fixed-point solves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_point: Option<SolverEpoch>,
+}
+
+/// The fixed-point solves of a deep-equilibrium layer over an epoch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SolverEpoch {
+    /// Training steps.
+    pub steps: usize,
+    /// Mean iterations of the forward solve.
+    pub forward_iterations: f32,
+    /// Mean iterations of the adjoint (backward) solve.
+    pub backward_iterations: f32,
+    /// Largest relative residual of a forward solve.
+    pub forward_residual: f32,
+    /// Largest relative residual of an adjoint solve.
+    pub backward_residual: f32,
+    /// Steps in which a solve stopped at its iteration cap above the tolerance.
+    pub unconverged: usize,
+}
+
+impl SolverEpoch {
+    fn add(&mut self, s: &crate::layers::deq::FixedPointStats) {
+        self.steps += 1;
+        self.forward_iterations += s.forward.iterations as f32;
+        self.backward_iterations += s.backward.iterations as f32;
+        self.forward_residual = self.forward_residual.max(s.forward.residual);
+        self.backward_residual = self.backward_residual.max(s.backward.residual);
+        self.unconverged += usize::from(!(s.forward.converged && s.backward.converged));
+    }
+
+    fn mean(mut self) -> Self {
+        let n = self.steps.max(1) as f32;
+        self.forward_iterations /= n;
+        self.backward_iterations /= n;
+        self
+    }
 }
 
 /// Summary of a training run.
@@ -119,6 +157,9 @@ pub struct EpochSums {
     pub seconds: f64,
     /// Per-expert load summed over steps (mixture layers).
     pub load: Option<Vec<f32>>,
+    /// Fixed-point solves summed over steps (deep-equilibrium layers).
+    #[serde(default)]
+    pub solver: Option<SolverEpoch>,
 }
 
 /// Where a run stands; saved in checkpoints so that a run can resume.
@@ -220,6 +261,9 @@ pub fn train_from(
                 *a += v;
             }
         }
+        if let Some(s) = model.layer().fixed_point_stats() {
+            sums.solver.get_or_insert_with(SolverEpoch::default).add(&s);
+        }
         noise.apply(state.step, 1.0, &mut noise_root.fork(state.step as u64), &mut |f| model.visit_params_mut(f));
         let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
         let lr = schedule.lr(state.step);
@@ -245,6 +289,7 @@ pub fn train_from(
                 lr,
                 seconds: sums.seconds,
                 expert_load: sums.load.map(|l| l.iter().map(|v| v / steps_per_epoch as f32).collect()),
+                fixed_point: sums.solver.map(SolverEpoch::mean),
             };
             state.epoch.load = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
             progress.epoch(&report);

@@ -2,7 +2,10 @@
 //! [`forward_forward`]: Hinton's Forward-Forward, layer-local objectives without backprop.
 
 pub mod backprop;
+pub mod forecast;
 pub mod forward_forward;
 pub mod lm;
 
-pub use backprop::{load_run, new_optimizer, save_run, train, train_from, EpochReport, EpochSums, Progress, SavedRun, TrainOptions, TrainReport, TrainState};
+pub use backprop::{
+    load_run, new_optimizer, save_run, train, train_from, EpochReport, EpochSums, Progress, SavedRun, SolverEpoch, TrainOptions, TrainReport, TrainState,
+};
