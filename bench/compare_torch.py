@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only", default="", help="suite rows to run (comma-separated layer names)")
+    ap.add_argument("--json", default="", help="also write every row as a JSON line here (ffwd bench --json fields plus torch_dense_us, fastff_us, torch_loop_us), for `ffwd report --bench`")
     ap.add_argument("--fff-batches", default="256", help="batches at which to run fastfeedforward (its eval loops in Python)")
     a = ap.parse_args()
     cmd = ["cargo", "run", "--release", "-q", "--", "bench", "--json", "--threads", str(a.threads)] + (["--quick"] if a.quick else []) + (["--only", a.only] if a.only else [])
@@ -65,6 +66,7 @@ def main():
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s, torch {theirs:.0f} GFLOP/s, ratio {ours / theirs:.2f}")
     else:
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s")
+    out = open(a.json, "w") if a.json else None
     print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'dense t/f':>9} {'fastff/ffwd':>11} {'loop/ffwd':>9}")
     for r in rows:
         batch, layer = r["batch"], r["layer"]
@@ -96,6 +98,10 @@ def main():
         lr = f"{loop_us / r['median_us']:.1f}x" if loop_us else "-"
         fmt = lambda v: f"{v:.1f}" if v is not None else "-"
         print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {dr:>9} {fr:>11} {lr:>9}")
+        if out:
+            out.write(json.dumps({**r, "torch_dense_us": torch_us, "fastff_us": fastff_us, "torch_loop_us": loop_us}) + "\n")
+    if out:
+        out.close()
 
 
 def torch_moe_loop_us(torch, batch, sigmoid, d=512, experts=32, g=128, k=4):

@@ -488,7 +488,7 @@ fn parallel_trees_and_shorthands_that_do_not_apply() {
     let err = fails(&ffwd(&["lm", "train", "--ffn", "dense", "--trees", "2", "--steps", "1"]));
     assert!(err.contains("--trees applies to ffn ufff, not dense"), "{err}");
     let err = fails(&ffwd(&["lm", "train", "--depth", "2", "--steps", "1"]));
-    assert!(err.contains("need an ffn kind"), "{err}");
+    assert!(err.contains("--depth applies to ffn fff or ufff, not dense"), "{err}");
 }
 
 #[test]
@@ -571,4 +571,106 @@ fn forecast_train_save_predict_and_errors() {
     assert!(e.contains("forecaster/1"), "{e}");
     // with an FFN (and a linear fill of the weekly CO2 gaps)
     ok(&ffwd(&["forecast", "train", "--data", &co2, "--fill", "linear", "--lags", "8", "--ffn", "dense", "--width", "8", "--epochs", "2", "--quiet"]));
+}
+
+#[test]
+fn report_from_training_runs_and_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, f, html) = (dir.path().join("dense.json"), dir.path().join("fff.json"), dir.path().join("fc.json"), dir.path().join("r.html"));
+    ok(&ffwd(&["train", "--epochs", "2", "--quiet", "--metrics", p(&a)]));
+    ok(&ffwd(&["train", "--layer", "fff", "--depth", "2", "--epochs", "2", "--quiet", "--metrics", p(&b)]));
+    ok(&ffwd(&["forecast", "train", "--data", &series("sunspots.csv"), "--epochs", "5", "--quiet", "--metrics", p(&f)]));
+    let bench = dir.path().join("bench.json");
+    let out = ok(&ffwd(&["bench", "--quick", "--json", "--only", "fff"]));
+    std::fs::write(&bench, out).unwrap();
+    ok(&ffwd(&["report", p(&a), p(&b), p(&f), "--bench", p(&bench), "--out", p(&html)]));
+    let text = std::fs::read_to_string(&html).unwrap();
+    let doc = roxmltree::Document::parse_with_options(&text, roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() }).unwrap();
+    let series: Vec<&str> = doc.descendants().filter_map(|n| n.attribute("data-series")).collect();
+    assert!(series.contains(&"dense.json") && series.contains(&"fff.json") && series.contains(&"fc.json: validation"), "{series:?}");
+    assert!(text.contains("Speedup over ffwd&#39;s dense layer") || text.contains("Speedup over ffwd's dense layer"));
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
+    assert!(metrics["command"].as_str().unwrap().contains("--metrics"));
+    // errors: nothing given, a file that is not JSON, a JSON that is not a metrics file
+    fails(&ffwd(&["report", "--out", p(&html)]));
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, "{\"a\": 1").unwrap();
+    let e = fails(&ffwd(&["report", p(&junk), "--out", p(&html)]));
+    assert!(e.contains("junk.json") && e.contains("not JSON"), "{e}");
+    let e = fails(&ffwd(&["report", p(&bench), "--out", p(&html)]));
+    assert!(e.contains("bench.json") && e.contains("not"), "{e}");
+}
+
+#[test]
+fn inspect_a_trained_lm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, text, out) = (dir.path().join("lm.safetensors"), dir.path().join("t.txt"), dir.path().join("i.json"));
+    let corpus = "to be or not to be, that is the question. ".repeat(40);
+    std::fs::write(&text, &corpus).unwrap();
+    ok(&ffwd(&[
+        "lm",
+        "train",
+        "--text",
+        p(&text),
+        "--steps",
+        "5",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--context",
+        "16",
+        "--quiet",
+        "--save",
+        p(&m),
+    ]));
+    let said = ok(&ffwd(&["inspect", "--model", p(&m), "--text", p(&text), "--tail", "0.5", "--top", "3", "--quiet", "--out", p(&out)]));
+    assert!(said.contains("block 0 (dense FFN): 64 neurons"), "{said}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(doc["chars"].as_u64().unwrap() as usize, corpus.len() / 2);
+    assert_eq!(doc["blocks"][0]["units"][0]["triggers"].as_array().unwrap().len(), 3);
+    // a character outside the model's vocabulary is a one-line error
+    std::fs::write(&text, "xyz{").unwrap();
+    let e = fails(&ffwd(&["inspect", "--model", p(&m), "--text", p(&text), "--quiet", "--out", p(&out)]));
+    assert!(e.contains("not in the model's vocabulary"), "{e}");
+}
+
+/// The Chromium binary, if installed (Debian package `chromium`).
+fn chromium() -> Option<String> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .map(|b| b.to_string())
+}
+
+#[test]
+fn report_renders_in_a_headless_browser() {
+    let Some(browser) = chromium() else {
+        eprintln!("skipped: no chromium installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, html, png_path) = (dir.path().join("run.json"), dir.path().join("r.html"), dir.path().join("shot.png"));
+    ok(&ffwd(&["train", "--epochs", "3", "--quiet", "--metrics", p(&a)]));
+    ok(&ffwd(&["report", p(&a), "--out", p(&html)]));
+    let out = Command::new(&browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,900"])
+        .arg(format!("--screenshot={}", p(&png_path)))
+        .arg(format!("file://{}", p(&html)))
+        .output()
+        .unwrap();
+    assert!(png_path.exists(), "no screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let pixels = &buf[..info.buffer_size()];
+    let non_white = pixels.chunks(px).filter(|c| c[..3].iter().any(|&v| v < 200)).count();
+    let coloured = pixels.chunks(px).filter(|c| c[..3].iter().max().unwrap() - c[..3].iter().min().unwrap() > 60).count();
+    let total = pixels.len() / px;
+    assert!(non_white > total / 200, "the page looks blank: {non_white} of {total} pixels are not white");
+    assert!(coloured > 100, "no coloured chart lines: {coloured} coloured pixels");
 }

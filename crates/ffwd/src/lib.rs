@@ -38,6 +38,7 @@ pub mod layers;
 pub mod models;
 pub mod optim;
 pub mod prelude;
+pub mod report;
 pub mod spec;
 pub mod train;
 

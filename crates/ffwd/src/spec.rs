@@ -181,6 +181,14 @@ pub struct FfnShape {
 }
 
 impl FfnShape {
+    /// No kind given: the default dense FFN (GELU, `4·d_model` wide unless `ffn_width` says
+    /// otherwise), so that its width follows the model's width instead of staying at the
+    /// default model's 768.
+    pub fn with_default_kind(mut self) -> Self {
+        self.ffn.get_or_insert(FfnKind::Dense);
+        self
+    }
+
     /// The layer configuration for a model of width `d_model`; `freqs` gives the training
     /// text's token counts (called only for a balanced hash table). `None` when no kind is
     /// set (then no other option may be).
@@ -353,7 +361,11 @@ pub fn lm_options(base: &LmRunConfig, options: &serde_json::Map<String, serde_js
     let parse = |m: serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m);
     let err = |e: serde_json::Error| Error::Config(one_line(&e.to_string()));
     let run = LmRunConfig { model: serde_json::from_value(parse(model)).map_err(err)?, train: serde_json::from_value(parse(train)).map_err(err)? };
-    Ok((run, serde_json::from_value(parse(shape)).map_err(err)?))
+    let mut shape: FfnShape = serde_json::from_value(parse(shape)).map_err(err)?;
+    if base.model.ffn == crate::models::LmConfig::default().ffn {
+        shape = shape.with_default_kind();
+    }
+    Ok((run, shape))
 }
 
 #[cfg(test)]

@@ -328,6 +328,8 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
             top_k: a.top_k,
             balanced_hash: a.balanced_hash,
         };
+        // without a file, the default dense FFN's width follows --d-model (4·d_model)
+        let shape = if a.config.is_none() { shape.with_default_kind() } else { shape };
         let run = ffwd::spec::lm(&file, &shape, &text).map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
         (run.lm, run.tokenizer, run.options, run.data, LmTrainState::default(), AdamW::new(0.0))
     };
@@ -406,6 +408,7 @@ fn write_metrics(
 ) -> anyhow::Result<()> {
     let Some(path) = &a.metrics else { return Ok(()) };
     let m = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
         "val_loss": last.map(|e| e.val_loss),
         "val_bpc": last.map(|e| e.val_bpc),
         "train_loss": last.map(|e| e.train_loss),

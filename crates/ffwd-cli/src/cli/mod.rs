@@ -3,8 +3,10 @@
 mod bench;
 mod eval;
 mod forecast;
+mod inspect;
 mod lm;
 mod predict;
+mod report;
 mod serve;
 mod train;
 
@@ -35,6 +37,12 @@ enum Command {
     /// Forecast a time series with AR-Net (sparse linear AR plus any FFN): train, predict.
     #[command(subcommand)]
     Forecast(forecast::ForecastCommand),
+    /// One self-contained HTML page with inline SVG charts from training metrics, benchmark
+    /// and inspection files.
+    Report(report::ReportArgs),
+    /// What a trained LM's FFN units respond to (top trigger contexts) and what they promote
+    /// through the output embedding (Geva et al. 2021), as JSON.
+    Inspect(inspect::InspectArgs),
     /// Serve classifiers and language models over HTTP (dynamic batching, streaming).
     Serve(serve::ServeArgs),
 }
@@ -50,6 +58,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Lm(c) => lm::run(c),
         Command::Forecast(c) => forecast::run(c),
+        Command::Report(a) => report::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Serve(a) => serve::run(a),
     }
 }

@@ -548,6 +548,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &cfg.metrics {
         let metrics = json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "test_accuracy": report.test_accuracy,
             "train_accuracy": report.train_accuracy,
             "epochs": opts.epochs,
@@ -628,6 +629,7 @@ fn run_ff(a: &TrainArgs, cfg: &TrainConfig, split: &ffwd::data::Split, threads: 
     }
     if let Some(path) = &cfg.metrics {
         let metrics = json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "algo": "ff",
             "test_accuracy": last.test_accuracy,
             "test_accuracy_goodness": last.test_accuracy_goodness,

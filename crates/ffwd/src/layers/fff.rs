@@ -131,6 +131,8 @@ pub struct Fff {
     s: Vec<f32>,
     dz: Vec<f32>,
     aux: f32,
+    /// Mean node-decision entropy of the last training forward (nats).
+    entropy: f32,
     last_batch: usize,
 }
 
@@ -208,6 +210,7 @@ impl Fff {
             s: Vec::new(),
             dz: Vec::new(),
             aux: 0.0,
+            entropy: 0.0,
             last_batch: 0,
         })
     }
@@ -459,6 +462,7 @@ impl Trainable for Fff {
             aux += self.cfg.load_balance * leaves as f32 * lb as f32;
         }
         self.aux = aux;
+        self.entropy = if nodes > 0 { (entropy_sum / (batch * nodes) as f64) as f32 } else { 0.0 };
         Ok(())
     }
 
@@ -575,6 +579,10 @@ impl Trainable for Fff {
             }
         }
         Ok(())
+    }
+
+    fn decision_entropy(&self) -> Option<f32> {
+        (self.cfg.depth > 0).then_some(self.entropy)
     }
 
     fn aux_loss(&self) -> f32 {

@@ -123,6 +123,11 @@ pub trait Trainable: Send + Sync {
     fn expert_load(&self) -> Option<&[f32]> {
         None
     }
+    /// Mean Bernoulli entropy (nats) of the soft tree decisions of the last `forward_train`
+    /// (FFF trees only): how far training is from hard routing.
+    fn decision_entropy(&self) -> Option<f32> {
+        None
+    }
     /// Iterations and residuals of the last forward and adjoint fixed-point solves
     /// (deep-equilibrium layers only).
     fn fixed_point_stats(&self) -> Option<deq::FixedPointStats> {

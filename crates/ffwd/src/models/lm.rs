@@ -470,6 +470,22 @@ impl Lm {
         Ok(softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]).0)
     }
 
+    /// The FFN of block `l` (`None` past the last block).
+    pub fn ffn(&self, l: usize) -> Option<&dyn Layer> {
+        self.blocks.get(l).map(|b| b.ffn.as_ref())
+    }
+
+    /// Runs the inference path over `b` sequences of `t` tokens and returns, per block, the
+    /// input its FFN read (`b·t × d_model` each: the second LayerNorm's output, or the first's
+    /// in the parallel layout). For analyses of what FFN units respond to (`ffwd inspect`).
+    pub fn ffn_inputs(&mut self, tokens: &[u32], b: usize, t: usize) -> Result<Vec<Vec<f32>>> {
+        self.check_tokens(tokens, b, t, "lm input")?;
+        self.forward(tokens, b, t, false, &mut Rng::new(0))?;
+        let n = b * t * self.cfg.d_model;
+        let parallel = self.cfg.parallel;
+        Ok(self.caches.iter().map(|c| if parallel { c.a[..n].to_vec() } else { c.bn[..n].to_vec() }).collect())
+    }
+
     /// A generator that feeds one token at a time through KV caches. It borrows the model, so
     /// the weights cannot change while it lives.
     pub fn generator(&self) -> Generator<'_> {

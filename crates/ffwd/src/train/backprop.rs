@@ -77,6 +77,34 @@ pub struct EpochReport {
     /// Deep-equilibrium layers: iterations and residuals of the epoch's fixed-point solves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed_point: Option<SolverEpoch>,
+    /// FFF trees: the mean soft-decision entropy over the epoch's steps (nats; 0 = hard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_entropy: Option<f32>,
+    /// Routed layers: how many test samples (at most 10,000) each unit (leaf, expert) receives
+    /// at inference at the end of the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_usage: Option<RouteUsage>,
+}
+
+/// Inference-time routing counts of a routed layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteUsage {
+    /// What a unit is (`leaf`, `expert`).
+    pub unit: String,
+    /// Samples per unit.
+    pub counts: Vec<u64>,
+}
+
+/// Routing counts of the model's kernel over (at most 10,000 rows of) `data`; `None` for
+/// layers without routing or with more than 4,096 units (kept out of the metrics).
+fn route_usage(model: &Classifier, data: &crate::data::Dataset) -> Result<Option<RouteUsage>> {
+    let n = data.len().min(10_000);
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut counts = Vec::new();
+    let unit = model.kernel()?.route_usage(&data.x[..n * data.dim], n, &mut counts);
+    Ok(unit.filter(|_| counts.len() <= 4096).map(|u| RouteUsage { unit: u.to_string(), counts }))
 }
 
 /// The fixed-point solves of a deep-equilibrium layer over an epoch.
@@ -160,6 +188,9 @@ pub struct EpochSums {
     /// Fixed-point solves summed over steps (deep-equilibrium layers).
     #[serde(default)]
     pub solver: Option<SolverEpoch>,
+    /// Σ mean decision entropy over steps, and the steps (FFF trees).
+    #[serde(default)]
+    pub entropy: Option<(f64, usize)>,
 }
 
 /// Where a run stands; saved in checkpoints so that a run can resume.
@@ -264,6 +295,10 @@ pub fn train_from(
         if let Some(s) = model.layer().fixed_point_stats() {
             sums.solver.get_or_insert_with(SolverEpoch::default).add(&s);
         }
+        if let Some(e) = model.layer().decision_entropy() {
+            let acc = sums.entropy.get_or_insert((0.0, 0));
+            (acc.0, acc.1) = (acc.0 + e as f64, acc.1 + 1);
+        }
         noise.apply(state.step, 1.0, &mut noise_root.fork(state.step as u64), &mut |f| model.visit_params_mut(f));
         let scale = if opts.clip > 0.0 { clip_factor(grad_norm(&mut |f| model.visit_params_mut(f)), opts.clip) } else { 1.0 };
         let lr = schedule.lr(state.step);
@@ -290,6 +325,8 @@ pub fn train_from(
                 seconds: sums.seconds,
                 expert_load: sums.load.map(|l| l.iter().map(|v| v / steps_per_epoch as f32).collect()),
                 fixed_point: sums.solver.map(SolverEpoch::mean),
+                decision_entropy: sums.entropy.map(|(s, n)| (s / n.max(1) as f64) as f32),
+                route_usage: route_usage(model, &split.test)?,
             };
             state.epoch.load = model.layer().expert_load().map(|l| vec![0.0; l.len()]);
             progress.epoch(&report);

@@ -7,5 +7,6 @@ pub mod forward_forward;
 pub mod lm;
 
 pub use backprop::{
-    load_run, new_optimizer, save_run, train, train_from, EpochReport, EpochSums, Progress, SavedRun, SolverEpoch, TrainOptions, TrainReport, TrainState,
+    load_run, new_optimizer, save_run, train, train_from, EpochReport, EpochSums, Progress, RouteUsage, SavedRun, SolverEpoch, TrainOptions, TrainReport,
+    TrainState,
 };
