@@ -583,11 +583,38 @@ fn report_from_training_runs_and_its_errors() {
     let bench = dir.path().join("bench.json");
     let out = ok(&ffwd(&["bench", "--quick", "--json", "--only", "fff"]));
     std::fs::write(&bench, out).unwrap();
-    ok(&ffwd(&["report", p(&a), p(&b), p(&f), "--bench", p(&bench), "--out", p(&html)]));
+    let lm = dir.path().join("lm.json");
+    ok(&ffwd(&[
+        "lm",
+        "train",
+        "--ffn",
+        "moe",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "2",
+        "--context",
+        "16",
+        "--quiet",
+        "--metrics",
+        p(&lm),
+    ]));
+    ok(&ffwd(&["report", p(&a), p(&b), p(&f), p(&lm), "--bench", p(&bench), "--out", p(&html)]));
     let text = std::fs::read_to_string(&html).unwrap();
     let doc = roxmltree::Document::parse_with_options(&text, roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() }).unwrap();
     let series: Vec<&str> = doc.descendants().filter_map(|n| n.attribute("data-series")).collect();
     assert!(series.contains(&"dense.json") && series.contains(&"fff.json") && series.contains(&"fc.json: validation"), "{series:?}");
+    // the LM's routed FFN: one spread series per block, a point per evaluation
+    let lm_doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&lm).unwrap()).unwrap();
+    assert_eq!(lm_doc["history"].as_array().unwrap().len(), 2);
+    assert_eq!(lm_doc["history"][1]["route_usage"].as_array().unwrap().len(), 2);
+    assert!(series.contains(&"lm.json block 0") && series.contains(&"lm.json block 1") && series.contains(&"lm.json: validation"), "{series:?}");
     assert!(text.contains("Speedup over ffwd&#39;s dense layer") || text.contains("Speedup over ffwd's dense layer"));
     let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
     assert!(metrics["command"].as_str().unwrap().contains("--metrics"));

@@ -260,8 +260,14 @@ impl LmProgress for Bar<'_> {
     }
 }
 
-fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
+fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
     let threads = super::init_threads(a.threads)?;
+    // data parallel: the ranks after the first train silently and write nothing
+    let primary = super::parallel::primary();
+    if !primary {
+        a.quiet = true;
+        (a.save, a.metrics) = (None, None);
+    }
     let (text, source) = match &a.text {
         Some(p) => (read_text(p)?, p.display().to_string()),
         None => (tiny_shakespeare()?, "tiny-shakespeare (embedded)".to_string()),
@@ -361,6 +367,10 @@ fn run_train(a: LmTrainArgs) -> anyhow::Result<()> {
     train_lm(&mut lm, &data, &opts, &mut opt, &mut state, budget, a.stop_at, &mut bar)?;
     ffwd::core::profile::enable(false);
     bar.pb.finish_and_clear();
+    super::parallel::finish(state.step, state.seconds, &mut |f| lm.visit_params_mut(f))?;
+    if !primary {
+        return Ok(());
+    }
     if a.profile {
         let rows = ffwd::core::profile::report();
         let total: f64 = rows.iter().map(|r| r.1).sum();

@@ -5,6 +5,7 @@ mod eval;
 mod forecast;
 mod inspect;
 mod lm;
+mod parallel;
 mod predict;
 mod report;
 mod serve;
@@ -51,6 +52,17 @@ enum Command {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     ffwd::core::cpu::check_env()?;
+    #[cfg(feature = "mpi")]
+    let _mpi = parallel::init()?;
+    let result = dispatch(cli);
+    #[cfg(feature = "mpi")]
+    if let Err(e) = &result {
+        parallel::fail(e);
+    }
+    result
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
@@ -72,8 +84,10 @@ pub(crate) fn note_bf16_speed() {
     }
 }
 
-/// Sizes rayon's global pool (0 = one thread per core).
+/// Sizes rayon's global pool (0 = one thread per core; under mpirun, the cores shared among
+/// the host's ranks).
 pub(crate) fn init_threads(threads: usize) -> anyhow::Result<usize> {
+    let threads = if threads == 0 { parallel::default_threads() } else { threads };
     if threads > 0 {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }

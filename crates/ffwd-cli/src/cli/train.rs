@@ -479,7 +479,10 @@ fn resume_flags_only(a: &TrainArgs) -> bool {
     *a == allowed
 }
 
-pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+pub fn run(mut a: TrainArgs) -> anyhow::Result<()> {
+    // data parallel: the ranks after the first train silently and write nothing
+    let primary = super::parallel::primary();
+    a.quiet |= !primary;
     // a resumed run keeps its configuration, model, optimizer and step
     let (cfg, resumed) = match &a.resume {
         Some(path) => {
@@ -499,9 +502,16 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         None => (resolve(&a)?, None),
     };
     let threads = super::init_threads(cfg.threads)?;
+    anyhow::ensure!(cfg.save_every == 0 || cfg.save.is_some(), "--save-every needs --save (where to write the checkpoints)");
+    let mut cfg = cfg;
+    if !primary {
+        (cfg.save, cfg.metrics) = (None, None);
+    }
+    let cfg = cfg;
     let spec: DataSpec = cfg.data.parse()?;
     let split = spec.load(cfg.holdout, cfg.seed, cfg.csv_label)?;
     if cfg.algo == Algo::Ff {
+        anyhow::ensure!(ffwd::train::distributed::group().is_none(), "Forward-Forward training is not data-parallel: run it in one process");
         return run_ff(&a, &cfg, &split, threads);
     }
     let opts = cfg.train_options();
@@ -509,7 +519,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         Some(run) => (run.model, run.state, run.optimizer),
         None => (ffwd::spec::classifier(&cfg, &split.train)?, TrainState::default(), new_optimizer(&opts)),
     };
-    anyhow::ensure!(cfg.save_every == 0 || cfg.save.is_some(), "--save-every needs --save (where to write the checkpoints)");
     if !a.quiet {
         eprintln!(
             "data {}: {} train / {} test, {} features, {} classes | layer {} ({} params, {} neurons per inference) | {} threads",
@@ -533,6 +542,10 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut bar = Bar { pb, quiet: a.quiet, save: cfg.save.as_deref().map(|p| (p, &cfg)) };
     let report = train_from(&mut model, &split, &opts, opt.as_mut(), &mut state, &mut bar)?;
     bar.pb.finish_and_clear();
+    super::parallel::finish(report.steps, report.train_seconds, &mut |f| model.visit_params_mut(f))?;
+    if !primary {
+        return Ok(());
+    }
     println!(
         "test accuracy {:.4}  train accuracy {:.4}  ({} epochs, {:.1}s training, {} params, {} neurons per inference)",
         report.test_accuracy,

@@ -35,6 +35,16 @@ pub use ufff::UfffKernel;
 
 use crate::error::{check_matrix, Result};
 
+/// Inference-time routing counts of a routed layer ([`InferKernel::route_usage`]), as the
+/// training metrics record them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RouteUsage {
+    /// What a unit is (`leaf`, `expert`).
+    pub unit: String,
+    /// Samples per unit.
+    pub counts: Vec<u64>,
+}
+
 /// How an inference kernel stores its weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {

@@ -486,6 +486,22 @@ impl Lm {
         Ok(self.caches.iter().map(|c| if parallel { c.a[..n].to_vec() } else { c.bn[..n].to_vec() }).collect())
     }
 
+    /// Inference routing counts of every block's FFN over `b` sequences of `t` tokens (units:
+    /// `leaf`, `expert`); `None` for FFNs without routing (dense, hash layers that route by
+    /// token id).
+    pub fn route_usage(&mut self, tokens: &[u32], b: usize, t: usize) -> Result<Vec<Option<crate::kernels::RouteUsage>>> {
+        let inputs = self.ffn_inputs(tokens, b, t)?;
+        let kernels = self.kernels();
+        Ok(inputs
+            .iter()
+            .zip(kernels)
+            .map(|(x, k)| {
+                let mut counts = Vec::new();
+                k.route_usage(x, b * t, &mut counts).map(|u| crate::kernels::RouteUsage { unit: u.to_string(), counts })
+            })
+            .collect())
+    }
+
     /// A generator that feeds one token at a time through KV caches. It borrows the model, so
     /// the weights cannot change while it lives.
     pub fn generator(&self) -> Generator<'_> {

@@ -192,18 +192,12 @@ impl Report {
         let load_cv = |_: &Run, h: &Value| Some(cv(&floats(h.get("expert_load")?)?));
         push(
             "Conditional layers",
-            line("Expert load imbalance (coefficient of variation; 0 = balanced)", "epoch", "CV of expert load", self.series(c, "epoch", &load_cv, ""), false),
+            line("Expert load imbalance (CV; 0 = balanced)", "epoch", "CV of expert load", self.series(c, "epoch", &load_cv, ""), false),
         );
         let occ = |_: &Run, h: &Value| Some(normalised_entropy(&floats(h.get("route_usage")?.get("counts")?)?));
         push(
             "Conditional layers",
-            line(
-                "Routing spread (normalised entropy of unit occupancy; 1 = uniform)",
-                "epoch",
-                "entropy / ln(units)",
-                self.series(c, "epoch", &occ, ""),
-                false,
-            ),
+            line("Routing spread (occupancy entropy; 1 = uniform)", "epoch", "entropy / ln(units)", self.series(c, "epoch", &occ, ""), false),
         );
         let dec = |_: &Run, h: &Value| num(h, "decision_entropy");
         push("Conditional layers", line("Mean tree-decision entropy (hardening)", "epoch", "nats", self.series(c, "epoch", &dec, ""), false));
@@ -258,6 +252,27 @@ impl Report {
         lm_loss.extend(self.series(l, "step", &get("val_loss"), ": validation"));
         push("Language models", line("Loss", "step", "nats per character", lm_loss, false));
         push("Language models", line("Training throughput", "step", "tokens/s", self.series(l, "step", &get("train_tokens_per_s"), ""), false));
+        // routed FFNs: one series per run and block
+        let (mut spread, mut balance) = (Vec::new(), Vec::new());
+        for r in self.runs_of(l) {
+            let blocks = history(&r.doc).iter().filter_map(|h| h.get("route_usage").and_then(Value::as_array).map(Vec::len)).max().unwrap_or(0);
+            for blk in 0..blocks {
+                let counts = |h: &Value| h.get("route_usage")?.get(blk)?.get("counts").and_then(floats);
+                let pts = |f: &dyn Fn(&[f64]) -> f64| history(&r.doc).iter().filter_map(|h| Some((num(h, "step")?, f(&counts(h)?)))).collect::<Vec<_>>();
+                let name = format!("{} block {blk}", r.name);
+                let colour = Some(spread.len());
+                spread.push(Series { name: name.clone(), points: pts(&normalised_entropy), colour });
+                let shares = |c: &[f64]| {
+                    let total: f64 = c.iter().sum::<f64>().max(1.0);
+                    cv(&c.iter().map(|v| v / total).collect::<Vec<_>>())
+                };
+                balance.push(Series { name, points: pts(&shares), colour });
+            }
+        }
+        spread.retain(|s| !s.points.is_empty());
+        balance.retain(|s| !s.points.is_empty());
+        push("Language models", line("Routing spread per block (occupancy entropy; 1 = uniform)", "step", "entropy / ln(units)", spread, false));
+        push("Language models", line("Load imbalance per block (CV of unit shares)", "step", "CV", balance, false));
         // forecasters
         let fc = RunKind::Forecast;
         let mut fl = self.series(fc, "epoch", &get("train_mse"), ": train");

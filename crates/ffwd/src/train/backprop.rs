@@ -86,14 +86,7 @@ pub struct EpochReport {
     pub route_usage: Option<RouteUsage>,
 }
 
-/// Inference-time routing counts of a routed layer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RouteUsage {
-    /// What a unit is (`leaf`, `expert`).
-    pub unit: String,
-    /// Samples per unit.
-    pub counts: Vec<u64>,
-}
+pub use crate::kernels::RouteUsage;
 
 /// Routing counts of the model's kernel over (at most 10,000 rows of) `data`; `None` for
 /// layers without routing or with more than 4,096 units (kept out of the metrics).
@@ -250,6 +243,13 @@ pub fn train_from(
     }
     let n = data.len();
     let batch = opts.batch.min(n);
+    // data parallel: every minibatch's rows are shared out in contiguous slices, one per rank
+    let group = crate::train::distributed::group();
+    let (rank, ranks) = crate::train::distributed::rank_and_size();
+    if batch < ranks {
+        return Err(Error::Config(format!("batch {batch} is smaller than the {ranks} data-parallel ranks")));
+    }
+    let mut sync = crate::train::distributed::GradSync::new();
     let steps_per_epoch = n.div_ceil(batch);
     let total = steps_per_epoch * opts.epochs;
     let schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(total / 2), total, min_ratio: opts.min_lr_ratio };
@@ -271,7 +271,8 @@ pub fn train_from(
             order_epoch = epoch;
         }
         let t0 = Instant::now();
-        let idx = &order[s * batch..((s + 1) * batch).min(n)];
+        let step_rows = &order[s * batch..((s + 1) * batch).min(n)];
+        let idx = &step_rows[step_rows.len() * rank / ranks..step_rows.len() * (rank + 1) / ranks];
         let b = idx.len();
         data.gather(idx, &mut xb[..b * data.dim], &mut yb[..b]);
         if opts.input_dropout > 0.0 {
@@ -282,7 +283,18 @@ pub fn train_from(
             }
         }
         // the gradients are zero here: the optimizer's step consumed the last ones
-        let stats = model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_root.fork(state.step as u64))?;
+        let mut stats =
+            if b > 0 { model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_root.fork(state.step as u64))? } else { Default::default() };
+        if let Some(g) = group {
+            // the step's gradient is the mean over all its rows: each rank's mean weighted by its
+            // share of the rows, summed over the ranks in one fused all-reduce
+            sync.all_reduce(g, b as f32 / step_rows.len() as f32, &mut |f| model.visit_params_mut(f));
+            let mut s = [stats.loss as f64 * b as f64, stats.aux as f64 * b as f64, stats.correct as f64];
+            crate::train::distributed::sum_f64(&mut s);
+            let rows = step_rows.len() as f64;
+            stats = crate::models::StepStats { loss: (s[0] / rows) as f32, aux: (s[1] / rows) as f32, correct: s[2] as usize };
+        }
+        let b = if group.is_some() { step_rows.len() } else { b };
         if !stats.loss.is_finite() {
             return Err(Error::Invalid(format!("loss became {} at epoch {epoch}, step {s}: lower the learning rate", stats.loss)));
         }

@@ -24,6 +24,7 @@ use crate::data::text::CharTokenizer;
 use crate::error::{Error, Result};
 use crate::models::{Lm, LmConfig};
 use crate::optim::{clip_factor, grad_norm, AdamW, GradNoise, Optimizer, Schedule};
+use crate::train::distributed;
 
 /// Hyper-parameters of a language-model run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -131,6 +132,20 @@ pub struct LmEval {
     pub train_tokens_per_s: f64,
     /// Training seconds so far.
     pub seconds: f64,
+    /// Routed FFNs: per block, how the first held-out batch's tokens spread over the units
+    /// (leaves, experts) at inference; absent for FFNs without routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_usage: Option<Vec<Option<crate::train::RouteUsage>>>,
+}
+
+/// Per-block routing counts of the inference path on the first held-out batch (`None` when no
+/// block's FFN routes).
+fn lm_route_usage(lm: &mut Lm, val: &[u32], batch: usize, t: usize) -> Result<Option<Vec<Option<crate::train::RouteUsage>>>> {
+    let span = val.len() - t - 1;
+    let (mut x, mut y) = (vec![0u32; batch * t], vec![0u32; batch * t]);
+    windows(val, (0..batch).map(|j| j * span / batch.max(1)), t, &mut x, &mut y);
+    let usage: Vec<Option<crate::train::RouteUsage>> = lm.route_usage(&x, batch, t)?.into_iter().map(|u| u.filter(|u| u.counts.len() <= 4096)).collect();
+    Ok(usage.iter().any(Option::is_some).then_some(usage))
 }
 
 /// Where a run stands (saved in checkpoints so that `--resume` continues it).
@@ -244,6 +259,11 @@ pub fn train_lm(
         return Err(Error::Invalid(format!("text too short for windows of {t} tokens")));
     }
     let (b, k) = (opts.batch, opts.accum);
+    // data parallel: the step's k micro-batches are shared out, micro-batch m to rank m mod N
+    let group = distributed::group();
+    let (rank, ranks) = distributed::rank_and_size();
+    distributed::check_divides("accum (micro-batches per step)", k)?;
+    let mut sync = distributed::GradSync::new();
     let mut schedule = Schedule { peak: opts.lr, warmup: opts.warmup.min(opts.steps / 2), total: opts.steps, min_ratio: opts.min_lr_ratio };
     if budget.is_none() {
         state.planned_steps = None;
@@ -268,7 +288,7 @@ pub fn train_lm(
         drop(s);
         // the gradients are zero here: the optimizer's step consumed the last ones
         let mut step_loss = 0.0f32;
-        for micro in 0..k {
+        for micro in (rank..k).step_by(ranks) {
             let r = micro * b * t..(micro + 1) * b * t;
             // stochastic layers draw from a stream of their own per (step, micro-batch)
             let mut layer_rng = root.fork(((state.step as u64) << 20 | micro as u64) ^ 0x1a7e_0000_0000_0000);
@@ -277,6 +297,16 @@ pub fn train_lm(
                 return Err(Error::Invalid(format!("loss became {loss} at step {}: lower the learning rate", state.step)));
             }
             step_loss += loss / k as f32;
+        }
+        if let Some(g) = group {
+            // one fused all-reduce of every gradient (the sum over all k micro-batches), and
+            // the step's loss
+            let s = profile::span("all-reduce");
+            sync.all_reduce(g, 1.0, &mut |f| lm.visit_params_mut(f));
+            let mut l = [step_loss as f64];
+            distributed::sum_f64(&mut l);
+            step_loss = l[0] as f32;
+            drop(s);
         }
         // the gradients hold the sum over micro-batches: average (and clip) in the update
         let inv_k = 1.0 / k as f32;
@@ -294,8 +324,11 @@ pub fn train_lm(
         if let Some(bd) = budget {
             let done = state.step - first_step;
             if done >= REPLAN_EVERY && done.is_multiple_of(REPLAN_EVERY) {
-                let per_step = start.elapsed().as_secs_f64() / done as f64;
-                let left = bd.as_secs_f64() - start.elapsed().as_secs_f64();
+                // every rank plans with the ranks' mean step time, so that all stop together
+                let now = start.elapsed().as_secs_f64();
+                let mut clock = [now / done as f64 / ranks as f64, (bd.as_secs_f64() - now) / ranks as f64];
+                distributed::sum_f64(&mut clock);
+                let (per_step, left) = (clock[0], clock[1]);
                 let planned = (state.step + (left / per_step).max(0.0) as usize).clamp(state.step + 1, opts.steps);
                 state.planned_steps = Some(planned);
                 schedule.total = planned;
@@ -304,7 +337,13 @@ pub fn train_lm(
         progress.step(state.step, schedule.total.min(end), (loss_sum / loss_n as f64) as f32, tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9));
         let finished = state.step >= end.min(schedule.total);
         // the plan ends the run at the deadline; the clock is only a backstop (10 % late)
-        let out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd.mul_f64(1.1)) || finished;
+        let mut out_of_time = budget.is_some_and(|bd| start.elapsed() >= bd.mul_f64(1.1)) || finished;
+        if budget.is_some() && group.is_some() {
+            // one rank's clock must not stop it alone: the others would wait for it forever
+            let mut any = [f64::from(u8::from(out_of_time))];
+            distributed::sum_f64(&mut any);
+            out_of_time = any[0] > 0.0;
+        }
         if state.step.is_multiple_of(opts.eval_every.max(1)) || state.step == opts.steps || out_of_time {
             let tps = tokens_since as f64 / since.elapsed().as_secs_f64().max(1e-9);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
@@ -324,6 +363,7 @@ pub fn train_lm(
                 val_bpc: val_loss / std::f32::consts::LN_2,
                 train_tokens_per_s: tps,
                 seconds: state.seconds,
+                route_usage: lm_route_usage(lm, &data.val, b, t)?,
             };
             progress.eval(&e);
             state.history.push(e);

@@ -2,6 +2,7 @@
 //! [`forward_forward`]: Hinton's Forward-Forward, layer-local objectives without backprop.
 
 pub mod backprop;
+pub mod distributed;
 pub mod forecast;
 pub mod forward_forward;
 pub mod lm;
