@@ -1,7 +1,7 @@
 //! FFN forward + backward time of structured FFNs against the dense FFN they replace, at the
 //! shape of Wei et al. 2024's goal: d = 512, width 2048, GELU, 2048 token rows (batch 16 ×
-//! 128). LowRank at 63 % and 32 % of the dense FFN's parameters. Contenders alternate over
-//! rounds; medians.
+//! 128). LowRank, BlockDense (4 blocks) and BlockShuffle (2 blocks) at 63 % and 32 % of the
+//! dense FFN's parameters. Contenders alternate over rounds; medians.
 //!
 //! ```sh
 //! cargo bench --bench structured_ffn
@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use ffwd::core::{Activation, Rng};
-use ffwd::layers::{DenseConfig, Input, LayerConfig, LowRankConfig};
+use ffwd::layers::{DenseConfig, Input, LayerConfig, LowRankConfig, StructuredConfig};
 
 fn main() -> ffwd::Result<()> {
     let (d, w, rows) = (512usize, 2048usize, 2048usize);
@@ -22,6 +22,13 @@ fn main() -> ffwd::Result<()> {
     for share in [0.63, 0.32] {
         let r = rank_for(share);
         cases.push((format!("lowrank r {r} ({:.0} %)", 100.0 * share), LayerConfig::LowRank(LowRankConfig { width: w, rank: r, activation: gelu })));
+    }
+    for share in [0.63, 0.32] {
+        // BlockDense, nb 4: r·(d + w)·(1 + 1/nb); BlockShuffle, nb 2: 2·m·(d + w)/nb
+        let r = ((share * dense_params as f64) / ((d + w) as f64 * 1.25) / 4.0).round() as usize * 4;
+        cases.push((format!("blockdense r {r} ({:.0} %)", 100.0 * share), LayerConfig::BlockDense(StructuredConfig { width: w, rank: r, blocks: 4, activation: gelu })));
+        let m = ((share * dense_params as f64) / ((d + w) as f64) / 2.0).round() as usize * 2;
+        cases.push((format!("blockshuffle m {m} ({:.0} %)", 100.0 * share), LayerConfig::BlockShuffle(StructuredConfig { width: w, rank: m, blocks: 2, activation: gelu })));
     }
     let mut rng = Rng::new(0);
     let x: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();

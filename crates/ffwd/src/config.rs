@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, DeqConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, DeqConfig, FffConfig, StructuredConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -38,6 +38,12 @@ pub enum LayerKind {
     /// Low-rank FFN (U·V factors, SVD init).
     #[serde(rename = "lowrank")]
     LowRank,
+    /// BlockDense FFN (block-diagonal then low-rank).
+    #[serde(rename = "blockdense")]
+    BlockDense,
+    /// BlockShuffle FFN (block-diagonal, shuffle, block-diagonal).
+    #[serde(rename = "blockshuffle")]
+    BlockShuffle,
     /// UltraFastBERT tree.
     Ufff,
     /// Top-k softmax mixture of experts.
@@ -57,6 +63,8 @@ impl LayerKind {
             LayerKind::Fff => "fff",
             LayerKind::Glu => "glu",
             LayerKind::LowRank => "lowrank",
+            LayerKind::BlockDense => "blockdense",
+            LayerKind::BlockShuffle => "blockshuffle",
             LayerKind::Ufff => "ufff",
             LayerKind::Moe => "moe",
             LayerKind::Smoe => "smoe",
@@ -74,11 +82,13 @@ impl std::str::FromStr for LayerKind {
             "fff" => Ok(LayerKind::Fff),
             "glu" => Ok(LayerKind::Glu),
             "lowrank" => Ok(LayerKind::LowRank),
+            "blockdense" => Ok(LayerKind::BlockDense),
+            "blockshuffle" => Ok(LayerKind::BlockShuffle),
             "ufff" => Ok(LayerKind::Ufff),
             "moe" => Ok(LayerKind::Moe),
             "smoe" => Ok(LayerKind::Smoe),
             "pkm" => Ok(LayerKind::Pkm),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, deq, fff, glu, lowrank, ufff, moe, smoe or pkm)"))),
+            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, deq, fff, glu, lowrank, blockdense, blockshuffle, ufff, moe, smoe or pkm)"))),
         }
     }
 }
@@ -129,6 +139,10 @@ pub struct TrainConfig {
     pub glu: GluConfig,
     /// Options of the low-rank FFN.
     pub lowrank: LowRankConfig,
+    /// Options of the BlockDense FFN.
+    pub blockdense: StructuredConfig,
+    /// Options of the BlockShuffle FFN.
+    pub blockshuffle: StructuredConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
     /// Options of the top-k mixture of experts.
@@ -187,6 +201,8 @@ impl Default for TrainConfig {
             layer: LayerKind::Dense,
             dense: DenseConfig::default(),
             deq: DeqConfig::default(),
+            blockdense: StructuredConfig::default(),
+            blockshuffle: StructuredConfig { blocks: 2, ..Default::default() },
             fff: FffConfig::default(),
             glu: GluConfig::default(),
             lowrank: LowRankConfig::default(),
@@ -241,6 +257,8 @@ impl TrainConfig {
             LayerKind::Fff => LayerConfig::Fff(self.fff.clone()),
             LayerKind::Glu => LayerConfig::Glu(self.glu.clone()),
             LayerKind::LowRank => LayerConfig::LowRank(self.lowrank.clone()),
+            LayerKind::BlockDense => LayerConfig::BlockDense(self.blockdense.clone()),
+            LayerKind::BlockShuffle => LayerConfig::BlockShuffle(self.blockshuffle.clone()),
             LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
             LayerKind::Moe => LayerConfig::Moe(self.moe.clone()),
             LayerKind::Smoe => LayerConfig::Smoe(self.smoe.clone()),
@@ -257,6 +275,8 @@ impl TrainConfig {
             LayerKind::Deq => self.deq.width = width,
             LayerKind::Glu => self.glu.width = width,
             LayerKind::LowRank => self.lowrank.width = width,
+            LayerKind::BlockDense => self.blockdense.width = width,
+            LayerKind::BlockShuffle => self.blockshuffle.width = width,
             LayerKind::Fff => {
                 let leaves = 1usize << self.fff.depth;
                 if width == 0 || !width.is_multiple_of(leaves) {
@@ -321,7 +341,16 @@ impl TrainConfig {
         if let Some(r) = shape.rank {
             match kind {
                 LayerKind::LowRank => self.lowrank.rank = r,
-                _ => return Err(refuse("rank", "lowrank")),
+                LayerKind::BlockDense => self.blockdense.rank = r,
+                LayerKind::BlockShuffle => self.blockshuffle.rank = r,
+                _ => return Err(refuse("rank", "lowrank, blockdense or blockshuffle")),
+            }
+        }
+        if let Some(b) = shape.blocks {
+            match kind {
+                LayerKind::BlockDense => self.blockdense.blocks = b,
+                LayerKind::BlockShuffle => self.blockshuffle.blocks = b,
+                _ => return Err(refuse("blocks", "blockdense or blockshuffle")),
             }
         }
         if let Some(t) = shape.trees {
@@ -360,6 +389,8 @@ impl TrainConfig {
                 LayerKind::Fff => self.fff.activation = act,
                 LayerKind::Glu => self.glu.activation = act,
                 LayerKind::LowRank => self.lowrank.activation = act,
+                LayerKind::BlockDense => self.blockdense.activation = act,
+                LayerKind::BlockShuffle => self.blockshuffle.activation = act,
                 LayerKind::Ufff => self.ufff.activation = act,
                 LayerKind::Moe => self.moe.activation = act,
                 LayerKind::Smoe => self.smoe.activation = act,
@@ -426,8 +457,10 @@ pub struct LayerShape {
     pub depth: Option<usize>,
     /// ufff parallel trees K.
     pub trees: Option<usize>,
-    /// lowrank rank r.
+    /// lowrank rank r; blockdense rank r; blockshuffle middle width m.
     pub rank: Option<usize>,
+    /// blockdense/blockshuffle blocks nb.
+    pub blocks: Option<usize>,
     /// fff leaf width.
     pub leaf: Option<usize>,
     /// moe/smoe experts.

@@ -4,10 +4,12 @@
 //! Fast Feedforward Networks (FFF) and UltraFastBERT trees, with explicit forward and backward
 //! passes on our own compute core (row-major f32, the `gemm` crate, rayon).
 //!
-//! Layout: [`core`] (tensors, GEMM, kernels, RNG), [`kernels`] (immutable inference kernels),
-//! [`layers`], [`models`], [`optim`], [`train`] (training algorithms), [`data`], [`checkpoint`]
-//! (persistence), [`convert`] (interop), [`config`] (run configurations) and [`spec`] (the
-//! builders from a configuration to a model). [`prelude`] imports the common types.
+//! Layout: [`core`] (tensors, GEMM, kernels, fixed-point solvers, RNG), [`kernels`] (immutable
+//! inference kernels), [`layers`], [`models`] (classifier, language model, forecaster),
+//! [`optim`], [`train`] (training algorithms, data parallelism), [`data`], [`checkpoint`]
+//! (persistence), [`convert`] (interop), [`config`] (run configurations), [`spec`] (the
+//! builders from a configuration to a model) and [`report`] (HTML reports, FFN inspection).
+//! [`prelude`] imports the common types.
 //!
 //! The `ffwd` binary (crate `ffwd-cli`), the Python package (`python/`) and the server are
 //! shells over this library: they parse, call and print.

@@ -24,7 +24,7 @@ use crate::data::text::CharTokenizer;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::layers::hash::balanced_table;
-use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig};
 use crate::models::{Classifier, Lm, ModelConfig};
 use crate::optim::Optimizer;
 use crate::train::forward_forward::FfNet;
@@ -95,6 +95,12 @@ pub enum FfnKind {
     /// Low-rank FFN (width 4d, GELU; `rank` r, default d/4).
     #[serde(rename = "lowrank")]
     LowRank,
+    /// BlockDense FFN (width 4d, GELU; `rank` r default d/4, `blocks` default 4).
+    #[serde(rename = "blockdense")]
+    BlockDense,
+    /// BlockShuffle FFN (width 4d, GELU; `rank` = middle width m default d, `blocks` default 2).
+    #[serde(rename = "blockshuffle")]
+    BlockShuffle,
     /// Fast feedforward network (leaf = width / 2^depth).
     Fff,
     /// UltraFastBERT tree (width = 2^(depth+1) − 1 neurons per tree).
@@ -111,13 +117,15 @@ pub enum FfnKind {
 
 impl FfnKind {
     /// Every kind, in the order of `--help`.
-    pub const ALL: [FfnKind; 12] = [
+    pub const ALL: [FfnKind; 14] = [
         FfnKind::Dense,
         FfnKind::Dense3,
         FfnKind::Swiglu,
         FfnKind::Geglu,
         FfnKind::Reglu,
         FfnKind::LowRank,
+        FfnKind::BlockDense,
+        FfnKind::BlockShuffle,
         FfnKind::Fff,
         FfnKind::Ufff,
         FfnKind::Moe,
@@ -135,6 +143,8 @@ impl FfnKind {
             FfnKind::Geglu => "geglu",
             FfnKind::Reglu => "reglu",
             FfnKind::LowRank => "lowrank",
+            FfnKind::BlockDense => "blockdense",
+            FfnKind::BlockShuffle => "blockshuffle",
             FfnKind::Fff => "fff",
             FfnKind::Ufff => "ufff",
             FfnKind::Moe => "moe",
@@ -170,8 +180,11 @@ pub struct FfnShape {
     pub depth: Option<usize>,
     /// ufff parallel trees [default: 1].
     pub trees: Option<usize>,
-    /// lowrank rank [default: d_model / 4].
+    /// lowrank rank [default: d_model / 4]; blockdense rank [default d_model / 4];
+    /// blockshuffle middle width [default d_model].
     pub rank: Option<usize>,
+    /// blockdense/blockshuffle blocks [default: 4 / 2].
+    pub blocks: Option<usize>,
     /// moe/smoe/hash experts [default: 16].
     pub experts: Option<usize>,
     /// moe/smoe experts per token; pkm values per head [default: 2; 8 for pkm].
@@ -194,7 +207,7 @@ impl FfnShape {
     /// set (then no other option may be).
     pub fn layer_config(&self, d_model: usize, freqs: &dyn Fn() -> Vec<u64>) -> Result<Option<LayerConfig>> {
         let Some(kind) = self.ffn else {
-            let any = [self.ffn_width, self.depth, self.trees, self.rank, self.experts, self.top_k].iter().any(Option::is_some);
+            let any = [self.ffn_width, self.depth, self.trees, self.rank, self.blocks, self.experts, self.top_k].iter().any(Option::is_some);
             if any || self.balanced_hash {
                 return Err(Error::Config("ffn_width, depth, trees, rank, experts, top_k and balanced_hash need an ffn kind".into()));
             }
@@ -211,7 +224,9 @@ impl FfnShape {
         let mixture = matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Hash);
         only(self.depth.is_some() && !tree, "depth", "fff or ufff")?;
         only(self.trees.is_some() && kind != FfnKind::Ufff, "trees", "ufff")?;
-        only(self.rank.is_some() && kind != FfnKind::LowRank, "rank", "lowrank")?;
+        let structured = matches!(kind, FfnKind::BlockDense | FfnKind::BlockShuffle);
+        only(self.rank.is_some() && kind != FfnKind::LowRank && !structured, "rank", "lowrank, blockdense or blockshuffle")?;
+        only(self.blocks.is_some() && !structured, "blocks", "blockdense or blockshuffle")?;
         only(self.experts.is_some() && !mixture, "experts", "moe, smoe or hash")?;
         only(self.top_k.is_some() && !matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Pkm), "top_k", "moe, smoe or pkm")?;
         only(self.balanced_hash && kind != FfnKind::Hash, "balanced_hash", "hash")?;
@@ -239,6 +254,8 @@ impl FfnShape {
                 let width = self.ffn_width.unwrap_or((8 * d_model).div_ceil(3).next_multiple_of(8));
                 LayerConfig::Glu(GluConfig { width, activation })
             }
+            FfnKind::BlockDense => LayerConfig::BlockDense(StructuredConfig { width, rank: self.rank.unwrap_or((d_model / 4).max(1)), blocks: self.blocks.unwrap_or(4), activation: gelu }),
+            FfnKind::BlockShuffle => LayerConfig::BlockShuffle(StructuredConfig { width, rank: self.rank.unwrap_or(d_model), blocks: self.blocks.unwrap_or(2), activation: gelu }),
             FfnKind::Fff => {
                 let depth = self.depth.unwrap_or(3);
                 let leaves = 1usize.checked_shl(depth as u32).filter(|_| depth < 32).ok_or_else(|| Error::Config(format!("fff depth {depth} is too large")))?;

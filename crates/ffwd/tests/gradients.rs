@@ -219,6 +219,18 @@ fn deq_implicit_gradient_through_the_fixed_point() {
 }
 
 #[test]
+fn blockdense_and_blockshuffle_maps() {
+    use ffwd::layers::StructuredConfig;
+    for (i, activation) in [Activation::Gelu, Activation::Relu].into_iter().enumerate() {
+        let cfg = StructuredConfig { width: 12, rank: 4 + 4 * i, blocks: 2, activation };
+        let mut l = build(LayerConfig::BlockDense(cfg.clone()), 6, 4);
+        check_layer(l.as_mut(), 5, 7, 12, &always);
+        let mut l = build(LayerConfig::BlockShuffle(StructuredConfig { rank: 8, ..cfg }), 6, 4);
+        check_layer(l.as_mut(), 5, 8, 12, &always);
+    }
+}
+
+#[test]
 fn glu_family_gate_and_value() {
     // SwiGLU, GEGLU, ReGLU (ReLU's kink: coordinates that cross it are skipped)
     for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {

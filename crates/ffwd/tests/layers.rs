@@ -293,3 +293,48 @@ fn classifier_inference_follows_weight_changes() {
     m.layer().kernel().forward(x, 4, &mut y, &mut ffwd::kernels::Workspace::new()).unwrap();
     assert_eq!(after, y);
 }
+
+#[test]
+fn structured_maps_equal_their_materialised_dense_matrices() {
+    use ffwd::core::Activation;
+    use ffwd::layers::{BlockKind, Structured, StructuredConfig};
+    for kind in [BlockKind::BlockDense, BlockKind::BlockShuffle] {
+        for (blocks, rank) in [(2, 8), (4, 12)] {
+            let cfg = StructuredConfig { width: 16, rank, blocks, activation: Activation::Gelu };
+            let (ni, no, batch) = (12, 8, 7);
+            let mut layer = Structured::new(kind, cfg, ni, no, &mut Rng::new(4)).unwrap();
+            let mut rng = Rng::new(5);
+            let x: Vec<f32> = (0..batch * ni).map(|_| rng.normal()).collect();
+            let mut y = vec![0.0; batch * no];
+            layer.forward_train(Input::new(&x, batch), &mut y, &mut Rng::new(0)).unwrap();
+            // the same through the dense matrices and the biases, in f64
+            let (w1, w2) = layer.dense_matrices();
+            let bias = |name: &str| layer.params().into_iter().find(|p| p.name == name).unwrap().value.clone();
+            let (b1, b2) = (bias("fc1.bias"), bias("fc2.bias"));
+            for r in 0..batch {
+                let h: Vec<f64> = (0..16)
+                    .map(|j| {
+                        let z = b1[j] as f64 + (0..ni).map(|i| w1[j * ni + i] as f64 * x[r * ni + i] as f64).sum::<f64>();
+                        Activation::Gelu.apply(z as f32) as f64
+                    })
+                    .collect();
+                for o in 0..no {
+                    let want = b2[o] as f64 + (0..16).map(|j| w2[o * 16 + j] as f64 * h[j]).sum::<f64>();
+                    assert!((want - y[r * no + o] as f64).abs() < 1e-4, "{kind:?} nb {blocks}: row {r} out {o}: {want} vs {}", y[r * no + o]);
+                }
+            }
+            // the inference kernel equals the training forward
+            let mut yk = vec![0.0; batch * no];
+            layer.infer(&x, batch, &mut yk).unwrap();
+            assert!(yk.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+            // the shuffle connects every first-stage block to every second-stage block when each
+            // block has at least nb middle values: the product is then a dense matrix
+            if rank / blocks >= blocks {
+                assert!(w1.iter().chain(&w2).all(|v| v.abs() > 0.0), "{kind:?} nb {blocks}: a zero in the materialised matrices");
+            }
+        }
+    }
+    // widths the blocks do not divide are refused with the numbers
+    let e = Structured::new(BlockKind::BlockShuffle, StructuredConfig { blocks: 3, ..Default::default() }, 10, 9, &mut Rng::new(0)).err().unwrap().to_string();
+    assert!(e.contains("input width 10 is not a positive multiple of blocks = 3"), "{e}");
+}

@@ -137,6 +137,8 @@ fn whole_model_gradients_sequential_and_parallel() {
         LayerConfig::Ufff(UfffConfig { depth: 2, activation: Activation::Gelu, ..Default::default() }),
         LayerConfig::Glu(ffwd::layers::GluConfig { width: 5, activation: Activation::Gelu }),
         LayerConfig::LowRank(ffwd::layers::LowRankConfig { width: 10, rank: 3, activation: Activation::Gelu }),
+        LayerConfig::BlockDense(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu }),
+        LayerConfig::BlockShuffle(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu }),
     ] {
         let mut lm = tiny(ffn, false);
         check_lm(&mut lm, 6);

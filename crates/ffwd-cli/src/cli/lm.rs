@@ -34,7 +34,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "blocks", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
     resume: Option<PathBuf>,
     /// Context length in characters [default: 128].
     #[arg(long)]
@@ -51,7 +51,7 @@ pub struct LmTrainArgs {
     /// Parallel attention and FFN (PAF layout).
     #[arg(long)]
     parallel: bool,
-    /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), lowrank, fff, ufff, moe, smoe,
+    /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), lowrank, blockdense, blockshuffle, fff, ufff, moe, smoe,
     /// hash (routed by the input character) or pkm.
     #[arg(long, value_parser = parse_ffn)]
     ffn: Option<FfnKind>,
@@ -66,9 +66,13 @@ pub struct LmTrainArgs {
     /// ufff parallel trees (UltraFastBERT's KxD) [default: 1].
     #[arg(long)]
     trees: Option<usize>,
-    /// lowrank rank of both FFN maps [default: d_model / 4].
+    /// lowrank and blockdense rank of both FFN maps [default: d_model / 4]; blockshuffle middle
+    /// width [default: d_model].
     #[arg(long)]
     rank: Option<usize>,
+    /// blockdense/blockshuffle blocks [default: 4 / 2].
+    #[arg(long)]
+    blocks: Option<usize>,
     /// moe/smoe/hash experts [default: 16].
     #[arg(long)]
     experts: Option<usize>,
@@ -191,7 +195,7 @@ pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
 /// A library message about an option, with the option named as its flag
 /// (`ffn_width` → `--ffn-width`).
 fn flag_names(msg: &str) -> String {
-    const KEYS: [&str; 8] = ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "rank", "seq_len"];
+    const KEYS: [&str; 9] = ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "rank", "blocks", "seq_len"];
     // whole words only (`rank` in `lowrank` stays)
     let msg = msg.trim_start_matches("config: ");
     let mut out = String::with_capacity(msg.len() + 16);
@@ -330,6 +334,7 @@ fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
             depth: a.depth,
             trees: a.trees,
             rank: a.rank,
+            blocks: a.blocks,
             experts: a.experts,
             top_k: a.top_k,
             balanced_hash: a.balanced_hash,

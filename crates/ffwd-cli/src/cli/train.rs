@@ -64,7 +64,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     ff_goodness_every: usize,
     /// Layer between the input and the softmax: dense, glu (gated: --activation silu = SwiGLU,
-    /// gelu = GEGLU, relu = ReGLU), lowrank (U·V factors, --rank), deq (deep equilibrium: the fixed point of one block, --deq-*), fff, ufff, moe, smoe or pkm
+    /// gelu = GEGLU, relu = ReGLU), lowrank (U·V factors, --rank), blockdense and blockshuffle (block-structured maps, --rank, --blocks), deq (deep equilibrium: the fixed point of one block, --deq-*), fff, ufff, moe, smoe or pkm
     /// [default: dense].
     #[arg(long)]
     layer: Option<LayerKind>,
@@ -78,9 +78,13 @@ pub struct TrainArgs {
     /// ufff parallel trees K (UltraFastBERT's KxD configurations) [default: 1].
     #[arg(long)]
     trees: Option<usize>,
-    /// lowrank rank r of both maps [default: 16].
+    /// lowrank rank r of both maps [default: 16]; blockdense rank r, blockshuffle middle width m
+    /// [default: a quarter of each map's smaller side / the smaller side].
     #[arg(long)]
     rank: Option<usize>,
+    /// blockdense/blockshuffle blocks nb [default: 4 / 2].
+    #[arg(long)]
+    blocks: Option<usize>,
     /// fff leaf width ℓ.
     #[arg(long)]
     leaf: Option<usize>,
@@ -213,7 +217,7 @@ pub struct TrainArgs {
 /// (`top_k` → `--top-k`).
 pub(crate) fn flag_names(msg: &str) -> String {
     let mut out = msg.to_string();
-    for key in ["expert_width", "dense_layers", "top_k", "experts", "depth", "trees", "rank", "leaf", "width", "activation"] {
+    for key in ["expert_width", "dense_layers", "top_k", "experts", "depth", "trees", "rank", "blocks", "leaf", "width", "activation"] {
         if let Some(rest) = out.strip_prefix(&format!("config: {key} ")) {
             out = format!("--{} {rest}", key.replace('_', "-"));
             break;
@@ -372,6 +376,7 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         depth: a.depth,
         trees: a.trees,
         rank: a.rank,
+        blocks: a.blocks,
         leaf: a.leaf,
         experts: a.experts,
         expert_width: a.expert_width,

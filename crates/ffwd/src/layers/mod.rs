@@ -17,6 +17,7 @@ pub mod lowrank;
 pub mod moe;
 pub mod pkm;
 pub mod smoe;
+pub mod structured;
 pub mod ufff;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,7 @@ pub use lowrank::{LowRank, LowRankConfig};
 pub use moe::{Moe, MoeConfig};
 pub use pkm::{Pkm, PkmConfig};
 pub use smoe::{Smoe, SmoeConfig};
+pub use structured::{BlockKind, Structured, StructuredConfig};
 pub use ufff::{Ufff, UfffConfig};
 
 /// The input of a training pass: `x` (`batch × in_features`, row-major) and, for layers that
@@ -176,6 +178,12 @@ pub enum LayerConfig {
     /// Low-rank FFN: each matrix as U·V (SVD init).
     #[serde(rename = "lowrank")]
     LowRank(LowRankConfig),
+    /// BlockDense FFN (Wei et al. 2024): block-diagonal then low-rank maps.
+    #[serde(rename = "blockdense")]
+    BlockDense(StructuredConfig),
+    /// BlockShuffle FFN (Wei et al. 2024, Monarch-style): block-diagonal, shuffle, block-diagonal.
+    #[serde(rename = "blockshuffle")]
+    BlockShuffle(StructuredConfig),
     /// UltraFastBERT tree of single neurons.
     Ufff(UfffConfig),
     /// Top-k softmax mixture of experts (Switch, Mixtral-style).
@@ -201,6 +209,8 @@ impl LayerConfig {
             LayerConfig::Fff(c) => Box::new(Fff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Glu(c) => Box::new(Glu::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::LowRank(c) => Box::new(LowRank::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::BlockDense(c) => Box::new(Structured::new(BlockKind::BlockDense, c.clone(), in_features, out_features, rng)?),
+            LayerConfig::BlockShuffle(c) => Box::new(Structured::new(BlockKind::BlockShuffle, c.clone(), in_features, out_features, rng)?),
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
@@ -229,6 +239,8 @@ impl LayerConfig {
                 let (h, r1, r2) = (c.width, c.rank_of(c.width, i), c.rank_of(o, c.width));
                 sum(&[(r1, i.checked_add(h)?), (h, 1), (r2, h.checked_add(o)?), (o, 1)])
             }
+            LayerConfig::BlockDense(c) => c.param_count(BlockKind::BlockDense, i, o),
+            LayerConfig::BlockShuffle(c) => c.param_count(BlockKind::BlockShuffle, i, o),
             LayerConfig::Fff(c) => {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
                 let m = c.master_leaf;
@@ -264,6 +276,8 @@ impl LayerConfig {
             LayerConfig::Fff(_) => "fff",
             LayerConfig::Glu(_) => "glu",
             LayerConfig::LowRank(_) => "lowrank",
+            LayerConfig::BlockDense(_) => "blockdense",
+            LayerConfig::BlockShuffle(_) => "blockshuffle",
             LayerConfig::Ufff(_) => "ufff",
             LayerConfig::Moe(_) => "moe",
             LayerConfig::Smoe(_) => "smoe",

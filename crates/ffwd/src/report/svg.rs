@@ -147,6 +147,25 @@ fn frame(out: &mut String, title: &str, x_label: &str, y_label: &str, class: &st
     );
 }
 
+/// The plot's frame and horizontal grid with the y tick labels; returns its corners
+/// (x0, x1, y0 bottom, y1 top).
+fn plot_area(out: &mut String, ya: &Axis) -> (f64, f64, f64, f64) {
+    let (x0, x1, y0, y1) = (LEFT, W - RIGHT, H - BOTTOM, TOP);
+    let _ = write!(out, r##"<rect x="{x0}" y="{y1}" width="{}" height="{}" fill="none" stroke="#888888"/>"##, x1 - x0, y0 - y1);
+    for t in ya.ticks() {
+        if let Some(y) = ya.map(t, y0, y1) {
+            let _ = write!(
+                out,
+                r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-family="sans-serif" font-size="10">{}</text>"##,
+                x0 - 4.0,
+                y + 3.0,
+                short(t)
+            );
+        }
+    }
+    (x0, x1, y0, y1)
+}
+
 impl LineChart {
     /// The chart as one `<svg>` element.
     pub fn to_svg(&self) -> String {
@@ -155,19 +174,7 @@ impl LineChart {
         let all = || self.series.iter().flat_map(|s| s.points.iter());
         let xa = Axis::new(all().map(|p| p.0), self.log_x);
         let ya = Axis::new(all().map(|p| p.1), self.log_y);
-        let (x0, x1, y0, y1) = (LEFT, W - RIGHT, H - BOTTOM, TOP);
-        let _ = write!(out, r##"<rect x="{x0}" y="{y1}" width="{}" height="{}" fill="none" stroke="#888888"/>"##, x1 - x0, y0 - y1);
-        for t in ya.ticks() {
-            if let Some(y) = ya.map(t, y0, y1) {
-                let _ = write!(
-                    out,
-                    r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-family="sans-serif" font-size="10">{}</text>"##,
-                    x0 - 4.0,
-                    y + 3.0,
-                    short(t)
-                );
-            }
-        }
+        let (x0, x1, y0, y1) = plot_area(&mut out, &ya);
         for t in xa.ticks() {
             if let Some(x) = xa.map(t, x0, x1) {
                 let _ = write!(
@@ -244,19 +251,7 @@ impl BarChart {
         let mut out = String::new();
         frame(&mut out, &self.title, &self.x_label, &self.y_label, "chart bar-chart");
         let ya = Axis::new(self.bars.iter().map(|b| b.1).chain([0.0]).chain(self.reference), false);
-        let (x0, x1, y0, y1) = (LEFT, W - RIGHT, H - BOTTOM, TOP);
-        let _ = write!(out, r##"<rect x="{x0}" y="{y1}" width="{}" height="{}" fill="none" stroke="#888888"/>"##, x1 - x0, y0 - y1);
-        for t in ya.ticks() {
-            if let Some(y) = ya.map(t, y0, y1) {
-                let _ = write!(
-                    out,
-                    r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-family="sans-serif" font-size="10">{}</text>"##,
-                    x0 - 4.0,
-                    y + 3.0,
-                    short(t)
-                );
-            }
-        }
+        let (x0, x1, y0, y1) = plot_area(&mut out, &ya);
         let n = self.bars.len().max(1) as f64;
         let bw = (x1 - x0) / n;
         let base = ya.map(0.0, y0, y1).unwrap_or(y0);
