@@ -26,9 +26,15 @@ fn main() -> ffwd::Result<()> {
     for share in [0.63, 0.32] {
         // BlockDense, nb 4: r·(d + w)·(1 + 1/nb); BlockShuffle, nb 2: 2·m·(d + w)/nb
         let r = ((share * dense_params as f64) / ((d + w) as f64 * 1.25) / 4.0).round() as usize * 4;
-        cases.push((format!("blockdense r {r} ({:.0} %)", 100.0 * share), LayerConfig::BlockDense(StructuredConfig { width: w, rank: r, blocks: 4, activation: gelu })));
+        cases.push((
+            format!("blockdense r {r} ({:.0} %)", 100.0 * share),
+            LayerConfig::BlockDense(StructuredConfig { width: w, rank: r, blocks: 4, activation: gelu }),
+        ));
         let m = ((share * dense_params as f64) / ((d + w) as f64) / 2.0).round() as usize * 2;
-        cases.push((format!("blockshuffle m {m} ({:.0} %)", 100.0 * share), LayerConfig::BlockShuffle(StructuredConfig { width: w, rank: m, blocks: 2, activation: gelu })));
+        cases.push((
+            format!("blockshuffle m {m} ({:.0} %)", 100.0 * share),
+            LayerConfig::BlockShuffle(StructuredConfig { width: w, rank: m, blocks: 2, activation: gelu }),
+        ));
     }
     let mut rng = Rng::new(0);
     let x: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();

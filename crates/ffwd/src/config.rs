@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, DeqConfig, FffConfig, StructuredConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, UfffConfig};
+use crate::layers::{DenseConfig, DeqConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;

@@ -24,7 +24,9 @@ use crate::data::text::CharTokenizer;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::layers::hash::balanced_table;
-use crate::layers::{DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig};
+use crate::layers::{
+    DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig,
+};
 use crate::models::{Classifier, Lm, ModelConfig};
 use crate::optim::Optimizer;
 use crate::train::forward_forward::FfNet;
@@ -254,8 +256,15 @@ impl FfnShape {
                 let width = self.ffn_width.unwrap_or((8 * d_model).div_ceil(3).next_multiple_of(8));
                 LayerConfig::Glu(GluConfig { width, activation })
             }
-            FfnKind::BlockDense => LayerConfig::BlockDense(StructuredConfig { width, rank: self.rank.unwrap_or((d_model / 4).max(1)), blocks: self.blocks.unwrap_or(4), activation: gelu }),
-            FfnKind::BlockShuffle => LayerConfig::BlockShuffle(StructuredConfig { width, rank: self.rank.unwrap_or(d_model), blocks: self.blocks.unwrap_or(2), activation: gelu }),
+            FfnKind::BlockDense => LayerConfig::BlockDense(StructuredConfig {
+                width,
+                rank: self.rank.unwrap_or((d_model / 4).max(1)),
+                blocks: self.blocks.unwrap_or(4),
+                activation: gelu,
+            }),
+            FfnKind::BlockShuffle => {
+                LayerConfig::BlockShuffle(StructuredConfig { width, rank: self.rank.unwrap_or(d_model), blocks: self.blocks.unwrap_or(2), activation: gelu })
+            }
             FfnKind::Fff => {
                 let depth = self.depth.unwrap_or(3);
                 let leaves = 1usize.checked_shl(depth as u32).filter(|_| depth < 32).ok_or_else(|| Error::Config(format!("fff depth {depth} is too large")))?;

@@ -163,7 +163,9 @@ impl BlockMap {
             matmul(MatMut::strided(&mut z[k * q..], batch, q, self.mid, 1), a, w, false);
         }
         match self.kind {
-            BlockKind::BlockDense => matmul(MatMut::new(y, batch, self.out), MatRef::new(z, batch, self.mid), MatRef::new(&self.second.value, self.out, self.mid).t(), false),
+            BlockKind::BlockDense => {
+                matmul(MatMut::new(y, batch, self.out), MatRef::new(z, batch, self.mid), MatRef::new(&self.second.value, self.out, self.mid).t(), false)
+            }
             BlockKind::BlockShuffle => {
                 let s = self.out / nb;
                 for l in 0..nb {
