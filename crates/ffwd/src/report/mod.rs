@@ -171,7 +171,9 @@ impl Report {
     /// The page.
     pub fn render(&self) -> String {
         let mut body = String::new();
-        self.summary(&mut body);
+        if !self.runs.is_empty() {
+            self.summary(&mut body);
+        }
         let mut charts: Vec<(String, String)> = Vec::new(); // (section, svg)
         let line = |title: &str, x: &str, y: &str, series: Vec<Series>, log_y: bool| -> Option<String> {
             (!series.is_empty()).then(|| LineChart { title: title.into(), x_label: x.into(), y_label: y.into(), series, log_x: false, log_y }.to_svg())

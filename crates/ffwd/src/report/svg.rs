@@ -8,8 +8,8 @@ use std::fmt::Write;
 /// Series colours (colour-blind-safe Okabe–Ito order).
 const PALETTE: [&str; 8] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"];
 
-const W: f64 = 560.0;
-const H: f64 = 300.0;
+const W: f64 = 520.0;
+const H: f64 = 290.0;
 const LEFT: f64 = 64.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 30.0;
