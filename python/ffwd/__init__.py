@@ -25,9 +25,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from . import _ffwd, layers
-from ._ffwd import LM, Classifier, Kernel, __version__, set_threads, threads
+from ._ffwd import LM, Classifier, Forecaster, Kernel, __version__, set_threads, threads
 
-__all__ = ["Classifier", "LM", "Kernel", "train_classifier", "train_lm", "set_threads", "threads", "layers", "__version__"]
+__all__ = ["Classifier", "LM", "Forecaster", "Kernel", "train_classifier", "train_lm", "train_forecaster", "set_threads", "threads", "layers", "__version__"]
 
 
 def train_classifier(
@@ -75,3 +75,32 @@ def train_lm(text: Union[str, os.PathLike], *, verbose: bool = False, **options:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str or a path, got {type(text).__name__}")
     return _ffwd.train_lm(text, verbose, **options)
+
+
+def train_forecaster(
+    data: Union[str, os.PathLike, np.ndarray],
+    *,
+    column: Optional[str] = None,
+    fill: str = "none",
+    verbose: bool = False,
+    **options: Any,
+) -> Tuple[Forecaster, Dict[str, Any]]:
+    """Trains an AR-Net forecaster (Triebe et al. 2019) on one series.
+
+    data: a CSV file (timestamps in the first column; ``column`` picks the values, default the
+    last; ``fill="linear"`` interpolates missing values, else they are an error), or a 1-D
+    float32 array (its positions are the time axis).
+    options: the keys of ``ffwd forecast train``: ``lags``, ``horizon``, ``sparsity``,
+    ``epochs``, ``batch``, ``lr``, ``weight_decay``, ``season``, ``val_fraction``,
+    ``test_fraction``, ``keep_best``, ``seed``, ...; ``ffn`` (a layer kind for an FFN next to
+    the linear AR map) with the layer shorthands (``width``, ``depth``, ``activation``, ...).
+
+    Returns the trained :class:`Forecaster` (``forecast(history)`` gives the next ``horizon``
+    values) and a dict with the options and the report (MAE, RMSE and MASE per split for the
+    model, seasonal-naive and least-squares AR; the lags kept; AIC/BIC orders; history).
+    """
+    if isinstance(data, np.ndarray):
+        return _ffwd.train_forecaster(None, data, column, fill, verbose, **options)
+    if isinstance(data, (str, os.PathLike)):
+        return _ffwd.train_forecaster(os.fspath(data), None, column, fill, verbose, **options)
+    raise TypeError(f"data must be a CSV path or a 1-D numpy array, got {type(data).__name__}")

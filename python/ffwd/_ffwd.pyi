@@ -77,3 +77,18 @@ def set_threads(n: int) -> None:
     """Sets the number of threads ffwd computes with (0 = one per core)."""
 def threads() -> int:
     """The number of threads ffwd computes with."""
+
+class Forecaster:
+    """An AR-Net forecaster (linear AR with AR-Net's sparsity, plus an optional FFN)."""
+
+    @staticmethod
+    def load(path: Union[str, "os.PathLike[str]"]) -> "Forecaster": ...
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None: ...
+    def forecast(self, history: _F32) -> _F32:
+        """The next `horizon` values after `history` (1-D float32; its last `lags` values are read)."""
+    @property
+    def config(self) -> Dict[str, Any]: ...
+
+def train_forecaster(
+    path: Optional[str] = None, values: Optional[_F32] = None, column: Optional[str] = None, fill: str = "none", verbose: bool = False, **options: Any
+) -> Tuple[Forecaster, Dict[str, Any]]: ...

@@ -425,6 +425,90 @@ fn train_lm<'py>(py: Python<'py>, text: &str, verbose: bool, options: Option<&Bo
     Ok((Lm { ck }, to_python(py, &metrics)?))
 }
 
+/// An AR-Net forecaster (linear AR with AR-Net's sparsity, plus an optional FFN).
+#[pyclass(module = "ffwd._ffwd", frozen)]
+struct Forecaster {
+    model: ffwd::models::Forecaster,
+}
+
+#[pymethods]
+impl Forecaster {
+    /// Loads a checkpoint written by `save` or `ffwd forecast train --save`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        Ok(Forecaster { model: compute(py, || ffwd::models::Forecaster::load(&path)).map_err(py_err)? })
+    }
+
+    /// Saves the model (with its standardisation).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        compute(py, || self.model.save(&path)).map_err(py_err)
+    }
+
+    /// The next `horizon` values after `history` (float32, 1-D; its last `lags` values are read).
+    fn forecast<'py>(&self, py: Python<'py>, history: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let n = history.len()?;
+        let m = Matrix::new(history, n, "history", true)?;
+        if !m.one_row {
+            return Err(PyValueError::new_err("history must be a 1-D array of the series' values"));
+        }
+        let values = m.values().to_vec();
+        let next = compute(py, || self.model.forecast(&values)).map_err(py_err)?;
+        Ok(PyArray1::from_vec(py, next).into_any())
+    }
+
+    /// The configuration (lags, horizon, FFN, standardisation, step) as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_python(py, self.model.config())
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.model.config();
+        format!("Forecaster(lags={}, horizon={}, ffn={:?}, column={:?})", c.lags, c.horizon, c.layer.as_ref().map(|l| l.kind()), c.column)
+    }
+}
+
+/// Trains a forecaster on a CSV series (`path`, with `column` and `fill`) or on `values` (a
+/// 1-D float32 array, its positions as the time axis); `options` are `ffwd forecast train`'s
+/// keys. Returns the model and the report as a dict.
+#[pyfunction]
+#[pyo3(signature = (path=None, values=None, column=None, fill="none", verbose=false, **options))]
+fn train_forecaster<'py>(
+    py: Python<'py>,
+    path: Option<PathBuf>,
+    values: Option<&Bound<'py, PyAny>>,
+    column: Option<&str>,
+    fill: &str,
+    verbose: bool,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<(Forecaster, Bound<'py, PyAny>)> {
+    use ffwd::data::timeseries::{read_series, Fill, Frequency, Series, Stamp};
+    let opts = ffwd::spec::forecast_options(&options_json(py, options)?).map_err(py_err)?;
+    let fill: Fill = fill.parse().map_err(PyValueError::new_err)?;
+    let series = match (path, values) {
+        (Some(p), None) => compute(py, || read_series(&p, column, fill)).map_err(py_err)?,
+        (None, Some(v)) => {
+            let n = v.len()?;
+            let m = Matrix::new(v, n, "values", true)?;
+            if !m.one_row {
+                return Err(PyValueError::new_err("values must be a 1-D array"));
+            }
+            let values = m.values().to_vec();
+            Series { column: column.unwrap_or("values").to_string(), freq: Frequency::Yearly, times: (0..n as i64).map(Stamp).collect(), values, filled: 0 }
+        }
+        _ => return Err(PyValueError::new_err("give either path (a CSV file) or values (a 1-D array)")),
+    };
+    let (model, report) = compute(py, || {
+        ffwd::train::forecast::fit_forecaster(&series, &opts, &mut |e| {
+            if verbose {
+                eprintln!("epoch {:>4}  train mse {:.4}  val mse {:.4}", e.epoch, e.train_mse, e.val_mse);
+            }
+        })
+    })
+    .map_err(py_err)?;
+    Ok((Forecaster { model }, to_python(py, &serde_json::json!({ "options": opts, "report": report }))?))
+}
+
 /// An immutable inference kernel of one layer (built from converted weights).
 #[pyclass(module = "ffwd._ffwd", frozen)]
 struct Kernel {
@@ -532,6 +616,8 @@ fn _ffwd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Classifier>()?;
     m.add_class::<Lm>()?;
     m.add_class::<Kernel>()?;
+    m.add_class::<Forecaster>()?;
+    m.add_function(wrap_pyfunction!(train_forecaster, m)?)?;
     m.add_function(wrap_pyfunction!(train_classifier, m)?)?;
     m.add_function(wrap_pyfunction!(train_lm, m)?)?;
     m.add_function(wrap_pyfunction!(fff_kernel, m)?)?;

@@ -47,6 +47,37 @@ pub fn layer(kind: crate::config::LayerKind, shape: &crate::config::LayerShape) 
     Ok(cfg.layer_config())
 }
 
+/// Forecasting options from loose keys, as the Python package's keyword arguments give them:
+/// any [`crate::train::forecast::ForecastOptions`] key, `ffn` (a layer kind for the FFN next
+/// to the AR map; absent or `"none"`: linear AR-Net) and the [`LayerShape`] shorthands that
+/// shape it. Unknown keys are errors naming the key.
+pub fn forecast_options(options: &serde_json::Map<String, serde_json::Value>) -> Result<crate::train::forecast::ForecastOptions> {
+    let shape_keys = field_names(&crate::config::LayerShape::default())?;
+    let (mut shape, mut rest, mut kind) = (serde_json::Map::new(), serde_json::Map::new(), None);
+    for (k, v) in options {
+        if k == "ffn" {
+            match v {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) if s == "none" => {}
+                serde_json::Value::String(s) => kind = Some(s.parse::<crate::config::LayerKind>()?),
+                _ => return Err(Error::Config(format!("ffn must be a layer kind name, got {v}"))),
+            }
+        } else if shape_keys.contains(k) {
+            shape.insert(k.clone(), v.clone());
+        } else {
+            rest.insert(k.clone(), v.clone());
+        }
+    }
+    let mut opts: crate::train::forecast::ForecastOptions = serde_json::from_value(serde_json::Value::Object(rest)).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+    let shape: crate::config::LayerShape = serde_json::from_value(serde_json::Value::Object(shape)).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+    match kind {
+        Some(k) => opts.layer = Some(layer(k, &shape)?),
+        None if shape != crate::config::LayerShape::default() => return Err(Error::Config("the layer shorthands (width, depth, …) shape the FFN: give ffn too".into())),
+        None => {}
+    }
+    Ok(opts)
+}
+
 /// A new Forward-Forward net for `cfg.ff`, sized for `data` (the run's `grad_noise`, when set,
 /// overrides `ff.grad_noise`).
 pub fn ff_net(cfg: &TrainConfig, data: &Dataset) -> Result<FfNet> {

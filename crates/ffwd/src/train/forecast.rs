@@ -233,10 +233,11 @@ pub fn fit_forecaster(series: &Series, opts: &ForecastOptions, on_epoch: &mut dy
     let std = if var > 0.0 { var.sqrt() } else { 1.0 };
     let z: Vec<f32> = values.iter().map(|&v| ((v as f64 - mean) / std) as f32).collect();
     let parts: Vec<Windows> = bounds.iter().map(|r| Windows::new(&z, r.clone(), p, h)).collect();
-    for (name, w, r) in [("train", &parts[0], &bounds[0]), ("validation", &parts[1], &bounds[1])] {
-        if w.len() < 2 {
+    // the least-squares baseline needs more training windows than coefficients
+    for (name, w, r, need) in [("train", &parts[0], &bounds[0], p + 2), ("validation", &parts[1], &bounds[1], 2)] {
+        if w.len() < need {
             return Err(Error::Invalid(format!(
-                "series `{}` ({n} values) is too short for lags {p} and horizon {h}: the {name} part ({} values) holds {} windows",
+                "series `{}` ({n} values) is too short for lags {p} and horizon {h}: the {name} part ({} values) holds {} windows, it needs {need}",
                 series.column,
                 r.len(),
                 w.len()
