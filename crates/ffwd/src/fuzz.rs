@@ -14,7 +14,8 @@ use crate::data::idx::{decode_maybe_gz, pair_to_dataset, parse_idx, IdxArray};
 use crate::data::text::{text_from_bytes, CharTokenizer};
 use crate::error::Result;
 use crate::layers::{check_size, DenseConfig, FffConfig, LayerConfig, PkmConfig, UfffConfig};
-use crate::models::{Classifier, Lm, LmConfig, ModelConfig};
+use crate::data::timeseries::{parse_series, Fill, Frequency};
+use crate::models::{Classifier, ForecastConfig, Forecaster, Lm, LmConfig, ModelConfig};
 use crate::optim::AdamW;
 use crate::train::forward_forward::{FfConfig, FfNet};
 use crate::train::lm::{lm_checkpoint, LmCheckpoint, LmRunConfig, LmTrainOptions, LmTrainState};
@@ -40,12 +41,27 @@ pub enum Format {
     LmToml,
     /// Training text for the LM.
     Text,
+    /// `forecaster/1` checkpoint.
+    Forecaster,
+    /// A time-series CSV (`ffwd forecast --data`).
+    Series,
 }
 
 impl Format {
     /// Every format.
-    pub const ALL: [Format; 9] =
-        [Format::IdxImages, Format::IdxLabels, Format::Csv, Format::Classifier, Format::Ff, Format::Lm, Format::TrainToml, Format::LmToml, Format::Text];
+    pub const ALL: [Format; 11] = [
+        Format::IdxImages,
+        Format::IdxLabels,
+        Format::Csv,
+        Format::Classifier,
+        Format::Ff,
+        Format::Lm,
+        Format::TrainToml,
+        Format::LmToml,
+        Format::Text,
+        Format::Forecaster,
+        Format::Series,
+    ];
 
     /// A short name (also the file name used in errors).
     pub fn name(self) -> &'static str {
@@ -59,11 +75,13 @@ impl Format {
             Format::TrainToml => "train.toml",
             Format::LmToml => "lm.toml",
             Format::Text => "text.txt",
+            Format::Forecaster => "forecaster.safetensors",
+            Format::Series => "series.csv",
         }
     }
 
     fn textual(self) -> bool {
-        matches!(self, Format::Csv | Format::TrainToml | Format::LmToml | Format::Text)
+        matches!(self, Format::Csv | Format::TrainToml | Format::LmToml | Format::Text | Format::Series)
     }
 }
 
@@ -96,6 +114,8 @@ pub fn seeds(format: Format) -> Result<Vec<Vec<u8>>> {
                 LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, master_leaf: 2, ..Default::default() }),
                 LayerConfig::Ufff(UfffConfig { depth: 2, ..Default::default() }),
                 LayerConfig::Pkm(PkmConfig { n_keys: 3, heads: 1, k: 2, key_dim: 4, ..Default::default() }),
+                LayerConfig::Deq(crate::layers::DeqConfig { state: 4, width: 5, ..Default::default() }),
+                LayerConfig::BlockDense(crate::layers::StructuredConfig { width: 4, rank: 4, blocks: 2, activation: Activation::Gelu }),
             ] {
                 let m = Classifier::new(ModelConfig { in_features: 6, n_classes: 3, layer }, 2)?;
                 out.push(m.checkpoint()?.to_bytes()?);
@@ -123,6 +143,19 @@ pub fn seeds(format: Format) -> Result<Vec<Vec<u8>>> {
             b"[model]\nparallel = true\n[model.ffn]\nkind = \"ufff\"\ndepth = 9\n[train]\nlr = 0.002\n".to_vec(),
         ],
         Format::Text => vec!["ROMEO:\nBut soft, what light through yonder window breaks?\n".as_bytes().to_vec(), "naïve café — ünïcödé ✓\n".as_bytes().to_vec()],
+        Format::Forecaster => {
+            let mut out = Vec::new();
+            for layer in [None, Some(LayerConfig::Dense(DenseConfig { width: 4, layers: 2, activation: Activation::Relu }))] {
+                let cfg = ForecastConfig { lags: 3, horizon: 2, layer, mean: 1.5, std: 2.0, freq: Frequency::Monthly, column: "v".into() };
+                out.push(Forecaster::new(cfg, 1)?.checkpoint()?.to_bytes()?);
+            }
+            out
+        }
+        Format::Series => vec![
+            b"\"YEAR\",\"SUNACTIVITY\"\n1700,5\n1701,11\n1702,16\n1703,23\n1704,36\n".to_vec(),
+            b"date,co2\n19580329,316.1\n19580405,317.3\n19580412,\n19580426,315.6\n".to_vec(),
+            b"DATE,v\nJan-1-1995,66.19\nFeb-1-1995,65.15\nMar-1-1995,74.48\n".to_vec(),
+        ],
     })
 }
 
@@ -266,6 +299,14 @@ pub fn load(format: Format, bytes: Vec<u8>, name: &str) -> Result<()> {
             let text = text_from_bytes(bytes, name)?;
             let tok = CharTokenizer::from_text(&text)?;
             tok.encode(&text).map(drop)
+        }
+        Format::Forecaster => {
+            let m = Forecaster::from_checkpoint(&CheckpointReader::from_bytes(bytes, name)?)?;
+            m.forecast(&vec![1.0; m.config().lags]).map(drop)
+        }
+        Format::Series => {
+            let text = String::from_utf8(bytes).map_err(|_| crate::Error::format(name, "not UTF-8"))?;
+            parse_series(&text, name, None, Fill::Linear).map(drop)
         }
     }
 }

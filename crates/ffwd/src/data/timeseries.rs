@@ -187,8 +187,18 @@ pub fn parse_series(text: &str, name: &str, column: Option<&str>, fill: Fill) ->
         _ => b.0 - a.0,
     };
     let total = step(stamps[0], stamps[stamps.len() - 1]) as usize + 1;
-    if total > 100_000_000 {
-        return Err(Error::format(name, format!("the timestamps span {total} steps")));
+    // a series whose gaps outnumber its values is a misread timestamp column, not data to fill
+    if total > 2 * stamps.len() + 10_000 {
+        return Err(Error::format(
+            name,
+            format!(
+                "the timestamps {} … {} span {total} {} steps for {} values: more than half would be missing (check the timestamp column)",
+                stamps[0].format(freq),
+                stamps[stamps.len() - 1].format(freq),
+                freq.name(),
+                stamps.len()
+            ),
+        ));
     }
     let mut values = vec![f32::NAN; total];
     for (s, v) in stamps.iter().zip(&raw) {
@@ -433,6 +443,7 @@ mod tests {
             ("t,v\n2001,1\n2002\n", "fields"),
             ("t,v\nyesterday,1\n2002,1\n", "not a timestamp"),
             ("t,v\n2000-01-01,1\n2000-01-08,1\n2000-01-18,1\n", "whole number"),
+            ("t,v\n1700,1\n1701,2\n99999,3\n", "more than half would be missing"),
         ] {
             let e = parse_series(text, "f", None, Fill::Linear).unwrap_err().to_string();
             assert!(e.contains(what) && !e.contains('\n'), "{text:?}: {e}");

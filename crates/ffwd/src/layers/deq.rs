@@ -199,6 +199,9 @@ impl Deq {
             return Err(Error::Config(format!("deq.state and deq.width must be positive, got {} and {}", cfg.state, cfg.width)));
         }
         cfg.solver.validate("deq")?;
+        if !(cfg.lipschitz.is_finite() && cfg.lipschitz >= 0.0) {
+            return Err(Error::Config(format!("deq.lipschitz must be a finite value ≥ 0 (0 = off), got {}", cfg.lipschitz)));
+        }
         let inject = Linear::new("inject", in_features, cfg.width, rng);
         let fc1 = Linear::new("fc1", cfg.state, cfg.width, rng);
         let mut fc2 = Linear::new("fc2", cfg.width, cfg.state, rng);
