@@ -49,7 +49,7 @@ pub fn layer(kind: crate::config::LayerKind, shape: &crate::config::LayerShape) 
 
 /// Forecasting options from loose keys, as the Python package's keyword arguments give them:
 /// any [`crate::train::forecast::ForecastOptions`] key, `ffn` (a layer kind for the FFN next
-/// to the AR map; absent or `"none"`: linear AR-Net) and the [`LayerShape`] shorthands that
+/// to the AR map; absent or `"none"`: linear AR-Net) and the [`crate::config::LayerShape`] shorthands that
 /// shape it. Unknown keys are errors naming the key.
 pub fn forecast_options(options: &serde_json::Map<String, serde_json::Value>) -> Result<crate::train::forecast::ForecastOptions> {
     let shape_keys = field_names(&crate::config::LayerShape::default())?;
@@ -68,11 +68,14 @@ pub fn forecast_options(options: &serde_json::Map<String, serde_json::Value>) ->
             rest.insert(k.clone(), v.clone());
         }
     }
-    let mut opts: crate::train::forecast::ForecastOptions = serde_json::from_value(serde_json::Value::Object(rest)).map_err(|e| Error::Config(one_line(&e.to_string())))?;
+    let mut opts: crate::train::forecast::ForecastOptions =
+        serde_json::from_value(serde_json::Value::Object(rest)).map_err(|e| Error::Config(one_line(&e.to_string())))?;
     let shape: crate::config::LayerShape = serde_json::from_value(serde_json::Value::Object(shape)).map_err(|e| Error::Config(one_line(&e.to_string())))?;
     match kind {
         Some(k) => opts.layer = Some(layer(k, &shape)?),
-        None if shape != crate::config::LayerShape::default() => return Err(Error::Config("the layer shorthands (width, depth, …) shape the FFN: give ffn too".into())),
+        None if shape != crate::config::LayerShape::default() => {
+            return Err(Error::Config("the layer shorthands (width, depth, …) shape the FFN: give ffn too".into()))
+        }
         None => {}
     }
     Ok(opts)

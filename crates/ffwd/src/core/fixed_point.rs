@@ -58,7 +58,13 @@ impl SolverConfig {
     /// Checks the settings.
     pub fn validate(&self, what: &str) -> Result<()> {
         // the caps bound the scratch: memory × rows × dim (Anderson), max_iter × rows × dim (Broyden)
-        if !(self.tol > 0.0 && self.tol.is_finite()) || !(1..=10_000).contains(&self.max_iter) || !(1..=64).contains(&self.memory) || !(self.beta > 0.0 && self.beta <= 1.0) {
+        let ok = self.tol > 0.0
+            && self.tol.is_finite()
+            && (1..=10_000).contains(&self.max_iter)
+            && (1..=64).contains(&self.memory)
+            && self.beta > 0.0
+            && self.beta <= 1.0;
+        if !ok {
             return Err(Error::Config(format!("{what}: solver needs tol > 0, max_iter in 1..=10000, memory in 1..=64 and 0 < beta ≤ 1, got {self:?}")));
         }
         Ok(())

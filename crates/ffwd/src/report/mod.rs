@@ -348,7 +348,12 @@ impl Report {
                 ),
                 RunKind::ForwardForward => (
                     "Forward-Forward",
-                    format!("{:?}", d.get("layers").map(|l| l.to_string()).unwrap_or_default()),
+                    // the hidden widths from the run's configuration
+                    d.get("config")
+                        .and_then(|c| c.get("ff"))
+                        .and_then(|f| f.get("layers"))
+                        .and_then(floats)
+                        .map_or("?".into(), |w| format!("ReLU {}", w.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join("-"))),
                     format!("test accuracy {:.4} (softmax head)", num(d, "test_accuracy").unwrap_or(f64::NAN)),
                 ),
                 RunKind::Lm => (
