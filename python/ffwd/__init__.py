@@ -44,7 +44,7 @@ def train_classifier(
 
     x: float32 array, samples × features. y: integer labels 0..classes-1.
     layer: ``dense``, ``glu`` (gated; ``activation`` silu/gelu/relu = SwiGLU/GEGLU/ReGLU),
-    ``lowrank``, ``fff``, ``ufff``, ``moe``, ``smoe`` or ``pkm``.
+    ``lowrank``, ``blockdense``, ``blockshuffle``, ``deq``, ``fff``, ``ufff``, ``moe``, ``smoe`` or ``pkm``.
     x_test, y_test: the test set; without them a seeded ``holdout`` share (0.2) of x is held out.
     options: any key of ``ffwd train``'s TOML configuration (``epochs``, ``batch``, ``lr``,
     ``seed``, ``optimizer``, ``weight_decay``, a layer table such as ``fff={"hardening": 1}``,
@@ -65,8 +65,9 @@ def train_lm(text: Union[str, os.PathLike], *, verbose: bool = False, **options:
     ``str`` naming an existing file). Its last ``val_fraction`` (0.1) is held out.
     options: ``[model]`` keys (``context``, ``d_model``, ``heads``, ``layers``, ``parallel``),
     ``[train]`` keys (``steps``, ``batch``, ``lr``, ``seed``, ...) and the FFN shorthands
-    (``ffn`` = dense, dense3, swiglu, geglu, reglu, lowrank, fff, ufff, moe, smoe, hash or pkm;
-    ``ffn_width``, ``depth``, ``trees``, ``rank``, ``experts``, ``top_k``, ``balanced_hash``).
+    (``ffn`` = dense, dense3, swiglu, geglu, reglu, lowrank, blockdense, blockshuffle, fff, ufff,
+    moe, smoe, hash or pkm; ``ffn_width``, ``depth``, ``trees``, ``rank``, ``blocks``, ``experts``,
+    ``top_k``, ``balanced_hash``).
 
     Returns the trained :class:`LM` and a metrics dict (``val_loss``, ``val_bpc``, ``history``, ...).
     """

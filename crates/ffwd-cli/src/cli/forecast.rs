@@ -39,7 +39,7 @@ pub struct ForecastTrainArgs {
     #[arg(long, value_name = "NAME")]
     column: Option<String>,
     /// Missing values (skipped timestamps, empty or NA cells): none = refuse the file, linear =
-    /// interpolate [default: none].
+    /// interpolate.
     #[arg(long, default_value = "none")]
     fill: Fill,
     /// Past values the model reads (p); with --sparsity, give more than needed.
@@ -48,8 +48,8 @@ pub struct ForecastTrainArgs {
     /// Steps ahead predicted directly (h).
     #[arg(long, default_value_t = 1)]
     horizon: usize,
-    /// FFN added to the linear AR map: none (linear AR-Net), dense, glu, lowrank, fff, ufff, moe,
-    /// smoe or pkm [default: none].
+    /// FFN added to the linear AR map: none (linear AR-Net), dense, glu, lowrank, blockdense,
+    /// blockshuffle, deq, fff, ufff, moe, smoe or pkm [default: none].
     #[arg(long, value_name = "KIND")]
     ffn: Option<String>,
     /// FFN hidden width (as `ffwd train --width`).
@@ -76,7 +76,7 @@ pub struct ForecastTrainArgs {
     /// FFN activation: relu, gelu or silu.
     #[arg(long, value_parser = parse_activation)]
     activation: Option<Activation>,
-    /// AR-Net sparsity regulariser weight λ on the AR weights (0 = off) [default: 0].
+    /// AR-Net sparsity regulariser weight λ on the AR weights (0 = off).
     #[arg(long, default_value_t = 0.0)]
     sparsity: f32,
     /// Passes over the training windows.
@@ -145,7 +145,7 @@ pub struct ForecastPredictArgs {
     /// Value column [default: the model's column].
     #[arg(long, value_name = "NAME")]
     column: Option<String>,
-    /// Missing values: none or linear [default: none].
+    /// Missing values: none or linear.
     #[arg(long, default_value = "none")]
     fill: Fill,
     /// Write the CSV here [default: stdout].
