@@ -91,6 +91,14 @@ fn cv(v: &[f64]) -> f64 {
     (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt() / mean
 }
 
+/// A bar chart of each unit's share (bars labelled by index) with the uniform share as the
+/// reference line.
+fn share_bars(title: String, unit: &str, y_label: &str, shares: &[f64]) -> String {
+    let bars = shares.iter().enumerate().map(|(i, v)| (i.to_string(), *v)).collect();
+    let uniform = 1.0 / shares.len().max(1) as f64;
+    BarChart { title, x_label: unit.into(), y_label: y_label.into(), bars, reference: Some(uniform) }.to_svg()
+}
+
 /// Normalised entropy (0 = all in one unit, 1 = uniform) of counts.
 fn normalised_entropy(v: &[f64]) -> f64 {
     let total: f64 = v.iter().sum();
@@ -208,41 +216,18 @@ impl Report {
         for r in self.runs_of(c) {
             let Some(last) = history(&r.doc).last() else { continue };
             if let Some(load) = last.get("expert_load").and_then(floats) {
-                let bars = load.iter().enumerate().map(|(i, v)| (i.to_string(), *v)).collect::<Vec<_>>();
-                let uniform = 1.0 / load.len().max(1) as f64;
+                push("Conditional layers", Some(share_bars(format!("{}: expert load, last epoch", r.name), "expert", "share of routed slots", &load)));
+            }
+            let usage = last.get("route_usage");
+            if let (Some(counts), Some(unit)) =
+                (usage.and_then(|u| u.get("counts")).and_then(floats), usage.and_then(|u| u.get("unit")).and_then(Value::as_str))
+            {
+                let total: f64 = counts.iter().sum::<f64>().max(1.0);
+                let shares: Vec<f64> = counts.iter().map(|v| v / total).collect();
                 push(
                     "Conditional layers",
-                    Some(
-                        BarChart {
-                            title: format!("{}: expert load, last epoch", r.name),
-                            x_label: "expert".into(),
-                            y_label: "share of routed slots".into(),
-                            bars,
-                            reference: Some(uniform),
-                        }
-                        .to_svg(),
-                    ),
+                    Some(share_bars(format!("{}: {unit} occupancy on the test set, last epoch", r.name), unit, "share of samples", &shares)),
                 );
-            }
-            if let Some(u) = last.get("route_usage") {
-                if let (Some(counts), Some(unit)) = (u.get("counts").and_then(floats), u.get("unit").and_then(Value::as_str)) {
-                    let total: f64 = counts.iter().sum::<f64>().max(1.0);
-                    let bars = counts.iter().enumerate().map(|(i, v)| (i.to_string(), v / total)).collect::<Vec<_>>();
-                    let uniform = 1.0 / counts.len().max(1) as f64;
-                    push(
-                        "Conditional layers",
-                        Some(
-                            BarChart {
-                                title: format!("{}: {unit} occupancy on the test set, last epoch", r.name),
-                                x_label: unit.into(),
-                                y_label: "share of samples".into(),
-                                bars,
-                                reference: Some(uniform),
-                            }
-                            .to_svg(),
-                        ),
-                    );
-                }
             }
         }
         // Forward-Forward
@@ -264,11 +249,8 @@ impl Report {
                 let name = format!("{} block {blk}", r.name);
                 let colour = Some(spread.len());
                 spread.push(Series { name: name.clone(), points: pts(&normalised_entropy), colour });
-                let shares = |c: &[f64]| {
-                    let total: f64 = c.iter().sum::<f64>().max(1.0);
-                    cv(&c.iter().map(|v| v / total).collect::<Vec<_>>())
-                };
-                balance.push(Series { name, points: pts(&shares), colour });
+                // the coefficient of variation is scale-free: counts give the shares' value
+                balance.push(Series { name, points: pts(&cv), colour });
             }
         }
         spread.retain(|s| !s.points.is_empty());
