@@ -10,12 +10,17 @@
 //! one); [`CheckpointReader`] opens a file, checks its tag, and reads tensors with their dtype
 //! and shape checked. Each model saves and loads itself through them.
 //!
+//! Quantized checkpoints (`ffwd convert quantize`) store chosen weight matrices as ggml
+//! Q8_0/Q4_0 blocks in `U8` tensors of shape `[rows, bytes per row]`, listed with their f32
+//! shapes under `ffwd.quant` ([`QuantInfo`]); [`CheckpointReader::read_f32`] dequantizes them,
+//! so every loader reads such a file, and the models then run the quantized kernels.
+//!
 //! Hostile files: everything a header claims is checked against the file before it is used.
 //! The safetensors header must lie inside the file, tensor offsets inside the data, and a
 //! model configuration is refused when it would need more parameters than the file stores
 //! ([`CheckpointReader::check_claim`]) — before the model is allocated.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -24,9 +29,27 @@ use safetensors::SafeTensors;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::core::quant::{self, QFormat};
 use crate::core::{Param, ParamVisitor};
 use crate::error::{Error, Result};
 use crate::optim::Optimizer;
+
+/// Metadata key listing the block-quantized tensors ([`QuantInfo`]).
+pub const QUANT_KEY: &str = "ffwd.quant";
+/// Metadata key holding the conversions a checkpoint went through (a JSON array, oldest first).
+pub const CONVERTED_KEY: &str = "ffwd.converted";
+
+/// Which tensors of a checkpoint are stored block-quantized, and how.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantInfo {
+    /// Block format.
+    pub format: QFormat,
+    /// Only expert/FFN weights were quantized (MoQE); routers, attention and embeddings kept.
+    pub experts_only: bool,
+    /// Quantized tensor → its f32 shape (blocks run along the last axis).
+    pub tensors: BTreeMap<String, Vec<usize>>,
+}
 
 /// Metadata key holding the format tag.
 pub const FORMAT_KEY: &str = "ffwd.format";
@@ -91,6 +114,8 @@ fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String> {
 /// ```
 pub struct CheckpointWriter<'a> {
     tensors: Vec<(String, Vec<usize>, &'a [f32])>,
+    /// Tensors stored as raw bytes (quantized blocks): name, shape, bytes.
+    raw: Vec<(String, Vec<usize>, Vec<u8>)>,
     meta: HashMap<String, String>,
 }
 
@@ -100,12 +125,18 @@ impl<'a> CheckpointWriter<'a> {
         let mut meta = HashMap::new();
         meta.insert(FORMAT_KEY.to_string(), format.to_string());
         meta.insert("ffwd.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-        CheckpointWriter { tensors: Vec::new(), meta }
+        CheckpointWriter { tensors: Vec::new(), raw: Vec::new(), meta }
     }
 
     /// Adds a tensor of `shape` (row-major f32 values).
     pub fn tensor(&mut self, name: impl Into<String>, shape: &[usize], values: &'a [f32]) -> &mut Self {
         self.tensors.push((name.into(), shape.to_vec(), values));
+        self
+    }
+
+    /// Adds a `U8` tensor of `shape` (raw bytes, such as quantized blocks).
+    pub fn bytes(&mut self, name: impl Into<String>, shape: &[usize], bytes: Vec<u8>) -> &mut Self {
+        self.raw.push((name.into(), shape.to_vec(), bytes));
         self
     }
 
@@ -151,8 +182,10 @@ impl<'a> CheckpointWriter<'a> {
             .tensors
             .iter()
             .zip(&bytes)
-            .map(|((name, shape, _), b)| {
-                TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)).map_err(|e| Error::Invalid(format!("tensor {name}: {e}")))
+            .map(|((name, shape, _), b)| (name, Dtype::F32, shape, b))
+            .chain(self.raw.iter().map(|(name, shape, b)| (name, Dtype::U8, shape, b)))
+            .map(|(name, dtype, shape, b)| {
+                TensorView::new(dtype, shape.clone(), b).map(|v| (name.clone(), v)).map_err(|e| Error::Invalid(format!("tensor {name}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| Error::Invalid(format!("safetensors: {e}")))
@@ -170,6 +203,7 @@ pub struct CheckpointReader {
     bytes: Vec<u8>,
     meta: HashMap<String, String>,
     stored: usize,
+    quant: Option<QuantInfo>,
 }
 
 impl CheckpointReader {
@@ -185,8 +219,17 @@ impl CheckpointReader {
         let (_, header) =
             SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("not a safetensors file ({e})") })?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let stored = header.tensors().values().map(|t| t.shape.iter().product::<usize>()).fold(0usize, usize::saturating_add);
-        Ok(CheckpointReader { path, bytes, meta, stored })
+        let quant: Option<QuantInfo> = match meta.get(QUANT_KEY) {
+            Some(s) => Some(serde_json::from_str(s).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("bad `{QUANT_KEY}`: {e}") })?),
+            None => None,
+        };
+        // a quantized tensor counts the values it decodes to
+        let count = |name: &str, shape: &[usize]| match quant.as_ref().and_then(|q| q.tensors.get(name)) {
+            Some(s) => s.iter().fold(1usize, |a, &d| a.saturating_mul(d)),
+            None => shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)),
+        };
+        let stored = header.tensors().iter().map(|(n, t)| count(n, &t.shape)).fold(0usize, usize::saturating_add);
+        Ok(CheckpointReader { path, bytes, meta, stored, quant })
     }
 
     /// The file name, as errors show it.
@@ -222,6 +265,19 @@ impl CheckpointReader {
         }
     }
 
+    /// Every metadata entry.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.meta
+    }
+
+    /// Errors when the file is quantized: training continues from f32 weights only.
+    pub fn refuse_quantized(&self, what: &str) -> Result<()> {
+        match &self.quant {
+            Some(q) => Err(self.error(format!("is quantized ({}): {what} needs the f32 checkpoint it was converted from", q.format.name()))),
+            None => Ok(()),
+        }
+    }
+
     /// A metadata string.
     pub fn meta(&self, key: &str) -> Option<&str> {
         self.meta.get(key).map(String::as_str)
@@ -253,9 +309,26 @@ impl CheckpointReader {
         SafeTensors::deserialize(&self.bytes).map_err(|e| self.error(e.to_string()))
     }
 
-    /// Reads tensor `name` as f32 values, checking dtype and shape.
+    /// Which tensors are stored quantized (`None` for an f32 checkpoint).
+    pub fn quant(&self) -> Option<&QuantInfo> {
+        self.quant.as_ref()
+    }
+
+    /// Reads tensor `name` as f32 values, checking dtype and shape (quantized tensors are
+    /// dequantized).
     pub fn read_f32(&self, st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = st.tensor(name).map_err(|_| self.error(format!("missing tensor `{name}`")))?;
+        if let Some((format, stored)) = self.quant.as_ref().and_then(|q| q.tensors.get(name).map(|s| (q.format, s))) {
+            if stored.as_slice() != shape {
+                return Err(self.error(format!("quantized tensor `{name}` has shape {stored:?}, expected {shape:?}")));
+            }
+            if t.dtype() != Dtype::U8 {
+                return Err(self.error(format!("quantized tensor `{name}` has dtype {:?}, expected U8", t.dtype())));
+            }
+            let cols = shape.last().copied().unwrap_or(1);
+            let rows = shape.iter().rev().skip(1).product();
+            return quant::unpack(format, t.data(), rows, cols).map_err(|e| self.error(format!("tensor `{name}`: {e}")));
+        }
         if t.shape() != shape {
             return Err(self.error(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape())));
         }

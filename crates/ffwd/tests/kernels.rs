@@ -186,8 +186,10 @@ fn ufff_bf16_kernels_match_the_rounded_reference() {
         let want = naive_ufff(&w_in, b_in, &w_out, &x, batch, ni, no, depth, act);
         let mut outs = Vec::new();
         for s in [TreeStrategy::PerSample, TreeStrategy::Grouped] {
-            let k =
-                UfffKernel::new(p[0].value.clone(), b_in.clone(), p[2].value.clone(), ni, no, depth + 1, act).with_strategy(s).with_precision(Precision::Bf16);
+            let k = UfffKernel::new(p[0].value.clone(), b_in.clone(), p[2].value.clone(), ni, no, depth + 1, act)
+                .with_strategy(s)
+                .with_precision(Precision::Bf16)
+                .unwrap();
             let mut y = vec![f32::NAN; batch * no];
             k.forward(&x, batch, &mut y, &mut ws).unwrap();
             close(&y, &want, &format!("ufff bf16 case {case} {s:?}"));
@@ -200,7 +202,9 @@ fn ufff_bf16_kernels_match_the_rounded_reference() {
         close(&y, &want, &format!("ufff bf16 case {case} via the layer"));
         let back = UfffKernel::new(p[0].value.clone(), b_in.clone(), p[2].value.clone(), ni, no, depth + 1, act)
             .with_precision(Precision::Bf16)
-            .with_precision(Precision::F32);
+            .unwrap()
+            .with_precision(Precision::F32)
+            .unwrap();
         back.forward(&x, batch, &mut y, &mut ws).unwrap();
         close(&y, &want, &format!("ufff bf16 case {case} widened back"));
     }

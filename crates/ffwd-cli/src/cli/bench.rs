@@ -27,7 +27,8 @@ pub struct BenchArgs {
     /// Measure a trained checkpoint end to end instead of the suite.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Run only the suite rows of these layers (comma-separated: ufff,ufff-bf16,fff,smoe,moe,pkm).
+    /// Run only the suite rows of these layers (comma-separated: ufff,ufff-bf16,ufff-q8,ufff-q4,
+    /// dense-q8,dense-q4,fff,smoe,moe,pkm).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
@@ -36,6 +37,9 @@ pub struct BenchArgs {
     /// With --model: store the layer's weights in bfloat16 (ufff layers).
     #[arg(long, requires = "model")]
     bf16: bool,
+    /// With --model: the batch size of the throughput measurement.
+    #[arg(long, default_value_t = 1024, requires = "model")]
+    batch: usize,
 }
 
 /// Median and 90th percentile of a call's duration in µs.
@@ -93,10 +97,32 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         weights: "bf16",
         d,
         shape: "768-[4095 tree, depth 11]-768, bf16 weights".into(),
-        tree: kernel_in(ufff, d, d, 1, Precision::Bf16)?,
+        tree: kernel_in(ufff.clone(), d, d, 1, Precision::Bf16)?,
         dense: ufff_dense()?,
         batches: batches.clone(),
     });
+    // the same tree and its dense twin with Q8_0 / Q4_0 weight blocks (integer kernels)
+    for (p, bits) in [(Precision::Q8_0, "q8"), (Precision::Q4_0, "q4")] {
+        cases.push(Case {
+            name: format!("ufff-{bits}"),
+            weights: p.name(),
+            d,
+            shape: format!("768-[4095 tree, depth 11]-768, {}", p.name()),
+            tree: kernel_in(ufff.clone(), d, d, 1, p)?,
+            dense: ufff_dense()?,
+            batches: batches.clone(),
+        });
+        let dense = LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu });
+        cases.push(Case {
+            name: format!("dense-{bits}"),
+            weights: p.name(),
+            d,
+            shape: format!("768-4095-768 dense, {}", p.name()),
+            tree: kernel_in(dense, d, d, 2, p)?,
+            dense: ufff_dense()?,
+            batches: batches.clone(),
+        });
+    }
     // FFF paper shape: leaf 32, depth 1..11; dense twin of width 2^d · 32 (ReLU both).
     let depths: Vec<usize> = if quick { vec![4, 8] } else { (1..=11).collect() };
     for depth in depths {
@@ -220,7 +246,8 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
         return Ok(());
     }
     let mut model = ffwd::models::Classifier::load(path)?;
-    let precision = if a.bf16 { Precision::Bf16 } else { Precision::F32 };
+    // a quantized checkpoint loads with its format set
+    let precision = if a.bf16 { Precision::Bf16 } else { model.precision() };
     model.set_precision(precision)?;
     let k = model.layer().kernel_with(precision)?;
     if a.bf16 {
@@ -229,7 +256,8 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
     let (ni, no) = (k.in_features(), k.out_features());
     let mut rng = Rng::new(3);
     let mut ws = Workspace::new();
-    let big = 1024;
+    anyhow::ensure!(a.batch > 0, "--batch must be positive");
+    let big = a.batch;
     let x: Vec<f32> = (0..big * ni).map(|_| rng.uniform()).collect();
     let mut y = vec![0.0f32; big * no];
     let mut i = 0;
@@ -248,14 +276,15 @@ fn bench_model(path: &std::path::Path, threads: usize, a: &BenchArgs) -> anyhow:
     if a.json {
         println!(
             "{}",
-            json!({"model": path.display().to_string(), "layer": k.kind(), "weights": if a.bf16 { "bf16" } else { "f32" }, "threads": threads, "latency_us_batch1": lat, "latency_p90_us_batch1": lat90, "predict_us_batch1": predict,
-                   "samples_per_s_batch1024": sps, "neurons_per_inference": k.neurons_per_inference()})
+            json!({"model": path.display().to_string(), "layer": k.kind(), "weights": precision.name(), "threads": threads, "latency_us_batch1": lat, "latency_p90_us_batch1": lat90, "predict_us_batch1": predict,
+                   "batch": big, "samples_per_s": sps, "median_us_batch": bt, "neurons_per_inference": k.neurons_per_inference()})
         );
     } else {
         println!(
-            "{}: {} layer {ni}→{no}, {} neurons per inference, {threads} threads\n  batch 1: median {lat:.2} µs (p90 {lat90:.2}) kernel, {predict:.2} µs Classifier::predict\n  batch {big}: {sps:.0} samples/s",
+            "{}: {} layer {ni}→{no} ({} weights), {} neurons per inference, {threads} threads\n  batch 1: median {lat:.2} µs (p90 {lat90:.2}) kernel, {predict:.2} µs Classifier::predict\n  batch {big}: {sps:.0} samples/s",
             path.display(),
             k.kind(),
+            precision.name(),
             k.neurons_per_inference()
         );
     }

@@ -22,6 +22,25 @@ pub enum LmCommand {
     Train(Box<LmTrainArgs>),
     /// Generate text from a trained LM (KV cache; FFN through its conditional inference kernel).
     Sample(LmSampleArgs),
+    /// Held-out loss of a saved LM (converted ones too) on its run's validation split.
+    Eval(LmEvalArgs),
+}
+
+/// Options of `ffwd lm eval`.
+#[derive(Args, Debug)]
+pub struct LmEvalArgs {
+    /// LM checkpoint.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The text the model was trained on (its last val_fraction is scored) [default: embedded tiny-shakespeare].
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// Batches of held-out windows (the run's batch size and sequence length).
+    #[arg(long, default_value_t = 20)]
+    batches: usize,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 /// Options of `ffwd lm train`.
@@ -189,6 +208,7 @@ pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
     match cmd {
         LmCommand::Train(a) => run_train(*a),
         LmCommand::Sample(a) => run_sample(a),
+        LmCommand::Eval(a) => run_eval(a),
     }
 }
 
@@ -307,7 +327,7 @@ fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
     };
     // a resumed run keeps its model, options, vocabulary and optimizer; flags may extend --steps
     let (mut lm, tokenizer, opts, data, mut state, mut opt) = if let Some(path) = &a.resume {
-        let LmCheckpoint { lm, tokenizer, mut options, state, optimizer } = LmCheckpoint::load(path)?;
+        let LmCheckpoint { lm, tokenizer, mut options, state, optimizer } = LmCheckpoint::load_to_resume(path)?;
         flags(&mut options);
         let data = ffwd::spec::lm_data(&lm, &tokenizer, &text, &options).with_context(|| format!("{source} with the run of {}", path.display()))?;
         (lm, tokenizer, options, data, state, optimizer)
@@ -440,6 +460,27 @@ fn write_metrics(
         "history": state.history,
     });
     ffwd::checkpoint::write_atomic(path, serde_json::to_string_pretty(&m)?.as_bytes()).context("writing metrics")?;
+    Ok(())
+}
+
+fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let mut ck = LmCheckpoint::load(&a.model)?;
+    let text = match &a.text {
+        Some(p) => read_text(p)?,
+        None => tiny_shakespeare()?,
+    };
+    let loss = ck.held_out_loss(&text, a.batches)?;
+    println!(
+        "{}: held-out loss {loss:.4} nats/char ({:.4} bits/char), {} FFN, {} weights, {} batches of {} x {}",
+        a.model.display(),
+        loss / std::f32::consts::LN_2,
+        ck.lm.config().ffn.kind(),
+        ck.lm.precision().name(),
+        a.batches,
+        ck.options.batch,
+        ck.options.seq_len
+    );
     Ok(())
 }
 

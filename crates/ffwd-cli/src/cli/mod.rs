@@ -1,6 +1,7 @@
 //! Subcommands of the `ffwd` binary.
 
 mod bench;
+mod convert;
 mod eval;
 mod forecast;
 mod inspect;
@@ -46,6 +47,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve classifiers and language models over HTTP (dynamic batching, streaming).
     Serve(serve::ServeArgs),
+    /// Convert a trained checkpoint: quantize its weights (Q8_0/Q4_0), split a dense FFN
+    /// into experts (MoEfication).
+    #[command(subcommand)]
+    Convert(convert::ConvertCommand),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -73,6 +78,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Report(a) => report::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Convert(c) => convert::run(c),
     }
 }
 

@@ -3,6 +3,8 @@
 //! Python package hands over NumPy arrays).
 
 pub mod fastfeedforward;
+pub mod moefy;
+pub mod quantize;
 pub mod ultrafastbert;
 
 use std::collections::BTreeMap;

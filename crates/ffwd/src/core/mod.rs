@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod loss;
 pub mod param;
 pub mod profile;
+pub mod quant;
 pub mod rng;
 pub mod sgemm;
 pub mod simd;

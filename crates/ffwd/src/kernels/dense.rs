@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::{check_io, InferKernel, Workspace};
 use crate::core::gemm::{axpy, matmul_bias, MatMut, MatRef};
+use crate::core::quant::{QFormat, QMatrix};
 use crate::core::simd::axpy4;
 use crate::core::Activation;
 use crate::error::Result;
@@ -14,17 +15,40 @@ const GEMV_COLS: usize = 512;
 
 /// Dense inference: GEMV at batch 1, GEMM above. Weights are stored transposed (`in × out`),
 /// the layout in which the GEMM reads both operands row-major (measured ~1.5x faster than
-/// multiplying by a transposed view) and the batch-1 GEMV streams rows.
+/// multiplying by a transposed view) and the batch-1 GEMV streams rows. Quantized weights
+/// ([`DenseKernel::quantized`]) stay `out × in` in blocks along `in`, and every map quantizes
+/// its input rows to 8 bits before the integer products.
 pub struct DenseKernel {
-    /// `(weightᵀ in × out, bias out, out, in)` per Linear map.
-    linears: Vec<(Vec<f32>, Vec<f32>, usize, usize)>,
+    /// `(weights, bias out, out, in)` per Linear map.
+    linears: Vec<(Weights, Vec<f32>, usize, usize)>,
     activation: Activation,
+}
+
+/// One map's weights.
+enum Weights {
+    /// `weightᵀ`, `in × out`.
+    F32(Vec<f32>),
+    /// `weight`, `out × in`, block-quantized.
+    Quant(QMatrix),
 }
 
 impl DenseKernel {
     /// From Linear maps (first to last) and the activation applied between them.
     pub fn new(linears: &[Linear], activation: Activation) -> Self {
-        DenseKernel { linears: linears.iter().map(|l| (transposed(l), l.bias.value.clone(), l.out_features(), l.in_features())).collect(), activation }
+        let linears = linears.iter().map(|l| (Weights::F32(transposed(l)), l.bias.value.clone(), l.out_features(), l.in_features())).collect();
+        DenseKernel { linears, activation }
+    }
+
+    /// From Linear maps with their weights block-quantized to `format` (biases stay f32).
+    pub fn quantized(linears: &[Linear], activation: Activation, format: QFormat) -> Result<Self> {
+        let linears = linears
+            .iter()
+            .map(|l| {
+                let q = QMatrix::from_f32(format, &l.weight.value, l.out_features(), l.in_features())?;
+                Ok((Weights::Quant(q), l.bias.value.clone(), l.out_features(), l.in_features()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(DenseKernel { linears, activation })
     }
 
     fn max_width(&self) -> usize {
@@ -89,16 +113,20 @@ impl InferKernel for DenseKernel {
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()> {
         check_io(self, x, batch, y)?;
         let w = self.max_width();
+        let mut q = std::mem::take(&mut ws.q);
         let ([a, b, _, _], _) = ws.take([batch * w, batch * w, 0, 0], [0; 4]);
         let last = self.linears.len() - 1;
         let mut input: &[f32] = x;
         let (mut cur, mut next) = (a, b);
         for (i, (wt, bias, o, n)) in self.linears.iter().enumerate() {
             let out: &mut [f32] = if i == last { &mut *y } else { &mut cur[..batch * o] };
-            if batch == 1 {
-                gemv(wt, bias, input, out);
-            } else {
-                matmul_bias(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *n, *o), bias);
+            match wt {
+                Weights::F32(wt) if batch == 1 => gemv(wt, bias, input, out),
+                Weights::F32(wt) => matmul_bias(MatMut::new(out, batch, *o), MatRef::new(input, batch, *n), MatRef::new(wt, *n, *o), bias),
+                Weights::Quant(m) => {
+                    q.quantize(input, batch, *n);
+                    m.matmul(&q, batch, Some(bias), out);
+                }
             }
             if i == last {
                 break;
@@ -107,6 +135,7 @@ impl InferKernel for DenseKernel {
             std::mem::swap(&mut cur, &mut next);
             input = &next[..batch * o];
         }
+        ws.q = q;
         Ok(())
     }
 

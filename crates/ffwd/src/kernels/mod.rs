@@ -55,6 +55,41 @@ pub enum Precision {
     /// bytes for memory-bound kernels (tree layers at batch), each weight rounded to 8
     /// significant bits.
     Bf16,
+    /// ggml Q8_0 weight blocks (32 `i8` and an f16 scale), activations quantized on the fly
+    /// to 8 bits, integer dot products (`core::quant`).
+    Q8_0,
+    /// ggml Q4_0 weight blocks (32 nibbles and an f16 scale), activations as for Q8_0.
+    Q4_0,
+}
+
+impl Precision {
+    /// The block format of the quantized precisions.
+    pub fn quant(self) -> Option<crate::core::quant::QFormat> {
+        use crate::core::quant::QFormat;
+        match self {
+            Precision::Q8_0 => Some(QFormat::Q8_0),
+            Precision::Q4_0 => Some(QFormat::Q4_0),
+            Precision::F32 | Precision::Bf16 => None,
+        }
+    }
+
+    /// The precision of a block format.
+    pub fn of(format: crate::core::quant::QFormat) -> Self {
+        match format {
+            crate::core::quant::QFormat::Q8_0 => Precision::Q8_0,
+            crate::core::quant::QFormat::Q4_0 => Precision::Q4_0,
+        }
+    }
+
+    /// Name (`f32`, `bf16`, `q8_0`, `q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Q8_0 => "q8_0",
+            Precision::Q4_0 => "q4_0",
+        }
+    }
 }
 
 /// A ready-to-run inference path of one layer.
@@ -105,6 +140,8 @@ pub(crate) fn check_io(k: &dyn InferKernel, x: &[f32], batch: usize, y: &[f32]) 
 pub struct Workspace {
     f: [Vec<f32>; 8],
     u: [Vec<u32>; 8],
+    /// Quantized activations of the Q8_0/Q4_0 kernels.
+    pub(crate) q: crate::core::quant::QAct,
 }
 
 impl Workspace {

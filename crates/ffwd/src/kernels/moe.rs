@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::grouped::{self, ExpertShape, ExpertWeights};
+use super::grouped::{self, ExpertShape, ExpertWeights, QuantExperts};
 use super::{check_io, InferKernel, Workspace};
 use crate::core::gemm::matmul_bt;
 use crate::core::Activation;
@@ -31,6 +31,47 @@ pub enum Router {
     },
     /// Hash layer: one expert per token from its id, gate 1.
     Hash(HashTable),
+    /// MoEfication's router: scores `W2 tanh(W1 x + b1) + b2`, top-k by score, gates 1.
+    Mlp {
+        /// `experts × in`.
+        w1: Vec<f32>,
+        /// `experts`.
+        b1: Vec<f32>,
+        /// `experts × experts`.
+        w2: Vec<f32>,
+        /// `experts`.
+        b2: Vec<f32>,
+    },
+    /// Scores `W x`, top-k by score, gates 1 (MoEfication's centroid router).
+    Linear {
+        /// `experts × in`.
+        weight: Vec<f32>,
+    },
+}
+
+impl Router {
+    /// Scores of `batch` rows of `x` (`batch × d`) into `out` (`batch × experts`): the
+    /// logits of the softmax and sigmoid routers, the scores of the MLP and linear ones;
+    /// `hidden` is scratch. Hash routers have no scores (`out` is left as is).
+    pub fn scores(&self, x: &[f32], batch: usize, d: usize, experts: usize, hidden: &mut Vec<f32>, out: &mut [f32]) {
+        match self {
+            Router::Softmax { weight, .. } | Router::Sigmoid { weight } | Router::Linear { weight } => matmul_bt(out, x, batch, d, weight, experts),
+            Router::Mlp { w1, b1, w2, b2 } => crate::layers::moefied::mlp_scores(w1, b1, w2, b2, x, batch, d, experts, hidden, out),
+            Router::Hash(_) => {}
+        }
+    }
+
+    /// Top-k experts and gates of one row of scores.
+    fn route(&self, scores: &[f32], k: usize, idx: &mut [u32], gates: &mut [f32]) {
+        match self {
+            Router::Softmax { renormalize, .. } => route_softmax_gates(scores, k, *renormalize, idx, gates),
+            Router::Sigmoid { .. } => route_sigmoid(scores, k, idx, gates, |_| false),
+            Router::Mlp { .. } | Router::Linear { .. } | Router::Hash(_) => {
+                grouped::top_k(scores, k, idx, gates, |_| false);
+                gates.fill(1.0);
+            }
+        }
+    }
 }
 
 /// Token id → expert map of a hash layer.
@@ -125,9 +166,20 @@ pub struct MoeKernel {
     b1: Vec<f32>,
     w2: Vec<f32>,
     b2: Vec<f32>,
+    /// The experts as quantized blocks (then `w1`, `w2` are empty).
+    quant: Option<QuantExperts>,
 }
 
 impl MoeKernel {
+    /// The same kernel with its expert matrices stored as `format` blocks (the router stays
+    /// f32: Mixture of Quantized Experts).
+    pub fn quantized(mut self, format: crate::core::quant::QFormat) -> Result<Self> {
+        let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
+        self.quant = Some(QuantExperts::new(&w, format)?);
+        (self.w1, self.w2) = (Vec::new(), Vec::new());
+        Ok(self)
+    }
+
     /// A kernel over copies of the given weights (layouts as in [`super::grouped`]).
     pub fn new(kind: &'static str, router: Router, k: usize, weights: &ExpertWeights<'_>, b2: &[f32]) -> Self {
         MoeKernel {
@@ -140,6 +192,7 @@ impl MoeKernel {
             b1: weights.b1.to_vec(),
             w2: weights.w2.to_vec(),
             b2: b2.to_vec(),
+            quant: None,
         }
     }
 
@@ -149,13 +202,13 @@ impl MoeKernel {
         let k = self.k;
         let slots = batch * k;
         let logits_len = if matches!(self.router, Router::Hash(_)) { 0 } else { batch * experts };
-        let ([logits, gates, xs, h, ys], [assign, order, pos, offsets]) =
-            ws.take([logits_len, slots, slots * d, slots * g, slots * o], [slots, slots, slots, experts + 1]);
-        match &self.router {
-            Router::Softmax { weight, .. } | Router::Sigmoid { weight } => {
-                matmul_bt(logits, x, batch, d, weight, experts);
-            }
-            Router::Hash(_) => {}
+        let hidden_len = if matches!(self.router, Router::Mlp { .. }) { batch * experts } else { 0 };
+        let ([logits, gates, xs, h, ys, hidden], [assign, order, pos, offsets]) = ws
+            .take([logits_len, slots, if self.quant.is_some() { slots * d } else { 0 }, slots * g, slots * o, hidden_len], [slots, slots, slots, experts + 1]);
+        if let Router::Mlp { w1, b1, w2, b2 } = &self.router {
+            crate::layers::moefied::mlp_scores_into(w1, b1, w2, b2, x, batch, d, experts, hidden, logits);
+        } else {
+            self.router.scores(x, batch, d, experts, &mut Vec::new(), logits);
         }
         match &self.router {
             Router::Hash(table) => {
@@ -167,10 +220,7 @@ impl MoeKernel {
                 }
             }
             router => {
-                let route = |((l, ib), gb): ((&[f32], &mut [u32]), &mut [f32])| match router {
-                    Router::Softmax { renormalize, .. } => route_softmax_gates(l, k, *renormalize, ib, gb),
-                    _ => route_sigmoid(l, k, ib, gb, |_| false),
-                };
+                let route = |((l, ib), gb): ((&[f32], &mut [u32]), &mut [f32])| router.route(l, k, ib, gb);
                 if batch >= 64 {
                     let rows = logits.par_chunks_exact(experts).zip(assign.par_chunks_exact_mut(k)).zip(gates.par_chunks_exact_mut(k));
                     rows.with_min_len(32).for_each(route);
@@ -180,8 +230,14 @@ impl MoeKernel {
             }
         }
         let s = grouped::dispatch(assign, experts, offsets, order, pos);
-        let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
-        grouped::experts_forward(&w, x, k, &order[..s], offsets, &mut xs[..s * d], None, &mut h[..s * g], &mut ys[..s * o])?;
+        match &self.quant {
+            Some(q) => grouped::experts_forward_quant(q, x, k, &order[..s], offsets, &mut xs[..s * d], &mut h[..s * g], &mut ys[..s * o])?,
+            None => {
+                let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
+                // `assign` is free once dispatched: it holds the token of every sorted slot
+                grouped::experts_infer(&w, x, k, &order[..s], offsets, &mut assign[..s], &mut h[..s * g], &mut ys[..s * o])?;
+            }
+        }
         grouped::combine(ys, pos, gates, k, &self.b2, y);
         Ok(())
     }
@@ -211,22 +267,18 @@ impl InferKernel for MoeKernel {
     fn route_usage(&self, x: &[f32], batch: usize, counts: &mut Vec<u64>) -> Option<&'static str> {
         // hash layers route by token id, which this call does not have
         let (experts, d, k) = (self.shape.experts, self.shape.in_features, self.k);
-        let weight = match &self.router {
-            Router::Softmax { weight, .. } | Router::Sigmoid { weight } => weight,
-            Router::Hash(_) => return None,
-        };
+        if matches!(self.router, Router::Hash(_)) {
+            return None;
+        }
         counts.resize(experts, 0);
         if x.len() != batch * d {
             return Some("expert");
         }
         let mut logits = vec![0.0f32; batch * experts];
-        matmul_bt(&mut logits, x, batch, d, weight, experts);
+        self.router.scores(x, batch, d, experts, &mut Vec::new(), &mut logits);
         let (mut idx, mut gates) = (vec![0u32; k], vec![0.0f32; k]);
         for l in logits.chunks_exact(experts) {
-            match &self.router {
-                Router::Softmax { renormalize, .. } => route_softmax_gates(l, k, *renormalize, &mut idx, &mut gates),
-                _ => route_sigmoid(l, k, &mut idx, &mut gates, |_| false),
-            }
+            self.router.route(l, k, &mut idx, &mut gates);
             idx.iter().for_each(|&e| counts[e as usize] += 1);
         }
         Some("expert")
@@ -238,7 +290,11 @@ impl InferKernel for MoeKernel {
 
     fn macs_per_sample(&self) -> usize {
         let ExpertShape { experts, in_features: d, width: g, out_features: o } = self.shape;
-        let router = if matches!(self.router, Router::Hash(_)) { 0 } else { experts * d };
+        let router = match self.router {
+            Router::Hash(_) => 0,
+            Router::Mlp { .. } => experts * (d + experts),
+            _ => experts * d,
+        };
         router + self.k * g * (d + o)
     }
 }

@@ -8,6 +8,7 @@ use super::grouped::dispatch;
 use super::{check_io, rows4, rows4_mut, InferKernel, Precision, SyncPtr, Workspace};
 use crate::core::bf16::{dot4_bf16, dot_bf16, paired_index, to_bf16_paired, weighted_row_sum_bf16, Bf16};
 use crate::core::gemm::{axpy, dot};
+use crate::core::quant::{QAct, QMatrix};
 use crate::core::simd::{dot4, weighted_row_sum};
 use crate::core::Activation;
 use crate::error::Result;
@@ -88,8 +89,28 @@ impl Rows for Mat<Bf16> {
 
 /// The two weight matrices in one storage.
 enum Weights {
-    F32 { w_in: Mat<f32>, w_out: Mat<f32> },
-    Bf16 { w_in: Mat<Bf16>, w_out: Mat<Bf16> },
+    F32 {
+        w_in: Mat<f32>,
+        w_out: Mat<f32>,
+    },
+    Bf16 {
+        w_in: Mat<Bf16>,
+        w_out: Mat<Bf16>,
+    },
+    /// Block-quantized rows: the path's dot products in integers against the sample
+    /// quantized once to 8 bits, the output rows dequantized as they are summed.
+    Quant {
+        w_in: QMatrix,
+        w_out: QMatrix,
+    },
+}
+
+/// Samples quantized together by one task of the quantized walk.
+const QUANT_CHUNK: usize = 16;
+
+thread_local! {
+    /// Quantized samples of the current task of the quantized walk (grows once per thread).
+    static QX: std::cell::RefCell<QAct> = std::cell::RefCell::new(QAct::default());
 }
 
 /// Inference copy of a [`crate::layers::Ufff`].
@@ -148,9 +169,16 @@ impl UfffKernel {
     }
 
     /// The same kernel with its weight rows stored in `precision` (biases stay f32). bf16
-    /// rounds every weight to 8 significant bits; a logit near zero may then send a sample
-    /// down the other branch than the f32 kernel would.
-    pub fn with_precision(mut self, precision: Precision) -> Self {
+    /// rounds every weight to 8 significant bits, Q8_0/Q4_0 to their blocks (from f32 rows
+    /// only); a logit near zero may then send a sample down the other branch than the f32
+    /// kernel would.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        if let (Some(format), Weights::F32 { w_in, w_out }) = (precision.quant(), &self.weights) {
+            let w_in = QMatrix::from_f32(format, &w_in.data, w_in.data.len() / w_in.cols.max(1), w_in.cols)?;
+            let w_out = QMatrix::from_f32(format, &w_out.data, w_out.data.len() / w_out.cols.max(1), w_out.cols)?;
+            self.weights = Weights::Quant { w_in, w_out };
+            return Ok(self);
+        }
         self.weights = match (self.weights, precision) {
             (Weights::F32 { w_in, w_out }, Precision::Bf16) => Weights::Bf16 {
                 w_in: Mat { data: to_bf16_paired(&w_in.data, w_in.cols), cols: w_in.cols },
@@ -159,7 +187,54 @@ impl UfffKernel {
             (Weights::Bf16 { w_in, w_out }, Precision::F32) => Weights::F32 { w_in: w_in.widen(), w_out: w_out.widen() },
             (w, _) => w,
         };
-        self
+        Ok(self)
+    }
+
+    /// The quantized walk: samples in chunks, each chunk quantized once, then four samples
+    /// at a time down their paths in lockstep with integer dot products, and each output as
+    /// one pass over its path's dequantized rows.
+    fn per_sample_quant(&self, w_in: &QMatrix, w_out: &QMatrix, x: &[f32], y: &mut [f32]) {
+        let (ni, no, levels) = (self.in_features, self.out_features, self.levels);
+        let per_tree = (1usize << levels) - 1;
+        let chunk = |(xc, yc): (&[f32], &mut [f32])| {
+            QX.with_borrow_mut(|q| {
+                let rows = xc.len() / ni;
+                q.quantize(xc, rows, ni);
+                for s0 in (0..rows).step_by(4) {
+                    let n = (rows - s0).min(4);
+                    for t in 0..self.trees {
+                        let base = t * per_tree;
+                        let (mut path, mut coef) = ([[0usize; MAX_LEVELS]; 4], [[0.0f32; MAX_LEVELS]; 4]);
+                        let mut node = [base; 4];
+                        for l in 0..levels {
+                            // a partial group repeats its first sample in the empty slots
+                            let xs = std::array::from_fn(|k| q.row(s0 + if k < n { k } else { 0 }));
+                            let z = w_in.dot4(node, xs);
+                            for k in 0..4 {
+                                let zk = z[k] + self.b_in[node[k]];
+                                (path[k][l], coef[k][l]) = (node[k], self.activation.apply(zk));
+                                node[k] = base + 2 * (node[k] - base) + 1 + usize::from(zk > 0.0);
+                            }
+                        }
+                        for k in 0..n {
+                            let ys = &mut yc[(s0 + k) * no..(s0 + k + 1) * no];
+                            if t == 0 {
+                                w_out.weighted_row_sum(&coef[k][..levels], &path[k][..levels], ys);
+                            } else {
+                                for l in 0..levels {
+                                    w_out.axpy(path[k][l], coef[k][l], ys);
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        if y.len() == no {
+            chunk((x, y));
+        } else {
+            x.par_chunks(QUANT_CHUNK * ni).zip(y.par_chunks_mut(QUANT_CHUNK * no)).for_each(chunk);
+        }
     }
 
     /// One sample down its path: the path's dot products first (x stays in L1), then
@@ -287,6 +362,7 @@ impl InferKernel for UfffKernel {
         match &self.weights {
             Weights::F32 { w_in, w_out } => self.run(w_in, w_out, x, batch, y, ws),
             Weights::Bf16 { w_in, w_out } => self.run(w_in, w_out, x, batch, y, ws),
+            Weights::Quant { w_in, w_out } => self.per_sample_quant(w_in, w_out, x, y),
         }
         Ok(())
     }
@@ -299,13 +375,18 @@ impl InferKernel for UfffKernel {
             return Some("leaf");
         }
         let per_tree = (1usize << self.levels) - 1;
+        let mut q = QAct::default();
         for xs in x.chunks(ni) {
+            if let Weights::Quant { .. } = self.weights {
+                q.quantize(xs, 1, ni);
+            }
             for t in 0..self.trees {
                 let (base, mut node) = (t * per_tree, 0);
                 for _ in 1..self.levels {
                     let z = match &self.weights {
                         Weights::F32 { w_in, .. } => w_in.dot(base + node, xs),
                         Weights::Bf16 { w_in, .. } => w_in.dot(base + node, xs),
+                        Weights::Quant { w_in, .. } => w_in.dot(base + node, q.row(0)),
                     } + self.b_in[base + node];
                     node = 2 * node + 1 + usize::from(z > 0.0);
                 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Linear, Trainable};
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
-use crate::kernels::{DenseKernel, InferKernel};
+use crate::kernels::{DenseKernel, InferKernel, Precision};
 
 /// Configuration of [`Dense`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,6 +147,14 @@ impl Trainable for Dense {
 impl Compile for Dense {
     fn kernel(&self) -> Box<dyn InferKernel> {
         Box::new(DenseKernel::new(&self.linears, self.cfg.activation))
+    }
+
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision.quant() {
+            Some(format) => Ok(Box::new(DenseKernel::quantized(&self.linears, self.cfg.activation, format)?)),
+            None if precision == Precision::F32 => Ok(self.kernel()),
+            None => Err(Error::Invalid(format!("{} weights are not implemented for dense layers", precision.name()))),
+        }
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -15,6 +15,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod lowrank;
 pub mod moe;
+pub mod moefied;
 pub mod pkm;
 pub mod smoe;
 pub mod structured;
@@ -34,6 +35,7 @@ pub use hash::{Hash, HashConfig};
 pub use linear::Linear;
 pub use lowrank::{LowRank, LowRankConfig};
 pub use moe::{Moe, MoeConfig};
+pub use moefied::{Moefied, MoefiedConfig, MoefiedRouter};
 pub use pkm::{Pkm, PkmConfig};
 pub use smoe::{Smoe, SmoeConfig};
 pub use structured::{BlockKind, Structured, StructuredConfig};
@@ -146,12 +148,18 @@ pub trait Compile {
     /// The inference kernel of this layer (a copy of the weights in the layout it reads
     /// fastest); build once, call many times with a reused [`Workspace`].
     fn kernel(&self) -> Box<dyn InferKernel>;
-    /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a bf16
-    /// kernel (all but `ufff` so far) return an error for [`Precision::Bf16`].
+    /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a kernel in
+    /// that precision return an error: bf16 is implemented for `ufff`, Q8_0/Q4_0 for `dense`,
+    /// `ufff` and the experts of `moe`, `smoe` and `moefied`.
     fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
         match precision {
             Precision::F32 => Ok(self.kernel()),
             Precision::Bf16 => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
+            Precision::Q8_0 | Precision::Q4_0 => Err(Error::Invalid(format!(
+                "{} weights are implemented for dense, ufff, moe, smoe and moefied layers, not {}",
+                precision.name(),
+                self.kernel().kind()
+            ))),
         }
     }
     /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
@@ -190,6 +198,9 @@ pub enum LayerConfig {
     Moe(MoeConfig),
     /// σ-MoE (Csordás et al. 2023).
     Smoe(SmoeConfig),
+    /// A dense ReLU FFN split into experts with a predicting router (MoEfication, Zhang et
+    /// al. 2022); made by `ffwd convert moefy`.
+    Moefied(MoefiedConfig),
     /// Hash-routed experts (Roller et al. 2021); needs token ids.
     Hash(HashConfig),
     /// Product-key memory (Lample et al. 2019).
@@ -214,6 +225,7 @@ impl LayerConfig {
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
+            LayerConfig::Moefied(c) => Box::new(Moefied::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Hash(c) => Box::new(Hash::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Pkm(c) => Box::new(Pkm::new(c.clone(), in_features, out_features, rng)?),
         })
@@ -260,6 +272,7 @@ impl LayerConfig {
             }
             LayerConfig::Moe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
             LayerConfig::Smoe(c) => sum(&[(c.experts, i), (bank(c.experts, c.expert_width)?, 1)]),
+            LayerConfig::Moefied(c) => c.param_count(i, o),
             LayerConfig::Hash(c) => bank(c.experts, c.expert_width),
             LayerConfig::Pkm(c) => {
                 let hd = c.heads.checked_mul(c.key_dim)?;
@@ -281,6 +294,7 @@ impl LayerConfig {
             LayerConfig::Ufff(_) => "ufff",
             LayerConfig::Moe(_) => "moe",
             LayerConfig::Smoe(_) => "smoe",
+            LayerConfig::Moefied(_) => "moefied",
             LayerConfig::Hash(_) => "hash",
             LayerConfig::Pkm(_) => "pkm",
         }

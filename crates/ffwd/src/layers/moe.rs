@@ -20,7 +20,7 @@ use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::ExpertShape;
 use crate::kernels::moe::{route_softmax, Router};
-use crate::kernels::{InferKernel, MoeKernel};
+use crate::kernels::{InferKernel, MoeKernel, Precision};
 
 /// Configuration of [`Moe`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -266,10 +266,24 @@ impl Trainable for Moe {
     }
 }
 
+impl Moe {
+    fn mixture_kernel(&self) -> MoeKernel {
+        let router = Router::Softmax { weight: self.router.value.clone(), renormalize: self.cfg.renormalize };
+        MoeKernel::new("moe", router, self.cfg.k, &self.bank.weights(), &self.bank.b2.value)
+    }
+}
+
 impl Compile for Moe {
     fn kernel(&self) -> Box<dyn InferKernel> {
-        let router = Router::Softmax { weight: self.router.value.clone(), renormalize: self.cfg.renormalize };
-        Box::new(MoeKernel::new("moe", router, self.cfg.k, &self.bank.weights(), &self.bank.b2.value))
+        Box::new(self.mixture_kernel())
+    }
+
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision.quant() {
+            Some(format) => Ok(Box::new(self.mixture_kernel().quantized(format)?)),
+            None if precision == Precision::F32 => Ok(self.kernel()),
+            None => Err(Error::Invalid(format!("{} weights are not implemented for moe layers", precision.name()))),
+        }
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -20,7 +20,7 @@ use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::{ExpertShape, DROPPED};
 use crate::kernels::moe::{route_sigmoid, softmax, Router};
-use crate::kernels::{InferKernel, MoeKernel};
+use crate::kernels::{InferKernel, MoeKernel, Precision};
 
 /// Configuration of [`Smoe`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -233,10 +233,24 @@ impl Trainable for Smoe {
     }
 }
 
+impl Smoe {
+    fn mixture_kernel(&self) -> MoeKernel {
+        let router = Router::Sigmoid { weight: self.router.value.clone() };
+        MoeKernel::new("smoe", router, self.cfg.k, &self.bank.weights(), &self.bank.b2.value)
+    }
+}
+
 impl Compile for Smoe {
     fn kernel(&self) -> Box<dyn InferKernel> {
-        let router = Router::Sigmoid { weight: self.router.value.clone() };
-        Box::new(MoeKernel::new("smoe", router, self.cfg.k, &self.bank.weights(), &self.bank.b2.value))
+        Box::new(self.mixture_kernel())
+    }
+
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision.quant() {
+            Some(format) => Ok(Box::new(self.mixture_kernel().quantized(format)?)),
+            None if precision == Precision::F32 => Ok(self.kernel()),
+            None => Err(Error::Invalid(format!("{} weights are not implemented for smoe layers", precision.name()))),
+        }
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -270,7 +270,7 @@ impl Compile for Ufff {
     }
 
     fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        Ok(Box::new(self.tree_kernel().with_precision(precision)))
+        Ok(Box::new(self.tree_kernel().with_precision(precision)?))
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -104,6 +104,10 @@ impl Classifier {
         let st = ck.tensors()?;
         let mut model = ck.about(Classifier::new(cfg, 0))?;
         ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
+        if let Some(q) = ck.quant() {
+            // a layer without a quantized kernel runs f32 on the dequantized weights
+            let _ = model.set_precision(Precision::of(q.format));
+        }
         Ok(model)
     }
 
@@ -112,6 +116,30 @@ impl Classifier {
         let mut rng = Rng::new(seed).fork(0x1a7e);
         let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
         Ok(Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() })
+    }
+
+    /// A classifier around a built layer (a conversion's output): `in_features → n_classes`
+    /// are the layer's widths.
+    pub fn from_layer(layer: Box<dyn Layer>) -> Self {
+        let cfg = ModelConfig { in_features: layer.in_features(), n_classes: layer.out_features(), layer: layer.config() };
+        Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() }
+    }
+
+    /// The same weights under another configuration of the same parameter shapes (a MoEfied
+    /// layer with another number of active experts, say); an error when the shapes differ.
+    pub fn with_layer_config(&self, layer: LayerConfig) -> Result<Self> {
+        let mut m = Classifier::new(ModelConfig { layer, ..self.cfg.clone() }, 0)?;
+        let src = self.layer.params();
+        let mut shapes_match = true;
+        let mut it = src.iter();
+        m.visit_params_mut(&mut |p| match it.next() {
+            Some(s) if s.shape == p.shape => p.value.clone_from(&s.value),
+            _ => shapes_match = false,
+        });
+        if !shapes_match || it.next().is_some() {
+            return Err(Error::Invalid("the new layer configuration has other parameter shapes".into()));
+        }
+        Ok(m)
     }
 
     /// The configuration.
@@ -173,12 +201,17 @@ impl Classifier {
     }
 
     /// Runs inference with the layer's weights stored in `precision` (an error if the layer
-    /// has no kernel in that precision).
+    /// has no kernel in that precision). A quantized checkpoint sets its format on load.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let kernel = self.layer.kernel_with(precision)?;
         self.precision = precision;
         self.kernel = OnceLock::from(kernel);
         Ok(())
+    }
+
+    /// The weight storage of the inference kernel.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The inference kernel of the current weights in the chosen precision (built once, then

@@ -23,7 +23,7 @@ use crate::core::loss::softmax_cross_entropy;
 use crate::core::profile::span;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_dim, Error, Result};
-use crate::kernels::{InferKernel, Workspace};
+use crate::kernels::{InferKernel, Precision, Workspace};
 use crate::layers::attention::{CausalSelfAttention, KvCache};
 use crate::layers::layer_norm::LayerNorm;
 use crate::layers::{DenseConfig, Input, Layer, LayerConfig};
@@ -140,6 +140,8 @@ pub struct Lm {
     /// Transposed projection and embedding weights for batched decoding, cached as `kernels`.
     decode: OnceLock<DecodeWeights>,
     ws: Workspace,
+    /// Weight storage of the FFN inference kernels.
+    precision: Precision,
 }
 
 /// Weights of the batched decoder in the layout its products read in place: per block the
@@ -206,6 +208,7 @@ impl Lm {
             kernels: OnceLock::new(),
             decode: OnceLock::new(),
             ws: Workspace::new(),
+            precision: Precision::F32,
         })
     }
 
@@ -217,7 +220,23 @@ impl Lm {
     /// The FFN inference kernels of the current weights ([`Lm::logits`], [`Generator`]): built
     /// on first use after any change of the parameters.
     fn kernels(&self) -> &[Box<dyn InferKernel>] {
-        self.kernels.get_or_init(|| self.blocks.iter().map(|b| b.ffn.kernel()).collect())
+        // `set_precision` checked that every FFN has a kernel in this precision
+        self.kernels.get_or_init(|| self.blocks.iter().map(|b| b.ffn.kernel_with(self.precision).unwrap_or_else(|_| b.ffn.kernel())).collect())
+    }
+
+    /// Runs the FFN inference kernels with their weights stored in `precision` (attention,
+    /// embeddings and LayerNorms stay f32); an error naming the layer kind when the FFN has no
+    /// kernel in that precision.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let kernels = self.blocks.iter().map(|b| b.ffn.kernel_with(precision)).collect::<Result<Vec<_>>>()?;
+        self.precision = precision;
+        self.kernels = OnceLock::from(kernels);
+        Ok(())
+    }
+
+    /// The weight storage of the FFN inference kernels.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn decode_weights(&self) -> &DecodeWeights {
@@ -473,6 +492,29 @@ impl Lm {
     /// The FFN of block `l` (`None` past the last block).
     pub fn ffn(&self, l: usize) -> Option<&dyn Layer> {
         self.blocks.get(l).map(|b| b.ffn.as_ref())
+    }
+
+    /// Replaces every block's FFN (a conversion: `layers[i]` for block `i`, all built from
+    /// `cfg`, `d_model → d_model`); the model's configuration then records `cfg`.
+    pub fn replace_ffns(&mut self, cfg: LayerConfig, layers: Vec<Box<dyn Layer>>) -> Result<()> {
+        let d = self.cfg.d_model;
+        if layers.len() != self.blocks.len() {
+            return Err(Error::Invalid(format!("lm: {} FFNs for {} blocks", layers.len(), self.blocks.len())));
+        }
+        if let Some(bad) = layers.iter().find(|l| l.config() != cfg || l.in_features() != d || l.out_features() != d) {
+            return Err(Error::Invalid(format!(
+                "lm: a replacement FFN ({} {}→{}) does not match the configuration or d_model {d}",
+                bad.kind(),
+                bad.in_features(),
+                bad.out_features()
+            )));
+        }
+        for (b, l) in self.blocks.iter_mut().zip(layers) {
+            b.ffn = l;
+        }
+        self.cfg.ffn = cfg;
+        self.kernels.take();
+        Ok(())
     }
 
     /// Runs the inference path over `b` sequences of `t` tokens and returns, per block, the

@@ -386,6 +386,7 @@ pub struct SavedRun<C> {
 /// its configuration, and its state is then restored from the file.
 pub fn load_run<C: serde::de::DeserializeOwned>(path: &std::path::Path, optimizer_for: impl FnOnce(&C) -> Box<dyn Optimizer>) -> Result<SavedRun<C>> {
     let ck = CheckpointReader::open(path)?;
+    ck.refuse_quantized("resuming training")?;
     let model = Classifier::from_checkpoint(&ck)?;
     let (Some(config), Some(state)) = (ck.json_opt::<C>(TRAIN_KEY)?, ck.json_opt::<TrainState>(STATE_KEY)?) else {
         return Err(ck.error("holds a model but no run state to resume (it was not written by `ffwd train --save`)"));

@@ -420,9 +420,29 @@ impl LmCheckpoint {
         Ok(self.tokenizer.decode(&out))
     }
 
+    /// Held-out loss (nats per character) of the inference path on `text`'s last
+    /// `val_fraction` (the run's split and sequence length): `batches` batches of the run's
+    /// batch size of evenly spaced windows. The figure a run reports, for a converted model.
+    pub fn held_out_loss(&mut self, text: &str, batches: usize) -> Result<f32> {
+        let tokens = self.tokenizer.encode(text)?;
+        let data = TextData::split(tokens, self.options.val_fraction, self.options.seq_len)?;
+        if data.val.is_empty() {
+            return Err(Error::Invalid("the run held nothing out (val_fraction 0)".into()));
+        }
+        validate(&mut self.lm, &data.val, self.options.batch, self.options.seq_len, batches)
+    }
+
     /// Loads a checkpoint written by [`LmCheckpoint::save`] or [`save_lm_run`].
     pub fn load(path: &std::path::Path) -> Result<Self> {
         Self::from_checkpoint(&CheckpointReader::open(path)?)
+    }
+
+    /// Loads a checkpoint to continue its training: as [`LmCheckpoint::load`], but a quantized
+    /// file is refused (training continues from f32 weights only).
+    pub fn load_to_resume(path: &std::path::Path) -> Result<Self> {
+        let ck = CheckpointReader::open(path)?;
+        ck.refuse_quantized("resuming training")?;
+        Self::from_checkpoint(&ck)
     }
 
     /// The checkpoint stored in an opened file.
@@ -443,6 +463,10 @@ impl LmCheckpoint {
         ck.fill_named(&st, &named, &mut |f| lm.visit_params_mut(f))?;
         let mut optimizer = AdamW::new(options.weight_decay);
         ck.read_optimizer(&st, &mut optimizer, &named)?;
+        if let Some(q) = ck.quant() {
+            // an FFN without a quantized kernel runs f32 on the dequantized weights
+            let _ = lm.set_precision(crate::kernels::Precision::of(q.format));
+        }
         Ok(LmCheckpoint { lm, tokenizer, options, state, optimizer })
     }
 }

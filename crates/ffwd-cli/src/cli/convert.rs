@@ -1,0 +1,286 @@
+//! `ffwd convert`: a trained checkpoint in, a smaller or faster one out that every other
+//! command reads. The conversions live in the library (`ffwd::convert`); this shell parses,
+//! calls and prints.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ffwd::checkpoint::{write_atomic, CheckpointReader, CLASSIFIER_FORMAT, CONVERTED_KEY, LM_FORMAT, TRAIN_KEY};
+use ffwd::config::TrainConfig;
+use ffwd::convert::moefy::{classifier_with_k, finetune_classifier, lm_set_k, moefy_classifier, moefy_lm, MoefyOptions, MoefyReport, Split};
+use ffwd::convert::quantize::{converted, quantize_checkpoint};
+use ffwd::core::quant::QFormat;
+use ffwd::data::text::{read_text, tiny_shakespeare};
+use ffwd::data::DataSpec;
+use ffwd::layers::MoefiedRouter;
+use ffwd::models::Classifier;
+use ffwd::optim::AdamW;
+use ffwd::train::lm::{lm_checkpoint, LmCheckpoint};
+
+/// Conversions of trained checkpoints.
+#[derive(Subcommand, Debug)]
+pub enum ConvertCommand {
+    /// Store the weight matrices as ggml Q8_0 or Q4_0 blocks (biases, norms and short rows stay
+    /// f32; optimizer state is dropped). Dense and ufff layers then run integer kernels;
+    /// other layers run f32 on the dequantized weights.
+    Quantize(QuantizeArgs),
+    /// Split a dense ReLU FFN into experts (MoEfication): balanced k-means of its neurons, a
+    /// router trained on calibration inputs, top-K experts at inference. Classifiers
+    /// (--calib DATA) and LMs (calibrated on their training text).
+    Moefy(MoefyArgs),
+}
+
+/// Options of `ffwd convert moefy`.
+#[derive(Args, Debug)]
+pub struct MoefyArgs {
+    /// Checkpoint with dense two-map FFNs (a classifier or an LM).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Where to write the converted checkpoint.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Classifier calibration data (its training split calibrates, its test split is scored):
+    /// `digits`, `idx:DIR` or `csv:FILE` [default: the training run's data].
+    #[arg(long, value_name = "SPEC")]
+    calib: Option<String>,
+    /// LM: the text it was trained on [default: embedded tiny-shakespeare].
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// LM: calibration windows of the run's sequence length from the training text.
+    #[arg(long, default_value_t = 64)]
+    windows: usize,
+    /// Neurons per expert (must divide the FFN width).
+    #[arg(long, default_value_t = 32)]
+    expert_width: usize,
+    /// Experts run per input in the saved model [default: a quarter of the experts].
+    #[arg(long, default_value_t = 0)]
+    k: usize,
+    /// Router: mlp (trained, the paper's) or centroid (expert centroids, nothing trained).
+    #[arg(long, default_value = "mlp", value_parser = parse_router)]
+    router: MoefiedRouter,
+    /// Router training epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Cluster neurons by: coactivation (their activations on the calibration inputs) or
+    /// weights (their input weight vectors).
+    #[arg(long, default_value = "coactivation", value_parser = parse_split)]
+    split: Split,
+    /// Most calibration rows used.
+    #[arg(long, default_value_t = 20_000)]
+    max_rows: usize,
+    /// Convert a GELU/SiLU FFN anyway (exact with every expert, approximate when skipping).
+    #[arg(long)]
+    approximate: bool,
+    /// Seed of the clustering, shuffle and split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Classifier: fine-tune the experts (router fixed) for this many epochs on the
+    /// calibration data, with the original run's recipe at a tenth of its learning rate.
+    #[arg(long, default_value_t = 0)]
+    finetune: usize,
+    /// Also score the model at 10, 20, 25, 30, 50 and 100 % of the experts.
+    #[arg(long)]
+    sweep: bool,
+    /// Write the conversion report (and the sweep) here as JSON.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_split(s: &str) -> Result<Split, String> {
+    match s {
+        "coactivation" => Ok(Split::Coactivation),
+        "weights" => Ok(Split::Weights),
+        _ => Err(format!("unknown split `{s}` (coactivation, weights)")),
+    }
+}
+
+fn parse_router(s: &str) -> Result<MoefiedRouter, String> {
+    match s {
+        "mlp" => Ok(MoefiedRouter::Mlp),
+        "centroid" => Ok(MoefiedRouter::Centroid),
+        _ => Err(format!("unknown router `{s}` (mlp, centroid)")),
+    }
+}
+
+/// Options of `ffwd convert quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Checkpoint to convert (classifier, LM, forecaster or Forward-Forward net).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Where to write the quantized checkpoint.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Block format: q8_0 (8.5 bits per weight) or q4_0 (4.5 bits per weight).
+    #[arg(long, default_value = "q8_0", value_parser = parse_format)]
+    format: QFormat,
+    /// Mixture of Quantized Experts: quantize only the FFN/expert weights; routers,
+    /// attention and embeddings stay f32.
+    #[arg(long)]
+    experts_only: bool,
+}
+
+fn parse_format(s: &str) -> Result<QFormat, String> {
+    QFormat::parse(s).map_err(|e| e.to_string())
+}
+
+/// Runs a conversion.
+pub fn run(c: ConvertCommand) -> anyhow::Result<()> {
+    match c {
+        ConvertCommand::Quantize(a) => quantize(a),
+        ConvertCommand::Moefy(a) => moefy(a),
+    }
+}
+
+/// Experts run at the sweep's fractions (10, 20, 25, 30, 50, 100 %).
+fn sweep_ks(experts: usize) -> Vec<usize> {
+    let mut ks: Vec<usize> = [0.1, 0.2, 0.25, 0.3, 0.5, 1.0].iter().map(|f| ((experts as f64 * f).round() as usize).clamp(1, experts)).collect();
+    ks.dedup();
+    ks
+}
+
+fn print_recall(r: &MoefyReport, what: &str) {
+    let recall: Vec<String> = r.recall.iter().map(|x| format!("K={} {:.3} (oracle {:.3})", x.k, x.router, x.oracle)).collect();
+    let bce = r.router_bce.map_or(String::new(), |(a, b)| format!(", router BCE {a:.4} -> {b:.4}"));
+    println!(
+        "{what}: {} experts x {} ({:?} split, cohesion {:.3}){bce}; activation-mass recall {}",
+        r.experts,
+        r.expert_width,
+        r.split,
+        r.cohesion,
+        recall.join(", ")
+    );
+}
+
+fn moefy(a: MoefyArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let opts = MoefyOptions {
+        expert_width: a.expert_width,
+        k: a.k,
+        router: a.router,
+        epochs: a.epochs,
+        max_rows: a.max_rows,
+        approximate: a.approximate,
+        seed: a.seed,
+        split: a.split,
+        ..Default::default()
+    };
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    pb.set_style(ProgressStyle::with_template("{elapsed_precise} {msg:12} [{bar:30}] {pos}/{len}").expect("static template").progress_chars("=> "));
+    let mut progress = |stage: &str, done: usize, total: usize| {
+        pb.set_message(stage.to_string());
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    let ck = CheckpointReader::open(&a.model)?;
+    let mut history = converted(&ck)?;
+    let mut sweep = Vec::new();
+    let reports: Vec<MoefyReport>;
+    match ck.format() {
+        f if f == CLASSIFIER_FORMAT => {
+            let model = Classifier::from_checkpoint(&ck)?;
+            let base = ck.json_opt::<TrainConfig>(TRAIN_KEY).ok().flatten().unwrap_or_default();
+            let spec: DataSpec = a.calib.clone().unwrap_or_else(|| base.data.clone()).parse()?;
+            let split = spec.load(base.holdout, base.seed, base.csv_label)?;
+            let (mut converted_model, report) = moefy_classifier(&model, &split.train, &opts, &mut progress)?;
+            pb.finish_and_clear();
+            print_recall(&report, "moefied");
+            if a.finetune > 0 {
+                let before = converted_model.accuracy(&split.test)?;
+                let after = finetune_classifier(&mut converted_model, &split, &base, a.finetune)?;
+                println!("fine-tuned the experts for {} epochs: test accuracy {before:.4} -> {after:.4} at K = {}", a.finetune, report.k);
+            }
+            if a.sweep {
+                let dense = model.accuracy(&split.test)?;
+                println!("dense: test accuracy {dense:.4}");
+                for k in sweep_ks(report.experts) {
+                    let acc = classifier_with_k(&converted_model, k)?.accuracy(&split.test)?;
+                    println!(
+                        "  K = {k:>3} of {} ({:>5.1} %): test accuracy {acc:.4} ({:.2} % of dense)",
+                        report.experts,
+                        100.0 * k as f64 / report.experts as f64,
+                        100.0 * acc / dense
+                    );
+                    sweep.push(serde_json::json!({"k": k, "experts": report.experts, "test_accuracy": acc, "dense_test_accuracy": dense}));
+                }
+            }
+            history.push(serde_json::json!({"method": "moefy", "report": report, "finetune_epochs": a.finetune}));
+            let mut w = converted_model.checkpoint()?;
+            w.json(CONVERTED_KEY, &history)?;
+            w.write(&a.out)?;
+            reports = vec![report];
+        }
+        f if f == LM_FORMAT => {
+            let mut lmck = LmCheckpoint::from_checkpoint(&ck)?;
+            let text = match &a.text {
+                Some(p) => read_text(p)?,
+                None => tiny_shakespeare()?,
+            };
+            let dense = if a.sweep { Some(lmck.held_out_loss(&text, 20)?) } else { None };
+            let tokens = lmck.tokenizer.encode(&text)?;
+            let n_train = tokens.len() - (tokens.len() as f64 * lmck.options.val_fraction as f64) as usize;
+            reports = moefy_lm(&mut lmck.lm, &tokens[..n_train], lmck.options.seq_len, a.windows, &opts, &mut progress)?;
+            pb.finish_and_clear();
+            for (l, r) in reports.iter().enumerate() {
+                print_recall(r, &format!("block {l}"));
+            }
+            let k = reports[0].k;
+            if let Some(dense) = dense {
+                println!("dense: held-out loss {dense:.4}");
+                for kk in sweep_ks(reports[0].experts) {
+                    lm_set_k(&mut lmck.lm, kk)?;
+                    let loss = lmck.held_out_loss(&text, 20)?;
+                    println!(
+                        "  K = {kk:>3} of {} ({:>5.1} %): held-out loss {loss:.4} ({:+.4})",
+                        reports[0].experts,
+                        100.0 * kk as f64 / reports[0].experts as f64,
+                        loss - dense
+                    );
+                    sweep.push(serde_json::json!({"k": kk, "experts": reports[0].experts, "held_out_loss": loss, "dense_held_out_loss": dense}));
+                }
+                lm_set_k(&mut lmck.lm, k)?;
+            }
+            history.push(serde_json::json!({"method": "moefy", "reports": reports}));
+            let fresh = AdamW::new(lmck.options.weight_decay);
+            let mut w = lm_checkpoint(&lmck.lm, &lmck.tokenizer, &lmck.options, &lmck.state, &fresh)?;
+            w.json(CONVERTED_KEY, &history)?;
+            w.write(&a.out)?;
+        }
+        other => anyhow::bail!("{}: moefy converts classifier and lm checkpoints, this one is `{other}`", a.model.display()),
+    }
+    if let Some(path) = &a.report {
+        let doc = serde_json::json!({"model": a.model.display().to_string(), "reports": reports, "sweep": sweep});
+        write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
+    println!("wrote {} (K = {} of {} experts)", a.out.display(), reports[0].k, reports[0].experts);
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
+    let ck = CheckpointReader::open(&a.model)?;
+    let (bytes, report) = quantize_checkpoint(&ck, a.format, a.experts_only)?;
+    write_atomic(&a.out, &bytes)?;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    println!(
+        "{}: {} tensors as {}{}, {} kept f32{}; model tensors {:.2} MiB -> {:.2} MiB ({:.1}x smaller); wrote {}",
+        a.model.display(),
+        report.quantized.len(),
+        a.format.name(),
+        if a.experts_only { " (experts only)" } else { "" },
+        report.kept.len(),
+        if report.dropped > 0 { format!(", {} optimizer tensors dropped", report.dropped) } else { String::new() },
+        mib(report.bytes_before),
+        mib(report.bytes_after),
+        report.bytes_before as f64 / report.bytes_after.max(1) as f64,
+        a.out.display()
+    );
+    Ok(())
+}
