@@ -73,7 +73,7 @@ def main():
         d = 512 if layer in ("smoe", "moe", "pkm") else 768
         torch_us = fastff_us = loop_us = None
         if torch is not None:
-            if layer.startswith("ufff"):  # ufff and ufff-bf16: the same f32 dense twin
+            if layer.startswith("ufff") or layer.startswith("dense-"):  # ufff, its bf16/q8/q4 rows and the quantized dense: the same f32 dense twin
                 width, act = 4095, torch.nn.GELU()
             elif layer in ("smoe", "moe", "pkm"):
                 width, act = 4096, torch.nn.ReLU()
@@ -85,7 +85,7 @@ def main():
             with torch.inference_mode():
                 torch_us = median_us(lambda: model(x))
             del model
-            if FFF is not None and layer == "fff" and batch in fff_batches:
+            if FFF is not None and layer.startswith("fff") and batch in fff_batches:
                 f = FFF(d, 32, d, depth).eval()
                 with torch.inference_mode():
                     fastff_us = median_us(lambda: f(x), budget_s=1.0, min_reps=3)

@@ -701,3 +701,63 @@ fn report_renders_in_a_headless_browser() {
     assert!(non_white > total / 200, "the page looks blank: {non_white} of {total} pixels are not white");
     assert!(coloured > 100, "no coloured chart lines: {coloured} coloured pixels");
 }
+
+#[test]
+fn convert_quantize_moefy_lowrank_prune_and_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = |n: &str| dir.path().join(n);
+    // a dense ReLU classifier on digits
+    ok(&ffwd(&["train", "-q", "--layer", "dense", "--width", "64", "--activation", "relu", "--epochs", "15", "--save", p(&f("d.safetensors"))]));
+    let dense = ok(&ffwd(&["eval", "--model", p(&f("d.safetensors"))]));
+    // quantize: every other command reads the result
+    let out = ok(&ffwd(&["convert", "quantize", "--model", p(&f("d.safetensors")), "--out", p(&f("q.safetensors")), "--format", "q4_0"]));
+    assert!(out.contains("as q4_0") && out.contains("smaller"), "{out}");
+    let e = ok(&ffwd(&["eval", "--model", p(&f("q.safetensors"))]));
+    assert!(e.contains("test accuracy"), "{e}");
+    let b = ok(&ffwd(&["bench", "--model", p(&f("q.safetensors")), "--json", "--budget-ms", "20", "--batch", "16"]));
+    let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
+    assert_eq!(v["weights"], "q4_0", "{v}");
+    let row = vec!["0.5"; 64].join(",");
+    assert_eq!(ok(&ffwd_stdin(&["predict", "--model", p(&f("q.safetensors"))], &row)).lines().count(), 1);
+    let err = fails(&ffwd(&["convert", "quantize", "--model", p(&f("q.safetensors")), "--out", p(&f("qq.safetensors"))]));
+    assert!(err.contains("quantized already"), "{err}");
+    let err = fails(&ffwd(&["train", "--resume", p(&f("q.safetensors")), "--epochs", "16"]));
+    assert!(err.contains("quantized"), "{err}");
+    let bad = ffwd(&["convert", "quantize", "--model", p(&f("d.safetensors")), "--out", p(&f("x.safetensors")), "--format", "q5_1"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("expected q8_0 or q4_0"));
+    // moefy: with every expert the converted model scores exactly as the dense one
+    let out = ok(&ffwd(&["convert", "moefy", "--model", p(&f("d.safetensors")), "--out", p(&f("m.safetensors")), "--expert-width", "8", "--sweep", "--quiet"]));
+    let dense_acc = dense.split_whitespace().nth(2).unwrap();
+    assert!(out.contains(&format!("K =   8 of 8 (100.0 %): test accuracy {dense_acc}")), "{out}\n{dense}");
+    assert!(ok(&ffwd(&["eval", "--model", p(&f("m.safetensors"))])).contains("test accuracy"));
+    // the moefied model quantizes too (its experts as blocks)
+    ok(&ffwd(&["convert", "quantize", "--model", p(&f("m.safetensors")), "--out", p(&f("mq.safetensors")), "--experts-only"]));
+    assert!(ok(&ffwd(&["eval", "--model", p(&f("mq.safetensors"))])).contains("test accuracy"));
+    // mismatched inputs are one-line errors
+    ok(&ffwd(&["train", "-q", "--layer", "dense", "--width", "64", "--activation", "gelu", "--epochs", "1", "--save", p(&f("g.safetensors"))]));
+    let err = fails(&ffwd(&["convert", "moefy", "--model", p(&f("g.safetensors")), "--out", p(&f("x.safetensors")), "--quiet"]));
+    assert!(err.contains("ReLU"), "{err}");
+    let err = fails(&ffwd(&["convert", "moefy", "--model", p(&f("d.safetensors")), "--out", p(&f("x.safetensors")), "--expert-width", "24", "--quiet"]));
+    assert!(err.contains("does not divide"), "{err}");
+    // lowrank at full rank keeps the accuracy
+    let out = ok(&ffwd(&["convert", "lowrank", "--model", p(&f("d.safetensors")), "--out", p(&f("l.safetensors")), "--rank", "64"]));
+    assert!(out.contains(&format!("-> {dense_acc}")), "{out}");
+    let err = fails(&ffwd(&["convert", "lowrank", "--model", p(&f("m.safetensors")), "--out", p(&f("x.safetensors")), "--rank", "4"]));
+    assert!(err.contains("dense"), "{err}");
+    // prune-experts: keeping every expert is the identity; a dense model is refused
+    ok(&ffwd(&["train", "-q", "--layer", "moe", "--experts", "4", "--expert-width", "8", "--epochs", "5", "--save", p(&f("moe.safetensors"))]));
+    let moe_acc = ok(&ffwd(&["eval", "--model", p(&f("moe.safetensors"))])).split_whitespace().nth(2).unwrap().to_string();
+    let out = ok(&ffwd(&["convert", "prune-experts", "--model", p(&f("moe.safetensors")), "--out", p(&f("p.safetensors")), "--keep", "4"]));
+    assert!(out.contains(&format!("{moe_acc} -> {moe_acc}")), "{out}");
+    let out = ok(&ffwd(&["convert", "prune-experts", "--model", p(&f("moe.safetensors")), "--out", p(&f("p.safetensors")), "--keep", "2"]));
+    assert!(out.contains("kept experts"), "{out}");
+    let err = fails(&ffwd(&["convert", "prune-experts", "--model", p(&f("d.safetensors")), "--out", p(&f("x.safetensors")), "--keep", "2"]));
+    assert!(err.contains("prunes moe"), "{err}");
+    let err = fails(&ffwd(&["convert", "prune-experts", "--model", p(&f("moe.safetensors")), "--out", p(&f("x.safetensors")), "--keep", "9"]));
+    assert!(err.contains("1..=4"), "{err}");
+    // fastfeedforward import
+    let state = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ffwd/tests/fixtures/fff_d3_state.safetensors");
+    ok(&ffwd(&["convert", "fastfeedforward", "--state", p(&state), "--out", p(&f("fff.safetensors"))]));
+    assert_eq!(Classifier::load(&f("fff.safetensors")).unwrap().config().layer.kind(), "fff");
+    assert!(!f("x.safetensors").exists(), "failed conversions write nothing");
+}

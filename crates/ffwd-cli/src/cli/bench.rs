@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Run only the suite rows of these layers (comma-separated: ufff,ufff-bf16,ufff-q8,ufff-q4,
-    /// dense-q8,dense-q4,fff,smoe,moe,pkm).
+    /// dense-q8,dense-q4,fff,fff-q8,fff-q4,smoe,moe,pkm).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
@@ -136,6 +136,21 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
             dense: kernel(LayerConfig::Dense(DenseConfig { width, layers: 2, activation: Activation::Relu }), d, d, 4)?,
             batches: batches.clone(),
         });
+    }
+    // the FFF paper shapes at depth 4 and 8 with Q8_0 / Q4_0 leaves
+    for (p, bits) in [(Precision::Q8_0, "q8"), (Precision::Q4_0, "q4")] {
+        for depth in [4, 8] {
+            let width = 32usize << depth;
+            cases.push(Case {
+                name: format!("fff-{bits}"),
+                weights: p.name(),
+                d,
+                shape: format!("768-[{} leaves x 32, depth {depth}]-768, {}", 1 << depth, p.name()),
+                tree: kernel_in(LayerConfig::Fff(FffConfig { depth, leaf: 32, ..Default::default() }), d, d, 3, p)?,
+                dense: kernel(LayerConfig::Dense(DenseConfig { width, layers: 2, activation: Activation::Relu }), d, d, 4)?,
+                batches: batches.clone(),
+            });
+        }
     }
     // Csordás et al.'s σ-MoE benchmark shape: d_model 512, 32 experts × 128, K = 4, against the
     // dense d_ff = 4096 block (active-FLOP ratio ≈ 8); the top-k softmax MoE and a product-key

@@ -11,7 +11,9 @@ use ffwd::checkpoint::{write_atomic, CheckpointReader, CLASSIFIER_FORMAT, CONVER
 use ffwd::config::TrainConfig;
 use ffwd::convert::moefy::{classifier_with_k, finetune_classifier, lm_set_k, moefy_classifier, moefy_lm, MoefyOptions, MoefyReport, Split};
 use ffwd::convert::quantize::{converted, quantize_checkpoint};
+use ffwd::convert::shrink::{LowRankReport, RankChoice};
 use ffwd::core::quant::QFormat;
+use ffwd::core::Activation;
 use ffwd::data::text::{read_text, tiny_shakespeare};
 use ffwd::data::DataSpec;
 use ffwd::layers::MoefiedRouter;
@@ -30,6 +32,82 @@ pub enum ConvertCommand {
     /// router trained on calibration inputs, top-K experts at inference. Classifiers
     /// (--calib DATA) and LMs (calibrated on their training text).
     Moefy(MoefyArgs),
+    /// Factor a dense FFN's maps by truncated SVD into the LowRank layer (classifiers, LMs).
+    Lowrank(LowrankArgs),
+    /// Drop a mixture's least-used experts by its router's choices on calibration data
+    /// (moe, smoe and centroid-routed moefied classifiers).
+    PruneExperts(PruneArgs),
+    /// Import a state dict of the PyTorch package `fastfeedforward` (class FFF, saved with
+    /// safetensors) as a classifier checkpoint.
+    Fastfeedforward(FffArgs),
+}
+
+/// Options of `ffwd convert lowrank`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("size").required(true).args(["rank", "energy"])))]
+pub struct LowrankArgs {
+    /// Checkpoint with dense two-map FFNs (a classifier or an LM).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Where to write the converted checkpoint.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Rank of both maps (clamped to each map's smaller side).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Keep this fraction of each map's energy (squared singular values); the larger rank of
+    /// the maps (and blocks) is used.
+    #[arg(long)]
+    energy: Option<f32>,
+    /// Classifier: fine-tune for this many epochs afterwards (the run's recipe at a tenth of
+    /// its learning rate).
+    #[arg(long, default_value_t = 0)]
+    finetune: usize,
+    /// Classifier data to score (and fine-tune on) [default: the training run's].
+    #[arg(long, value_name = "SPEC")]
+    calib: Option<String>,
+    /// LM: its training text [default: embedded tiny-shakespeare].
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// Options of `ffwd convert prune-experts`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Mixture classifier checkpoint.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Where to write the pruned checkpoint.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Experts to keep.
+    #[arg(long)]
+    keep: usize,
+    /// Data whose training split decides which experts are used (and whose test split is
+    /// scored) [default: the training run's].
+    #[arg(long, value_name = "SPEC")]
+    calib: Option<String>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// Options of `ffwd convert fastfeedforward`.
+#[derive(Args, Debug)]
+pub struct FffArgs {
+    /// The package's state dict (`safetensors.torch.save_file(model.state_dict(), path)`).
+    #[arg(long, value_name = "PATH")]
+    state: PathBuf,
+    /// Where to write the classifier checkpoint.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// The activation the model was built with (the package does not store it; its default
+    /// is ReLU).
+    #[arg(long, default_value = "relu", value_parser = super::train::parse_activation)]
+    activation: Activation,
 }
 
 /// Options of `ffwd convert moefy`.
@@ -137,7 +215,114 @@ pub fn run(c: ConvertCommand) -> anyhow::Result<()> {
     match c {
         ConvertCommand::Quantize(a) => quantize(a),
         ConvertCommand::Moefy(a) => moefy(a),
+        ConvertCommand::Lowrank(a) => lowrank(a),
+        ConvertCommand::PruneExperts(a) => prune(a),
+        ConvertCommand::Fastfeedforward(a) => fastfeedforward(a),
     }
+}
+
+/// A classifier's data split: `--calib` or the training run's data options.
+fn classifier_split(ck: &CheckpointReader, calib: Option<&str>) -> anyhow::Result<(ffwd::data::Split, TrainConfig)> {
+    let base = ck.json_opt::<TrainConfig>(TRAIN_KEY).ok().flatten().unwrap_or_default();
+    let spec: DataSpec = calib.map_or_else(|| base.data.clone(), str::to_string).parse()?;
+    Ok((spec.load(base.holdout, base.seed, base.csv_label)?, base))
+}
+
+fn lowrank(a: LowrankArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let choice = match (a.rank, a.energy) {
+        (Some(r), _) => RankChoice::Rank(r),
+        (None, Some(f)) => RankChoice::Energy(f),
+        (None, None) => anyhow::bail!("give --rank or --energy"),
+    };
+    let ck = CheckpointReader::open(&a.model)?;
+    let mut history = converted(&ck)?;
+    let print = |what: &str, r: &LowRankReport| {
+        println!(
+            "{what}: rank {}, energy kept {:.3} / {:.3}, relative error {:.3} / {:.3} (fc1 / fc2), params {} -> {}",
+            r.rank, r.energy[0], r.energy[1], r.rel_error[0], r.rel_error[1], r.params[0], r.params[1]
+        )
+    };
+    match ck.format() {
+        f if f == CLASSIFIER_FORMAT => {
+            let model = Classifier::from_checkpoint(&ck)?;
+            let (split, base) = classifier_split(&ck, a.calib.as_deref())?;
+            let (layer, report) = ffwd::convert::shrink::lowrank(model.layer(), choice)?;
+            print("lowrank", &report);
+            let mut out = Classifier::from_layer(layer);
+            let (before, after) = (model.accuracy(&split.test)?, out.accuracy(&split.test)?);
+            println!("test accuracy {before:.4} (dense) -> {after:.4}");
+            if a.finetune > 0 {
+                let tuned = finetune_classifier(&mut out, &split, &base, a.finetune)?;
+                println!("fine-tuned for {} epochs: test accuracy {tuned:.4}", a.finetune);
+            }
+            history.push(serde_json::json!({"method": "lowrank", "report": report, "finetune_epochs": a.finetune}));
+            let mut w = out.checkpoint()?;
+            w.json(CONVERTED_KEY, &history)?;
+            w.write(&a.out)?;
+        }
+        f if f == LM_FORMAT => {
+            anyhow::ensure!(a.finetune == 0, "--finetune: language models are fine-tuned with `ffwd lm train --resume` on the converted file");
+            let mut lmck = LmCheckpoint::from_checkpoint(&ck)?;
+            let text = match &a.text {
+                Some(p) => read_text(p)?,
+                None => tiny_shakespeare()?,
+            };
+            let before = lmck.held_out_loss(&text, 20)?;
+            let reports = ffwd::convert::shrink::lowrank_lm(&mut lmck.lm, choice)?;
+            for (l, r) in reports.iter().enumerate() {
+                print(&format!("block {l}"), r);
+            }
+            let after = lmck.held_out_loss(&text, 20)?;
+            println!("held-out loss {before:.4} (dense) -> {after:.4}");
+            history.push(serde_json::json!({"method": "lowrank", "reports": reports}));
+            let fresh = AdamW::new(lmck.options.weight_decay);
+            let mut w = lm_checkpoint(&lmck.lm, &lmck.tokenizer, &lmck.options, &lmck.state, &fresh)?;
+            w.json(CONVERTED_KEY, &history)?;
+            w.write(&a.out)?;
+        }
+        other => anyhow::bail!("{}: lowrank converts classifier and lm checkpoints, this one is `{other}`", a.model.display()),
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn prune(a: PruneArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let ck = CheckpointReader::open(&a.model)?;
+    ck.expect_format(CLASSIFIER_FORMAT)?;
+    let mut history = converted(&ck)?;
+    let model = Classifier::from_checkpoint(&ck)?;
+    let (split, _) = classifier_split(&ck, a.calib.as_deref())?;
+    let (pruned, report) = ffwd::convert::shrink::prune_experts(&model, &split.train, a.keep)?;
+    let (before, after) = (model.accuracy(&split.test)?, pruned.accuracy(&split.test)?);
+    println!(
+        "kept experts {:?} ({:.1} % of the routed slots on {} calibration rows); test accuracy {before:.4} -> {after:.4}",
+        report.kept,
+        100.0 * report.kept_share,
+        split.train.len()
+    );
+    history.push(serde_json::json!({"method": "prune-experts", "report": report}));
+    let mut w = pruned.checkpoint()?;
+    w.json(CONVERTED_KEY, &history)?;
+    w.write(&a.out)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn fastfeedforward(a: FffArgs) -> anyhow::Result<()> {
+    let fff = ffwd::convert::fastfeedforward::load_fff(&a.state, a.activation)?;
+    let model = Classifier::from_layer(Box::new(fff));
+    let mut w = model.checkpoint()?;
+    w.json(CONVERTED_KEY, &[serde_json::json!({"method": "fastfeedforward", "source": a.state.display().to_string()})])?;
+    w.write(&a.out)?;
+    let c = model.config();
+    let depth = match &c.layer {
+        ffwd::layers::LayerConfig::Fff(f) => f.depth,
+        _ => 0,
+    };
+    println!("{}: fff {} -> {}, depth {depth}, wrote {}", a.state.display(), c.in_features, c.n_classes, a.out.display());
+    Ok(())
 }
 
 /// Experts run at the sweep's fractions (10, 20, 25, 30, 50, 100 %).
@@ -187,9 +372,7 @@ fn moefy(a: MoefyArgs) -> anyhow::Result<()> {
     match ck.format() {
         f if f == CLASSIFIER_FORMAT => {
             let model = Classifier::from_checkpoint(&ck)?;
-            let base = ck.json_opt::<TrainConfig>(TRAIN_KEY).ok().flatten().unwrap_or_default();
-            let spec: DataSpec = a.calib.clone().unwrap_or_else(|| base.data.clone()).parse()?;
-            let split = spec.load(base.holdout, base.seed, base.csv_label)?;
+            let (split, base) = classifier_split(&ck, a.calib.as_deref())?;
             let (mut converted_model, report) = moefy_classifier(&model, &split.train, &opts, &mut progress)?;
             pb.finish_and_clear();
             print_recall(&report, "moefied");

@@ -1,10 +1,13 @@
-//! Interop with reference implementations' checkpoints: `fastfeedforward`'s FFF and
-//! UltraFastBERT's tree layers, from safetensors files or from in-memory state dicts (the
-//! Python package hands over NumPy arrays).
+//! Conversions (`ffwd convert`): imports of reference implementations' checkpoints
+//! (`fastfeedforward`'s FFF and UltraFastBERT's tree layers, from safetensors files or from
+//! in-memory state dicts the Python package hands over), and conversions of trained models
+//! into smaller or faster ones: [`quantize`] (Q8_0/Q4_0 blocks), [`moefy`] (MoEfication),
+//! [`shrink`] (low-rank factorisation, expert pruning).
 
 pub mod fastfeedforward;
 pub mod moefy;
 pub mod quantize;
+pub mod shrink;
 pub mod ultrafastbert;
 
 use std::collections::BTreeMap;

@@ -377,12 +377,19 @@ impl QMatrix {
 
     /// Rows `r0..r1` dequantized into `out` (grown to `(r1 − r0) × cols` if shorter).
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut Vec<f32>) {
+        assert!(r0 <= r1 && r1 <= self.rows, "dequantize_rows: rows {r0}..{r1} of {}", self.rows);
         let n = (r1 - r0) * self.cols;
         if out.len() < n {
             out.resize(n, 0.0);
         }
+        #[cfg(target_arch = "x86_64")]
+        if crate::core::cpu::avx512() {
+            // SAFETY: AVX-512F/BW are present; rows are in bounds (asserted), `out` holds them.
+            return unsafe { x86::dequantize_rows_avx512(self, r0, r1, &mut out[..n]) };
+        }
         for (r, row) in (r0..r1).zip(out[..n].chunks_mut(self.cols.max(1))) {
-            self.weighted_row_sum(&[1.0], &[r], row);
+            row.fill(0.0);
+            self.axpy(r, 1.0, row);
         }
     }
 
@@ -751,6 +758,46 @@ mod x86 {
         }
     }
 
+    /// Rows `r0..r1` of `m` as f32 into `out` (`(r1 − r0) × cols`), a block at a time.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dequantize_rows_avx512(m: &super::QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
+        let (nb, cols) = (m.nb, m.cols);
+        let qb = m.format.block_bytes() - 2;
+        let low = _mm_set1_epi8(0x0F);
+        let eight = _mm_set1_epi8(8);
+        // SAFETY (whole body): blocks of rows r0..r1 lie in `m.data`; each output row holds
+        // `cols` values, the last block stored with a mask.
+        unsafe {
+            for (ri, r) in (r0..r1).enumerate() {
+                let dst = out.as_mut_ptr().add(ri * cols);
+                for b in 0..nb {
+                    let s = _mm512_set1_ps(m.scales[r * nb + b]);
+                    let src = m.data.as_ptr().add((r * nb + b) * qb);
+                    let (q0, q1) = match m.format {
+                        QFormat::Q8_0 => (_mm_loadu_si128(src as *const __m128i), _mm_loadu_si128(src.add(16) as *const __m128i)),
+                        QFormat::Q4_0 => {
+                            let bytes = _mm_loadu_si128(src as *const __m128i);
+                            (_mm_sub_epi8(_mm_and_si128(bytes, low), eight), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), eight))
+                        }
+                    };
+                    let a0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), s);
+                    let a1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), s);
+                    let c0 = b * QK;
+                    let n = (cols - c0).min(QK);
+                    if n == QK {
+                        _mm512_storeu_ps(dst.add(c0), a0);
+                        _mm512_storeu_ps(dst.add(c0 + 16), a1);
+                    } else {
+                        let m0: u16 = if n >= 16 { u16::MAX } else { (1u32 << n) as u16 - 1 };
+                        let m1: u16 = if n > 16 { (1u32 << (n - 16)) as u16 - 1 } else { 0 };
+                        _mm512_mask_storeu_ps(dst.add(c0), m0, a0);
+                        _mm512_mask_storeu_ps(dst.add(c0 + 16), m1, a1);
+                    }
+                }
+            }
+        }
+    }
+
     /// One block per 256-bit step, even blocks into one accumulator and odd into another.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_avx2(format: QFormat, w: &[u8], ws: &[f32], xq: &[i8], xd: &[f32], xsum: &[i32]) -> f32 {
@@ -821,7 +868,11 @@ mod tests {
                     }
                 }
                 assert_eq!(pack(format, &back, 3, cols).unwrap(), bytes, "{format:?}: packing is not idempotent");
-                assert_eq!(QMatrix::from_blocks(format, &bytes, 3, cols).unwrap().dequantize(), back);
+                let m = QMatrix::from_blocks(format, &bytes, 3, cols).unwrap();
+                assert_eq!(m.dequantize(), back);
+                let mut rows = Vec::new();
+                m.dequantize_rows(1, 3, &mut rows);
+                assert_eq!(rows, back[cols..3 * cols].to_vec());
                 assert!(unpack(format, &bytes[1..], 3, cols).is_err());
             }
         }

@@ -9,6 +9,7 @@ use super::{check_io, rows4, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
 use crate::core::simd::{dot4, gemm_small, gemm_small_gather, gemm_small_scatter};
+use crate::core::quant::{QFormat, QMatrix};
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -45,6 +46,14 @@ pub struct FffKernel {
     b2: Vec<f32>,
     master: Option<MasterWeights>,
     strategy: TreeStrategy,
+    /// The leaves' matrices as quantized blocks, rows as stored (`w1s`: `leaves·in × leaf`,
+    /// `w2s`: `leaves·leaf × out`); then `w1` and `w2` are empty.
+    quant: Option<(QMatrix, QMatrix)>,
+}
+
+thread_local! {
+    /// One leaf's dequantized `W1`, `W2` (grows once per thread).
+    static LEAF: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl FffKernel {
@@ -75,7 +84,36 @@ impl FffKernel {
             && Some(w2.len()) == leaves.checked_mul(leaf).and_then(|v| v.checked_mul(out_features))
             && Some(b2.len()) == leaves.checked_mul(out_features);
         assert!(ok, "fff kernel: weights do not match depth {depth}, leaf {leaf}, {in_features} → {out_features}");
-        FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1: w1s.to_vec(), b1, w2, b2, master, strategy: TreeStrategy::Auto }
+        FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1: w1s.to_vec(), b1, w2, b2, master, strategy: TreeStrategy::Auto, quant: None }
+    }
+
+    /// The same kernel with the leaves' matrices stored as `format` blocks (the nodes, biases
+    /// and master leaf stay f32). Each leaf that receives samples is dequantized once per
+    /// call before its products: the weights cross memory at 4.5 or 8.5 bits, which is what
+    /// bounds a deep tree at batch (every sample reads a different leaf).
+    pub fn quantized(mut self, format: QFormat) -> Result<Self> {
+        let leaves = 1usize << self.depth;
+        let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
+        let w1 = QMatrix::from_f32(format, &self.w1, leaves * ni, lw)?;
+        let w2 = QMatrix::from_f32(format, &self.w2, leaves * lw, no)?;
+        self.quant = Some((w1, w2));
+        (self.w1, self.w2) = (Vec::new(), Vec::new());
+        Ok(self)
+    }
+
+    /// Runs `f` with leaf `leaf`'s `W1` (`in × leaf`) and `W2` (`leaf × out`): slices of the
+    /// f32 weights, or the blocks dequantized into a per-thread buffer.
+    #[inline]
+    fn with_leaf<R>(&self, leaf: usize, f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
+        let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
+        match &self.quant {
+            None => f(&self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.w2[leaf * lw * no..(leaf + 1) * lw * no]),
+            Some((q1, q2)) => LEAF.with_borrow_mut(|(a, b)| {
+                q1.dequantize_rows(leaf * ni, (leaf + 1) * ni, a);
+                q2.dequantize_rows(leaf * lw, (leaf + 1) * lw, b);
+                f(&a[..ni * lw], &b[..lw * no])
+            }),
+        }
     }
 
     /// Forces a strategy (for tests and benchmarks).
@@ -114,9 +152,11 @@ impl FffKernel {
     fn leaf_forward(&self, leaf: usize, x: &[f32], y: &mut [f32], h: &mut [f32]) {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
         let hl = &mut h[..lw];
-        gemm_small(x, ni, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hl);
-        self.activation.apply_inplace(hl);
-        gemm_small(hl, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), y);
+        self.with_leaf(leaf, |w1, w2| {
+            gemm_small(x, ni, w1, lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hl);
+            self.activation.apply_inplace(hl);
+            gemm_small(hl, lw, w2, no, Some(&self.b2[leaf * no..(leaf + 1) * no]), y);
+        });
         if let Some(m) = &self.master {
             blend_master(m, self.activation, x, y, h);
         }
@@ -208,13 +248,13 @@ impl FffKernel {
             let idx = &order[r0..r1];
             // SAFETY: leaves own disjoint segments of h.
             let hs = unsafe { hp.slice(r0 * lw, (r1 - r0) * lw) };
-            gemm_small_gather(x, idx, ni, &self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hs);
-            self.activation.apply_inplace(hs);
-            // SAFETY: `order` is a permutation of 0..batch, so the leaves write disjoint rows of
-            // y (batch × out), and nothing else touches y meanwhile.
-            unsafe {
-                gemm_small_scatter(hs, lw, &self.w2[leaf * lw * no..(leaf + 1) * lw * no], no, Some(&self.b2[leaf * no..(leaf + 1) * no]), yp.ptr(), idx)
-            };
+            self.with_leaf(leaf, |w1, w2| {
+                gemm_small_gather(x, idx, ni, w1, lw, Some(&self.b1[leaf * lw..(leaf + 1) * lw]), hs);
+                self.activation.apply_inplace(hs);
+                // SAFETY: `order` is a permutation of 0..batch, so the leaves write disjoint
+                // rows of y (batch × out), and nothing else touches y meanwhile.
+                unsafe { gemm_small_scatter(hs, lw, w2, no, Some(&self.b2[leaf * no..(leaf + 1) * no]), yp.ptr(), idx) };
+            });
         };
         if rayon::current_num_threads() > 1 && batch >= 8 {
             (0..leaves).into_par_iter().for_each(run);

@@ -41,7 +41,7 @@ use crate::core::gemm::{add_row_bias, add_sum_rows, axpy, dot, matmul, MatMut, M
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::fff::MasterWeights;
-use crate::kernels::{FffKernel, InferKernel};
+use crate::kernels::{FffKernel, InferKernel, Precision};
 
 /// Clamp of the node probabilities inside the entropy, as in the reference package.
 const ENTROPY_EPS: f32 = 1e-6;
@@ -609,8 +609,9 @@ impl Trainable for Fff {
     }
 }
 
-impl Compile for Fff {
-    fn kernel(&self) -> Box<dyn InferKernel> {
+impl Fff {
+    /// The inference kernel (f32 weights).
+    fn tree_kernel(&self) -> FffKernel {
         let master = self.master.as_ref().map(|m| MasterWeights {
             w1: m.fc1.weight.value.clone(),
             b1: m.fc1.bias.value.clone(),
@@ -619,7 +620,7 @@ impl Compile for Fff {
             gate_w: m.gate.weight.value.clone(),
             gate_b: m.gate.bias.value[0],
         });
-        Box::new(FffKernel::new(
+        FffKernel::new(
             self.node_weights.value.clone(),
             self.node_biases.value.clone(),
             &self.w1s.value,
@@ -632,7 +633,21 @@ impl Compile for Fff {
             self.cfg.leaf,
             self.cfg.activation,
             master,
-        ))
+        )
+    }
+}
+
+impl Compile for Fff {
+    fn kernel(&self) -> Box<dyn InferKernel> {
+        Box::new(self.tree_kernel())
+    }
+
+    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
+        match precision.quant() {
+            Some(format) => Ok(Box::new(self.tree_kernel().quantized(format)?)),
+            None if precision == Precision::F32 => Ok(self.kernel()),
+            None => Err(Error::Invalid(format!("{} weights are not implemented for fff layers", precision.name()))),
+        }
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -150,13 +150,13 @@ pub trait Compile {
     fn kernel(&self) -> Box<dyn InferKernel>;
     /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a kernel in
     /// that precision return an error: bf16 is implemented for `ufff`, Q8_0/Q4_0 for `dense`,
-    /// `ufff` and the experts of `moe`, `smoe` and `moefied`.
+    /// `ufff`, the leaves of `fff` and the experts of `moe`, `smoe` and `moefied`.
     fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
         match precision {
             Precision::F32 => Ok(self.kernel()),
             Precision::Bf16 => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
             Precision::Q8_0 | Precision::Q4_0 => Err(Error::Invalid(format!(
-                "{} weights are implemented for dense, ufff, moe, smoe and moefied layers, not {}",
+                "{} weights are implemented for dense, ufff, fff, moe, smoe and moefied layers, not {}",
                 precision.name(),
                 self.kernel().kind()
             ))),
