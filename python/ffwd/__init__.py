@@ -27,7 +27,17 @@ import numpy as np
 from . import _ffwd, layers
 from ._ffwd import LM, Classifier, Forecaster, Kernel, __version__, set_threads, threads
 
-__all__ = ["Classifier", "LM", "Forecaster", "Kernel", "train_classifier", "train_lm", "train_forecaster", "set_threads", "threads", "layers", "__version__"]
+__all__ = ["Classifier", "LM", "Forecaster", "Kernel", "train_classifier", "train_lm", "train_forecaster", "quantize", "set_threads", "threads", "layers", "__version__"]
+
+
+def quantize(path: Union[str, os.PathLike], out: Union[str, os.PathLike], format: str = "q8_0", experts_only: bool = False) -> Dict[str, Any]:
+    """Writes ``out``: the checkpoint at ``path`` with its weight matrices stored as ggml
+    ``q8_0`` or ``q4_0`` blocks (``ffwd convert quantize``). ``experts_only`` quantizes only
+    the FFN/expert weights (MoQE). ``Classifier.load``/``LM.load`` read the result and run the
+    quantized kernels. Returns the report (tensors quantized and kept, bytes before/after)."""
+    import json
+
+    return json.loads(_ffwd.quantize(os.fspath(path), os.fspath(out), format, experts_only))
 
 
 def train_classifier(

@@ -598,6 +598,21 @@ fn fff_kernel(state: &Bound<'_, PyDict>, activation: &str) -> PyResult<Kernel> {
     Ok(Kernel { kernel: fff.kernel(), about })
 }
 
+/// Writes `path` with its weight matrices as ggml Q8_0/Q4_0 blocks (`ffwd convert quantize`);
+/// returns the conversion report as JSON.
+#[pyfunction]
+#[pyo3(signature = (path, out, format="q8_0", experts_only=false))]
+fn quantize(py: Python<'_>, path: PathBuf, out: PathBuf, format: &str, experts_only: bool) -> PyResult<String> {
+    let format = ffwd::core::quant::QFormat::parse(format).map_err(py_err)?;
+    compute(py, || -> ffwd::Result<String> {
+        let ck = ffwd::checkpoint::CheckpointReader::open(&path)?;
+        let (bytes, report) = ffwd::convert::quantize::quantize_checkpoint(&ck, format, experts_only)?;
+        ffwd::checkpoint::write_atomic(&out, &bytes)?;
+        serde_json::to_string(&report).map_err(|e| ffwd::Error::Invalid(e.to_string()))
+    })
+    .map_err(py_err)
+}
+
 /// UltraFastBERT tree weights (`{prefix}linear_in.weight`, `{prefix}linear_in.bias`,
 /// `{prefix}linear_out.weight`, float32) with `trees` parallel trees as an inference kernel.
 #[pyfunction]
@@ -623,6 +638,7 @@ fn _ffwd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fff_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(ufff_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -113,3 +113,22 @@ def test_threads_are_settable_and_compute_runs_off_the_gil(blobs):
     for w in workers:
         w.join()
     assert len(results) == 4 and all((r == want).all() for r in results)
+
+
+def test_quantized_checkpoints_load_and_predict(blobs, tmp_path):
+    x, y = blobs
+    model, _ = ffwd.train_classifier(x, y, layer="dense", width=64, epochs=20, seed=2)
+    path, q8, q4 = tmp_path / "m.safetensors", tmp_path / "q8.safetensors", tmp_path / "q4.safetensors"
+    model.save(path)
+    report = ffwd.quantize(path, q8)
+    assert report["format"] == "q8_0" and report["quantized"] == ["ffn.fc2.weight"] and report["bytes_after"] < report["bytes_before"]
+    ffwd.quantize(path, q4, format="q4_0")
+    base = (model.predict(x) == y).mean()
+    for p in (q8, q4):
+        back = ffwd.Classifier.load(p)
+        assert abs((back.predict(x) == y).mean() - base) <= 0.02
+        assert np.abs(back.logits(x) - model.logits(x)).max() < 0.5
+    with pytest.raises(ValueError, match="quantized already"):
+        ffwd.quantize(q8, tmp_path / "again.safetensors")
+    with pytest.raises(ValueError, match="q5_1"):
+        ffwd.quantize(path, tmp_path / "x.safetensors", format="q5_1")

@@ -326,7 +326,8 @@ impl CheckpointReader {
                 return Err(self.error(format!("quantized tensor `{name}` has dtype {:?}, expected U8", t.dtype())));
             }
             let cols = shape.last().copied().unwrap_or(1);
-            let rows = shape.iter().rev().skip(1).product();
+            let rows = shape.iter().rev().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d));
+            let rows = rows.ok_or_else(|| self.error(format!("quantized tensor `{name}`: shape {shape:?} overflows")))?;
             return quant::unpack(format, t.data(), rows, cols).map_err(|e| self.error(format!("tensor `{name}`: {e}")));
         }
         if t.shape() != shape {

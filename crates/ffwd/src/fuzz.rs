@@ -120,6 +120,16 @@ pub fn seeds(format: Format) -> Result<Vec<Vec<u8>>> {
                 let m = Classifier::new(ModelConfig { in_features: 6, n_classes: 3, layer }, 2)?;
                 out.push(m.checkpoint()?.to_bytes()?);
             }
+            // quantized: Q4_0 blocks of a dense layer wide enough to be packed, and a moefied
+            // layer's Q8_0 experts
+            for (layer, format) in [
+                (LayerConfig::Dense(DenseConfig { width: 40, layers: 2, activation: Activation::Relu }), crate::core::quant::QFormat::Q4_0),
+                (LayerConfig::Moefied(crate::layers::MoefiedConfig { experts: 2, expert_width: 32, k: 1, ..Default::default() }), crate::core::quant::QFormat::Q8_0),
+            ] {
+                let m = Classifier::new(ModelConfig { in_features: 36, n_classes: 3, layer }, 2)?;
+                let ck = CheckpointReader::from_bytes(m.checkpoint()?.to_bytes()?, "seed")?;
+                out.push(crate::convert::quantize::quantize_checkpoint(&ck, format, false)?.0);
+            }
             out
         }
         Format::Ff => {

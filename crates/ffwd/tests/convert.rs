@@ -9,7 +9,7 @@ use ffwd::core::quant::QFormat;
 use ffwd::core::{Activation, Rng};
 use ffwd::data::Dataset;
 use ffwd::kernels::{Precision, Workspace};
-use ffwd::layers::{Compile, DenseConfig, Layer, LayerConfig, MoeConfig, MoefiedRouter, SmoeConfig, Trainable, UfffConfig};
+use ffwd::layers::{DenseConfig, FffConfig, Layer, LayerConfig, MoeConfig, MoefiedRouter, SmoeConfig, UfffConfig};
 use ffwd::models::{Classifier, ModelConfig};
 
 fn normal(n: usize, seed: u64) -> Vec<f32> {
@@ -17,8 +17,8 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.normal()).collect()
 }
 
-/// A layer whose weights are replaced by their `format` round trip (what a quantized
-/// checkpoint loads as).
+/// A layer whose weight matrices are replaced by their `format` round trip (what a quantized
+/// checkpoint loads as), routers and tree nodes kept (the kernels route in f32).
 fn dequantized(layer: &dyn Layer, format: QFormat) -> Box<dyn Layer> {
     let mut out = layer.config().build(layer.in_features(), layer.out_features(), &mut Rng::new(0)).unwrap();
     let src = layer.params();
@@ -27,7 +27,8 @@ fn dequantized(layer: &dyn Layer, format: QFormat) -> Box<dyn Layer> {
         let s = it.next().unwrap();
         p.value.clone_from(&s.value);
         let cols = *p.shape.last().unwrap();
-        if p.shape.len() >= 2 && cols >= 32 && !p.name.contains("router") {
+        // the tensors `convert quantize --experts-only` packs (a classifier's names)
+        if ffwd::convert::quantize::quantizable(&format!("ffn.{}", p.name), &p.shape, true) {
             let rows = p.value.len() / cols;
             let bytes = ffwd::core::quant::pack(format, &p.value, rows, cols).unwrap();
             p.value = ffwd::core::quant::unpack(format, &bytes, rows, cols).unwrap();
@@ -50,6 +51,7 @@ fn quantized_dense_and_mixture_kernels_match_dequantized_f32() {
             LayerConfig::Dense(DenseConfig { width: 128, layers: 3, activation: Activation::Gelu }),
             LayerConfig::Moe(MoeConfig { experts: 4, expert_width: 32, k: 2, ..Default::default() }),
             LayerConfig::Smoe(SmoeConfig { experts: 4, expert_width: 32, k: 2, ..Default::default() }),
+            LayerConfig::Fff(FffConfig { depth: 3, leaf: 32, ..Default::default() }),
         ];
         for cfg in cfgs {
             let layer = cfg.build(d, o, &mut Rng::new(1)).unwrap();
@@ -216,8 +218,10 @@ fn quantized_checkpoints_store_blocks_and_load_as_their_values() {
         // a truncated block table is an error naming the tensor, not a panic
         let mut info2 = info.clone();
         info2.tensors.insert("ffn.fc1.weight".into(), vec![64, 49]);
-        let biases: Vec<(String, Vec<usize>, Vec<f32>)> =
-            ["ffn.fc1.bias", "ffn.fc2.bias"].iter().map(|&n| (n.to_string(), vec![if n.contains("fc1") { 64 } else { 4 }], q.read_f32(&st, n, &[if n.contains("fc1") { 64 } else { 4 }]).unwrap())).collect();
+        let biases: Vec<(String, Vec<usize>, Vec<f32>)> = ["ffn.fc1.bias", "ffn.fc2.bias"]
+            .iter()
+            .map(|&n| (n.to_string(), vec![if n.contains("fc1") { 64 } else { 4 }], q.read_f32(&st, n, &[if n.contains("fc1") { 64 } else { 4 }]).unwrap()))
+            .collect();
         let mut w = ffwd::checkpoint::CheckpointWriter::new("classifier/1");
         for (k, v) in q.metadata() {
             w.meta(k, v.clone());

@@ -25,8 +25,9 @@ use ffwd::train::lm::{lm_checkpoint, LmCheckpoint};
 #[derive(Subcommand, Debug)]
 pub enum ConvertCommand {
     /// Store the weight matrices as ggml Q8_0 or Q4_0 blocks (biases, norms and short rows stay
-    /// f32; optimizer state is dropped). Dense and ufff layers then run integer kernels;
-    /// other layers run f32 on the dequantized weights.
+    /// f32; optimizer state is dropped). Dense and ufff layers then run integer kernels, fff
+    /// leaves and mixture experts are dequantized per leaf or expert, other layers run f32 on
+    /// the dequantized weights.
     Quantize(QuantizeArgs),
     /// Split a dense ReLU FFN into experts (MoEfication): balanced k-means of its neurons, a
     /// router trained on calibration inputs, top-K experts at inference. Classifiers

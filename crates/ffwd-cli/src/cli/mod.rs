@@ -47,8 +47,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve classifiers and language models over HTTP (dynamic batching, streaming).
     Serve(serve::ServeArgs),
-    /// Convert a trained checkpoint: quantize its weights (Q8_0/Q4_0), split a dense FFN
-    /// into experts (MoEfication).
+    /// Convert a trained checkpoint: quantize (Q8_0/Q4_0), MoEfy, low-rank, prune experts,
+    /// import `fastfeedforward`.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
 }

@@ -1,6 +1,6 @@
 //! `ffwd convert quantize`: any checkpoint with its weight matrices stored as ggml Q8_0 or
 //! Q4_0 blocks. Works on the file, not the model: every f32 tensor that is a weight matrix
-//! (two or more axes, not a bias, blocks along the last axis padding it by at most half)
+//! (two or more axes, not a bias, rows [`worth_quantizing`])
 //! is packed; with `experts_only` (Mixture of Quantized Experts, Kim et al. 2023) only the
 //! FFN/expert weights are, and routers, attention and embeddings stay f32. Optimizer state
 //! is dropped (a quantized model is for inference). Loaders dequantize on read and run the
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, QuantInfo, CONVERTED_KEY, QUANT_KEY};
-use crate::core::quant::{pack, padded, QFormat};
+use crate::core::quant::{pack, worth_quantizing, QFormat};
 use crate::error::Result;
 
 /// What [`quantize_checkpoint`] did.
@@ -54,12 +54,7 @@ fn is_bias(name: &str) -> bool {
 /// Whether tensor `name` of `shape` is stored quantized.
 pub fn quantizable(name: &str, shape: &[usize], experts_only: bool) -> bool {
     let Some(&cols) = shape.last() else { return false };
-    shape.len() >= 2
-        && !name.starts_with("optim.")
-        && !is_bias(name)
-        && cols >= 32
-        && padded(cols) * 2 <= cols * 3
-        && (!experts_only || (in_ffn(name) && !is_router(name)))
+    shape.len() >= 2 && !name.starts_with("optim.") && !is_bias(name) && worth_quantizing(cols) && (!experts_only || (in_ffn(name) && !is_router(name)))
 }
 
 /// The checkpoint in `ck` with its weight matrices block-quantized to `format`; an error for a

@@ -79,12 +79,20 @@ impl QFormat {
 
 /// Row length after padding to whole blocks.
 pub fn padded(cols: usize) -> usize {
-    cols.div_ceil(QK) * QK
+    cols.div_ceil(QK).saturating_mul(QK)
+}
+
+/// Whether rows of `cols` values are quantized at all: at least one block, and padding to
+/// whole blocks adds at most half (40 values would take 64). Both the checkpoint converter
+/// and the kernels apply this rule, so a kernel computes on exactly the blocks a file stores
+/// and keeps in f32 exactly the matrices the file keeps in f32.
+pub fn worth_quantizing(cols: usize) -> bool {
+    cols >= QK && padded(cols) * 2 <= cols * 3
 }
 
 /// Bytes of a `rows × cols` matrix in `format` (rows padded to whole blocks).
 pub fn packed_len(format: QFormat, rows: usize, cols: usize) -> usize {
-    rows * padded(cols) / QK * format.block_bytes()
+    rows.saturating_mul(padded(cols) / QK).saturating_mul(format.block_bytes())
 }
 
 /// One block of `x` (≤ 32 values, the rest taken as zero) in ggml's bytes.
@@ -281,6 +289,21 @@ impl QMatrix {
             scales[i] = f16::from_le_bytes([block[0], block[1]]).to_f32();
             data[i * qb..(i + 1) * qb].copy_from_slice(&block[2..]);
         }
+        if format == QFormat::Q4_0 {
+            for row in data.chunks_exact_mut(nb * qb) {
+                let ggml = row.to_vec();
+                for g in 0..nb / 4 {
+                    for k in 0..4 {
+                        let src = &ggml[(4 * g + k) * 16..(4 * g + k + 1) * 16];
+                        for i in 0..QK {
+                            let q = if i < 16 { src[i] & 0x0F } else { src[i - 16] >> 4 };
+                            let byte = &mut row[g * 64 + (k % 2) * 32 + i];
+                            *byte = if k < 2 { (*byte & 0xF0) | q } else { (*byte & 0x0F) | (q << 4) };
+                        }
+                    }
+                }
+            }
+        }
         Ok(QMatrix { format, rows, cols, nb, data, scales })
     }
 
@@ -304,6 +327,11 @@ impl QMatrix {
         self.data.len() + 2 * self.scales.len()
     }
 
+    /// Row `r`'s integer data. Q4_0 rows are re-laid out for the 512-bit kernels: each full
+    /// group of four blocks is 64 bytes whose low nibbles hold blocks `4g`, `4g + 1` (value `j`
+    /// of the pair in byte `j`) and whose high nibbles hold blocks `4g + 2`, `4g + 3`, so one
+    /// load and one mask give two blocks in order; blocks after the last full group keep
+    /// ggml's layout ([`q4_value`]).
     fn row_data(&self, r: usize) -> &[u8] {
         let qb = self.format.block_bytes() - 2;
         &self.data[r * self.nb * qb..(r + 1) * self.nb * qb]
@@ -365,10 +393,8 @@ impl QMatrix {
                     }
                 }
                 QFormat::Q4_0 => {
-                    let nib = &data[b * 16..(b + 1) * 16];
                     for (i, v) in yb.iter_mut().enumerate() {
-                        let q = if i < 16 { nib[i] & 0x0F } else { nib[i - 16] >> 4 };
-                        *v += s * (q as i32 - 8) as f32;
+                        *v += s * (q4_value(data, self.nb, b, i) as i32 - 8) as f32;
                     }
                 }
             }
@@ -449,6 +475,68 @@ impl QMatrix {
     }
 }
 
+/// A matrix that is quantized when its rows are worth it ([`worth_quantizing`]) and kept in
+/// f32 otherwise, read a range of rows at a time as f32.
+#[derive(Clone, Debug)]
+pub enum MaybeQuant {
+    /// Rows too short to quantize.
+    F32 {
+        /// `rows × cols`.
+        data: Vec<f32>,
+        /// Values per row.
+        cols: usize,
+    },
+    /// Block-quantized rows.
+    Quant(QMatrix),
+}
+
+impl MaybeQuant {
+    /// `data` (`rows × cols`) in `format` if its rows are worth quantizing.
+    pub fn new(format: QFormat, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        if worth_quantizing(cols) {
+            Ok(MaybeQuant::Quant(QMatrix::from_f32(format, &data, rows, cols)?))
+        } else {
+            crate::error::check_matrix("matrix", data.len(), rows, cols)?;
+            Ok(MaybeQuant::F32 { data, cols })
+        }
+    }
+
+    /// Rows `r0..r1` as f32: borrowed, or dequantized into `buf`.
+    #[inline]
+    pub fn rows<'a>(&'a self, r0: usize, r1: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            MaybeQuant::F32 { data, cols } => &data[r0 * cols..r1 * cols],
+            MaybeQuant::Quant(q) => {
+                q.dequantize_rows(r0, r1, buf);
+                &buf[..(r1 - r0) * q.cols]
+            }
+        }
+    }
+}
+
+/// Value `i` (0–15, before subtracting 8) of block `b` of a Q4_0 row of `nb` blocks in the
+/// kernels' layout ([`QMatrix`]'s `row_data`).
+#[inline]
+fn q4_value(w: &[u8], nb: usize, b: usize, i: usize) -> u8 {
+    let full = nb / 4 * 4;
+    if b < full {
+        let (g, k) = (b / 4, b % 4);
+        let byte = w[g * 64 + (k % 2) * 32 + i];
+        if k < 2 {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        }
+    } else {
+        let byte = w[full * 16 + (b - full) * 16 + i % 16];
+        if i < 16 {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        }
+    }
+}
+
 /// Fixed-order sum of the 16 lanes every path accumulates into.
 #[inline]
 fn reduce16(l: &[f32; 16]) -> f32 {
@@ -519,10 +607,7 @@ pub(crate) fn dot_portable(format: QFormat, w: &[u8], ws: &[f32], xq: &[i8], xd:
     let wv = |b: usize, i: usize| -> i32 {
         match format {
             QFormat::Q8_0 => w[b * QK + i] as i8 as i32,
-            QFormat::Q4_0 => {
-                let byte = w[b * 16 + i % 16];
-                (if i < 16 { byte & 0x0F } else { byte >> 4 }) as i32
-            }
+            QFormat::Q4_0 => q4_value(w, nb, b, i) as i32,
         }
     };
     for p in 0..nb.div_ceil(2) {
@@ -558,7 +643,6 @@ mod x86 {
         let nb = ws.len();
         let mut acc = _mm512_setzero_ps();
         let zero = _mm512_setzero_si512();
-        let low = _mm256_set1_epi8(0x0F);
         // SAFETY (whole body): reads stay within `nb` blocks of `w` and `xq`; a partial pair
         // is loaded with a mask that keeps the absent block's bytes untouched.
         unsafe {
@@ -572,20 +656,7 @@ mod x86 {
                         let sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
                         _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), sw)
                     }
-                    QFormat::Q4_0 => {
-                        let bytes = if full {
-                            _mm256_loadu_si256(w.as_ptr().add(2 * p * 16) as *const __m256i)
-                        } else {
-                            _mm256_castsi128_si256(_mm_loadu_si128(w.as_ptr().add(2 * p * 16) as *const __m128i))
-                        };
-                        let lo = _mm256_and_si256(bytes, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                        let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                        // 128-bit lanes [lo0 lo1 hi0 hi1] → [lo0 hi0 lo1 hi1]: block values in order
-                        let wv = _mm512_shuffle_i64x2(z, z, 0b11_01_10_00);
-                        let wv = if full { wv } else { _mm512_maskz_mov_epi8(xmask, wv) };
-                        _mm512_dpbusd_epi32(zero, wv, xv)
-                    }
+                    QFormat::Q4_0 => _mm512_dpbusd_epi32(zero, q4_pair(w, nb, p, full, xmask), xv),
                 };
                 let s0 = ws[2 * p] * xd[2 * p];
                 let s1 = if full { ws[2 * p + 1] * xd[2 * p + 1] } else { 0.0 };
@@ -598,6 +669,87 @@ mod x86 {
             match format {
                 QFormat::Q8_0 => r,
                 QFormat::Q4_0 => r - q4_offset(ws, xd, xsum),
+            }
+        }
+    }
+
+    /// Blocks `2p`, `2p + 1` of a Q4_0 row (kernel layout) as 64 unsigned bytes 0–15 (the
+    /// second block's zeroed when absent: `full` false, `xmask` its low 32 bytes).
+    #[inline(always)]
+    unsafe fn q4_pair(w: &[u8], nb: usize, p: usize, full: bool, xmask: u64) -> __m512i {
+        let grouped = nb / 4 * 4;
+        let low = _mm512_set1_epi8(0x0F);
+        // SAFETY: the caller's row holds `nb` blocks; a grouped pair's 64 bytes and a tail
+        // pair's 16 or 32 bytes lie in it.
+        unsafe {
+            if 2 * p < grouped {
+                let v = _mm512_loadu_si512(w.as_ptr().add(2 * p / 4 * 64) as *const _);
+                if (2 * p) % 4 == 0 {
+                    _mm512_and_si512(v, low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
+                }
+            } else {
+                let off = grouped * 16 + (2 * p - grouped) * 16;
+                let bytes = if full {
+                    _mm256_loadu_si256(w.as_ptr().add(off) as *const __m256i)
+                } else {
+                    _mm256_castsi128_si256(_mm_loadu_si128(w.as_ptr().add(off) as *const __m128i))
+                };
+                let l = _mm256_set1_epi8(0x0F);
+                let lo = _mm256_and_si256(bytes, l);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), l);
+                let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                // 128-bit lanes [lo0 lo1 hi0 hi1] → [lo0 hi0 lo1 hi1]: block values in order
+                let wv = _mm512_shuffle_i64x2(z, z, 0b11_01_10_00);
+                if full {
+                    wv
+                } else {
+                    _mm512_maskz_mov_epi8(xmask, wv)
+                }
+            }
+        }
+    }
+
+    /// Block `b` of a Q4_0 row (kernel layout) as two vectors of 16 unsigned bytes 0–15:
+    /// values 0–15 and 16–31.
+    #[inline(always)]
+    unsafe fn q4_block(w: &[u8], nb: usize, b: usize) -> (__m128i, __m128i) {
+        let grouped = nb / 4 * 4;
+        let low = _mm_set1_epi8(0x0F);
+        // SAFETY: the caller's row holds `nb` blocks.
+        unsafe {
+            if b < grouped {
+                let (g, k) = (b / 4, b % 4);
+                let base = w.as_ptr().add(g * 64 + (k % 2) * 32);
+                let (a, c) = (_mm_loadu_si128(base as *const __m128i), _mm_loadu_si128(base.add(16) as *const __m128i));
+                if k < 2 {
+                    (_mm_and_si128(a, low), _mm_and_si128(c, low))
+                } else {
+                    (_mm_and_si128(_mm_srli_epi16(a, 4), low), _mm_and_si128(_mm_srli_epi16(c, 4), low))
+                }
+            } else {
+                let v = _mm_loadu_si128(w.as_ptr().add(grouped * 16 + (b - grouped) * 16) as *const __m128i);
+                (_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low))
+            }
+        }
+    }
+
+    /// Block `b` of row `r` of `m` as two vectors of 16 signed values (Q4_0 minus 8).
+    #[inline(always)]
+    unsafe fn block_values(m: &super::QMatrix, r: usize, b: usize, qb: usize) -> (__m128i, __m128i) {
+        // SAFETY: `r` and `b` are in bounds (the callers' loops).
+        unsafe {
+            match m.format {
+                QFormat::Q8_0 => {
+                    let src = m.data.as_ptr().add((r * m.nb + b) * qb);
+                    (_mm_loadu_si128(src as *const __m128i), _mm_loadu_si128(src.add(16) as *const __m128i))
+                }
+                QFormat::Q4_0 => {
+                    let (lo, hi) = q4_block(m.row_data(r), m.nb, b);
+                    let eight = _mm_set1_epi8(8);
+                    (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight))
+                }
             }
         }
     }
@@ -620,7 +772,6 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut off = [_mm512_setzero_ps(); 4];
         let zero = _mm512_setzero_si512();
-        let low = _mm256_set1_epi8(0x0F);
         // SAFETY (whole body): as dot_avx512, for each of the four rows; scale groups of fewer
         // than 16 blocks are loaded with a mask.
         unsafe {
@@ -652,19 +803,7 @@ mod x86 {
                                 let sw = _mm512_mask_sub_epi8(wv, neg, zero, wv);
                                 _mm512_dpbusd_epi32(zero, ax, sw)
                             }
-                            QFormat::Q4_0 => {
-                                let bytes = if full {
-                                    _mm256_loadu_si256(w[k].as_ptr().add(b * 16) as *const __m256i)
-                                } else {
-                                    _mm256_castsi128_si256(_mm_loadu_si128(w[k].as_ptr().add(b * 16) as *const __m128i))
-                                };
-                                let lo = _mm256_and_si256(bytes, low);
-                                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                                let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                                let wv = _mm512_shuffle_i64x2(z, z, 0b11_01_10_00);
-                                let wv = if full { wv } else { _mm512_maskz_mov_epi8(xmask, wv) };
-                                _mm512_dpbusd_epi32(zero, wv, xv)
-                            }
+                            QFormat::Q4_0 => _mm512_dpbusd_epi32(zero, q4_pair(w[k], nb, b / 2, full, xmask), xv),
                         };
                         // lanes of an absent odd block: scale 0 (the group's masked load)
                         let sv = _mm512_permutexvar_ps(idx, s[k]);
@@ -720,8 +859,6 @@ mod x86 {
     pub(super) unsafe fn weighted_row_sum_avx512(m: &super::QMatrix, coef: &[f32], rows: &[usize], y: &mut [f32]) {
         let (nb, cols) = (m.nb, m.cols);
         let qb = m.format.block_bytes() - 2;
-        let low = _mm_set1_epi8(0x0F);
-        let eight = _mm_set1_epi8(8);
         // SAFETY (whole body): rows are in bounds (checked by the caller); a block's bytes lie
         // in its row; `y` is written with masks past `cols`.
         unsafe {
@@ -729,14 +866,7 @@ mod x86 {
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for (&c, &r) in coef.iter().zip(rows) {
                     let s = _mm512_set1_ps(c * m.scales[r * nb + b]);
-                    let src = m.data.as_ptr().add((r * nb + b) * qb);
-                    let (q0, q1) = match m.format {
-                        QFormat::Q8_0 => (_mm_loadu_si128(src as *const __m128i), _mm_loadu_si128(src.add(16) as *const __m128i)),
-                        QFormat::Q4_0 => {
-                            let bytes = _mm_loadu_si128(src as *const __m128i);
-                            (_mm_sub_epi8(_mm_and_si128(bytes, low), eight), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), eight))
-                        }
-                    };
+                    let (q0, q1) = block_values(m, r, b, qb);
                     a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), s, a0);
                     a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), s, a1);
                 }
@@ -763,8 +893,6 @@ mod x86 {
     pub(super) unsafe fn dequantize_rows_avx512(m: &super::QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
         let (nb, cols) = (m.nb, m.cols);
         let qb = m.format.block_bytes() - 2;
-        let low = _mm_set1_epi8(0x0F);
-        let eight = _mm_set1_epi8(8);
         // SAFETY (whole body): blocks of rows r0..r1 lie in `m.data`; each output row holds
         // `cols` values, the last block stored with a mask.
         unsafe {
@@ -772,14 +900,7 @@ mod x86 {
                 let dst = out.as_mut_ptr().add(ri * cols);
                 for b in 0..nb {
                     let s = _mm512_set1_ps(m.scales[r * nb + b]);
-                    let src = m.data.as_ptr().add((r * nb + b) * qb);
-                    let (q0, q1) = match m.format {
-                        QFormat::Q8_0 => (_mm_loadu_si128(src as *const __m128i), _mm_loadu_si128(src.add(16) as *const __m128i)),
-                        QFormat::Q4_0 => {
-                            let bytes = _mm_loadu_si128(src as *const __m128i);
-                            (_mm_sub_epi8(_mm_and_si128(bytes, low), eight), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), eight))
-                        }
-                    };
+                    let (q0, q1) = block_values(m, r, b, qb);
                     let a0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), s);
                     let a1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), s);
                     let c0 = b * QK;
@@ -804,7 +925,6 @@ mod x86 {
         let nb = ws.len();
         let mut acc = [_mm256_setzero_ps(); 2];
         let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
         // SAFETY (whole body): every load reads one block inside `w` / `xq`.
         unsafe {
             for b in 0..nb {
@@ -815,9 +935,7 @@ mod x86 {
                         _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv))
                     }
                     QFormat::Q4_0 => {
-                        let bytes = _mm_loadu_si128(w.as_ptr().add(b * 16) as *const __m128i);
-                        let lo = _mm_and_si128(bytes, low);
-                        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+                        let (lo, hi) = q4_block(w, nb, b);
                         _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv)
                     }
                 };

@@ -341,7 +341,7 @@ fn parse_date(s: &str) -> Option<Date> {
             }
             // Mon-D-YYYY
             const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
-            let m = MONTHS.iter().position(|mm| a.len() >= 3 && a[..3].eq_ignore_ascii_case(mm))? as i64 + 1;
+            let m = MONTHS.iter().position(|mm| a.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(mm)))? as i64 + 1;
             let (d, y) = (num(b)?, num(c)?);
             valid(y, m, d).then_some(Date::Day(y, m as u32, d as u32))
         }

@@ -39,13 +39,19 @@ impl DenseKernel {
         DenseKernel { linears, activation }
     }
 
-    /// From Linear maps with their weights block-quantized to `format` (biases stay f32).
+    /// From Linear maps with their weights block-quantized to `format` (biases stay f32; a
+    /// map whose input is too narrow to quantize, [`crate::core::quant::worth_quantizing`],
+    /// stays f32).
     pub fn quantized(linears: &[Linear], activation: Activation, format: QFormat) -> Result<Self> {
         let linears = linears
             .iter()
             .map(|l| {
-                let q = QMatrix::from_f32(format, &l.weight.value, l.out_features(), l.in_features())?;
-                Ok((Weights::Quant(q), l.bias.value.clone(), l.out_features(), l.in_features()))
+                let w = if crate::core::quant::worth_quantizing(l.in_features()) {
+                    Weights::Quant(QMatrix::from_f32(format, &l.weight.value, l.out_features(), l.in_features())?)
+                } else {
+                    Weights::F32(transposed(l))
+                };
+                Ok((w, l.bias.value.clone(), l.out_features(), l.in_features()))
             })
             .collect::<Result<_>>()?;
         Ok(DenseKernel { linears, activation })

@@ -8,8 +8,8 @@ use super::ufff::TreeStrategy;
 use super::{check_io, rows4, InferKernel, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
+use crate::core::quant::{MaybeQuant, QFormat};
 use crate::core::simd::{dot4, gemm_small, gemm_small_gather, gemm_small_scatter};
-use crate::core::quant::{QFormat, QMatrix};
 use crate::core::Activation;
 use crate::error::Result;
 
@@ -48,7 +48,7 @@ pub struct FffKernel {
     strategy: TreeStrategy,
     /// The leaves' matrices as quantized blocks, rows as stored (`w1s`: `leaves·in × leaf`,
     /// `w2s`: `leaves·leaf × out`); then `w1` and `w2` are empty.
-    quant: Option<(QMatrix, QMatrix)>,
+    quant: Option<(MaybeQuant, MaybeQuant)>,
 }
 
 thread_local! {
@@ -84,7 +84,22 @@ impl FffKernel {
             && Some(w2.len()) == leaves.checked_mul(leaf).and_then(|v| v.checked_mul(out_features))
             && Some(b2.len()) == leaves.checked_mul(out_features);
         assert!(ok, "fff kernel: weights do not match depth {depth}, leaf {leaf}, {in_features} → {out_features}");
-        FffKernel { in_features, out_features, depth, leaf, activation, node_w, node_b, w1: w1s.to_vec(), b1, w2, b2, master, strategy: TreeStrategy::Auto, quant: None }
+        FffKernel {
+            in_features,
+            out_features,
+            depth,
+            leaf,
+            activation,
+            node_w,
+            node_b,
+            w1: w1s.to_vec(),
+            b1,
+            w2,
+            b2,
+            master,
+            strategy: TreeStrategy::Auto,
+            quant: None,
+        }
     }
 
     /// The same kernel with the leaves' matrices stored as `format` blocks (the nodes, biases
@@ -94,8 +109,8 @@ impl FffKernel {
     pub fn quantized(mut self, format: QFormat) -> Result<Self> {
         let leaves = 1usize << self.depth;
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
-        let w1 = QMatrix::from_f32(format, &self.w1, leaves * ni, lw)?;
-        let w2 = QMatrix::from_f32(format, &self.w2, leaves * lw, no)?;
+        let w1 = MaybeQuant::new(format, std::mem::take(&mut self.w1), leaves * ni, lw)?;
+        let w2 = MaybeQuant::new(format, std::mem::take(&mut self.w2), leaves * lw, no)?;
         self.quant = Some((w1, w2));
         (self.w1, self.w2) = (Vec::new(), Vec::new());
         Ok(self)
@@ -108,11 +123,7 @@ impl FffKernel {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
         match &self.quant {
             None => f(&self.w1[leaf * ni * lw..(leaf + 1) * ni * lw], &self.w2[leaf * lw * no..(leaf + 1) * lw * no]),
-            Some((q1, q2)) => LEAF.with_borrow_mut(|(a, b)| {
-                q1.dequantize_rows(leaf * ni, (leaf + 1) * ni, a);
-                q2.dequantize_rows(leaf * lw, (leaf + 1) * lw, b);
-                f(&a[..ni * lw], &b[..lw * no])
-            }),
+            Some((q1, q2)) => LEAF.with_borrow_mut(|(a, b)| f(q1.rows(leaf * ni, (leaf + 1) * ni, a), q2.rows(leaf * lw, (leaf + 1) * lw, b))),
         }
     }
 

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::SyncPtr;
 use crate::core::gemm::{matmul_serial, MatMut, MatRef};
-use crate::core::quant::{QFormat, QMatrix};
+use crate::core::quant::{MaybeQuant, QFormat};
 use crate::core::simd::{dot, gemm_small, gemm_small_gather};
 use crate::core::Activation;
 use crate::error::{Error, Result};
@@ -188,15 +188,38 @@ pub fn experts_forward(
     Ok(())
 }
 
+/// The weights an inference pass over an expert bank reads.
+#[derive(Clone, Copy)]
+pub enum ExpertSource<'a> {
+    /// f32 weights, read in place.
+    F32(&'a ExpertWeights<'a>),
+    /// Quantized blocks: each expert that received rows is dequantized once per call into a
+    /// per-thread buffer (the blocks run along the output axis of each product, so the integer
+    /// dot products of `core::quant` do not apply; the weights cross memory at 4.5 or 8.5
+    /// bits).
+    Quant(&'a QuantExperts),
+}
+
+impl ExpertSource<'_> {
+    fn shape(&self) -> ExpertShape {
+        match self {
+            ExpertSource::F32(w) => w.shape,
+            ExpertSource::Quant(q) => q.shape,
+        }
+    }
+}
+
 /// [`experts_forward`] for inference: no copies of the gathered rows (each expert's first
 /// product reads the rows of `x` in place through `tok`, scratch of `S` token indices) and the
 /// unpacked small-product kernel for both maps, whose weights are read in place (packing
 /// them per call, as the GEMM library does, cost more than the products at the widths of
 /// experts: measured 1.5x on a MoEfied MNIST layer at batch 256).
 #[allow(clippy::too_many_arguments)]
-pub fn experts_infer(w: &ExpertWeights<'_>, x: &[f32], k: usize, order: &[u32], offsets: &[u32], tok: &mut [u32], h: &mut [f32], ys: &mut [f32]) -> Result<()> {
-    let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape;
-    w.check()?;
+pub fn experts_infer(w: ExpertSource<'_>, x: &[f32], k: usize, order: &[u32], offsets: &[u32], tok: &mut [u32], h: &mut [f32], ys: &mut [f32]) -> Result<()> {
+    let ExpertShape { experts, in_features: d, width: g, out_features: o } = w.shape();
+    if let ExpertSource::F32(w) = w {
+        w.check()?;
+    }
     let s = check_segments(offsets, experts, &[("h", h.len(), g), ("ys", ys.len(), o), ("order", order.len(), 1), ("tok", tok.len(), 1)])?;
     let tokens = if k == 0 { 0 } else { x.len() / d.max(1) };
     for (t, &slot) in tok[..s].iter_mut().zip(&order[..s]) {
@@ -215,12 +238,22 @@ pub fn experts_infer(w: &ExpertWeights<'_>, x: &[f32], k: usize, order: &[u32], 
         }
         // SAFETY: expert segments are disjoint row ranges of h and ys.
         let (hs, yo) = unsafe { (h_ptr.slice(r0 * g, n * g), ys_ptr.slice(r0 * o, n * o)) };
-        let (w1, w2) = (&w.w1[e * d * g..(e + 1) * d * g], &w.w2[e * g * o..(e + 1) * g * o]);
-        gemm_small_gather(x, &tok[r0..r1], d, w1, g, Some(&w.b1[e * g..(e + 1) * g]), hs);
-        w.act.apply_inplace(hs);
-        gemm_small(hs, g, w2, o, None, yo);
+        let mut segment = |w1: &[f32], b1: &[f32], w2: &[f32], act: Activation| {
+            gemm_small_gather(x, &tok[r0..r1], d, w1, g, Some(b1), hs);
+            act.apply_inplace(hs);
+            gemm_small(hs, g, w2, o, None, yo);
+        };
+        match w {
+            ExpertSource::F32(w) => segment(&w.w1[e * d * g..(e + 1) * d * g], &w.b1[e * g..(e + 1) * g], &w.w2[e * g * o..(e + 1) * g * o], w.act),
+            ExpertSource::Quant(q) => {
+                DEQ.with_borrow_mut(|(b1, b2)| segment(q.w1.rows(e * d, (e + 1) * d, b1), &q.b1[e * g..(e + 1) * g], q.w2.rows(e * g, (e + 1) * g, b2), q.act))
+            }
+        }
     };
-    if s * d * g >= 1 << 17 && rayon::current_num_threads() > 1 {
+    // below a quarter million multiply-adds in the first maps a fork-join costs more than it
+    // saves (a MoEfied MNIST layer at batch 1, 8 experts of 784 × 32: 2x faster serial; the
+    // σ-MoE benchmark at batch 1, 4 experts of 512 × 128, is at the threshold and gains)
+    if s * d * g >= 1 << 18 && rayon::current_num_threads() > 1 {
         (0..experts).into_par_iter().for_each(run);
     } else {
         (0..experts).for_each(run);
@@ -236,11 +269,11 @@ pub struct QuantExperts {
     /// Hidden nonlinearity.
     pub act: Activation,
     /// `E·in × G`.
-    pub w1: QMatrix,
+    pub w1: MaybeQuant,
     /// `E × G`.
     pub b1: Vec<f32>,
     /// `E·G × out`.
-    pub w2: QMatrix,
+    pub w2: MaybeQuant,
 }
 
 impl QuantExperts {
@@ -251,9 +284,9 @@ impl QuantExperts {
         Ok(QuantExperts {
             shape: w.shape,
             act: w.act,
-            w1: QMatrix::from_f32(format, w.w1, e * d, g)?,
+            w1: MaybeQuant::new(format, w.w1.to_vec(), e * d, g)?,
             b1: w.b1.to_vec(),
-            w2: QMatrix::from_f32(format, w.w2, e * g, o)?,
+            w2: MaybeQuant::new(format, w.w2.to_vec(), e * g, o)?,
         })
     }
 }
@@ -261,56 +294,6 @@ impl QuantExperts {
 thread_local! {
     /// One expert's dequantized `W1ₑ` and `W2ₑ` (grows once per thread).
     static DEQ: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// [`experts_forward`] (inference only) for a quantized bank: each expert that received rows
-/// has its blocks dequantized once per call, then runs the f32 products over its segment (the
-/// blocks run along the output axis of each product, so the integer dot products of
-/// `core::quant` do not apply; the weights cross memory at 4.5 or 8.5 bits).
-#[allow(clippy::too_many_arguments)]
-pub fn experts_forward_quant(
-    q: &QuantExperts,
-    x: &[f32],
-    k: usize,
-    order: &[u32],
-    offsets: &[u32],
-    xs: &mut [f32],
-    h: &mut [f32],
-    ys: &mut [f32],
-) -> Result<()> {
-    let ExpertShape { experts, in_features: d, width: g, out_features: o } = q.shape;
-    let s = check_segments(offsets, experts, &[("xs", xs.len(), d), ("h", h.len(), g), ("ys", ys.len(), o), ("order", order.len(), 1)])?;
-    let tokens = if k == 0 { 0 } else { x.len() / d.max(1) };
-    if let Some(&bad) = order[..s].iter().find(|&&slot| k == 0 || slot as usize / k >= tokens) {
-        return Err(Error::Invalid(format!("grouped dispatch: slot {bad} is outside the {tokens} tokens × {k} slots of x")));
-    }
-    let (h_ptr, ys_ptr, xs_ptr) = (SyncPtr(h.as_mut_ptr()), SyncPtr(ys.as_mut_ptr()), SyncPtr(xs.as_mut_ptr()));
-    let run = |e: usize| {
-        let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
-        let n = r1 - r0;
-        if n == 0 {
-            return;
-        }
-        // SAFETY: expert segments are disjoint row ranges of xs, h and ys.
-        let (xe, hs, yo) = unsafe { (xs_ptr.slice(r0 * d, n * d), h_ptr.slice(r0 * g, n * g), ys_ptr.slice(r0 * o, n * o)) };
-        for (row, &slot) in xe.chunks_exact_mut(d).zip(&order[r0..r1]) {
-            let t = slot as usize / k;
-            row.copy_from_slice(&x[t * d..(t + 1) * d]);
-        }
-        DEQ.with_borrow_mut(|(w1, w2)| {
-            q.w1.dequantize_rows(e * d, (e + 1) * d, w1);
-            q.w2.dequantize_rows(e * g, (e + 1) * g, w2);
-            product(xe, d, &w1[..d * g], g, Some(&q.b1[e * g..(e + 1) * g]), hs);
-            q.act.apply_inplace(hs);
-            product(hs, g, &w2[..g * o], o, None, yo);
-        });
-    };
-    if s * d * g >= 1 << 17 && rayon::current_num_threads() > 1 {
-        (0..experts).into_par_iter().for_each(run);
-    } else {
-        (0..experts).for_each(run);
-    }
-    Ok(())
 }
 
 /// `y = a·w (+ bias)` for one expert segment (`a`: `rows × k`, `w`: `k × n`): the unpacked

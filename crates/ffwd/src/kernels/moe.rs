@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::grouped::{self, ExpertShape, ExpertWeights, QuantExperts};
+use super::grouped::{self, ExpertShape, ExpertSource, ExpertWeights, QuantExperts};
 use super::{check_io, InferKernel, Workspace};
 use crate::core::gemm::matmul_bt;
 use crate::core::Activation;
@@ -203,8 +203,8 @@ impl MoeKernel {
         let slots = batch * k;
         let logits_len = if matches!(self.router, Router::Hash(_)) { 0 } else { batch * experts };
         let hidden_len = if matches!(self.router, Router::Mlp { .. }) { batch * experts } else { 0 };
-        let ([logits, gates, xs, h, ys, hidden], [assign, order, pos, offsets]) = ws
-            .take([logits_len, slots, if self.quant.is_some() { slots * d } else { 0 }, slots * g, slots * o, hidden_len], [slots, slots, slots, experts + 1]);
+        let ([logits, gates, h, ys, hidden], [assign, order, pos, offsets]) =
+            ws.take([logits_len, slots, slots * g, slots * o, hidden_len], [slots, slots, slots, experts + 1]);
         if let Router::Mlp { w1, b1, w2, b2 } = &self.router {
             crate::layers::moefied::mlp_scores_into(w1, b1, w2, b2, x, batch, d, experts, hidden, logits);
         } else {
@@ -230,14 +230,13 @@ impl MoeKernel {
             }
         }
         let s = grouped::dispatch(assign, experts, offsets, order, pos);
-        match &self.quant {
-            Some(q) => grouped::experts_forward_quant(q, x, k, &order[..s], offsets, &mut xs[..s * d], &mut h[..s * g], &mut ys[..s * o])?,
-            None => {
-                let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
-                // `assign` is free once dispatched: it holds the token of every sorted slot
-                grouped::experts_infer(&w, x, k, &order[..s], offsets, &mut assign[..s], &mut h[..s * g], &mut ys[..s * o])?;
-            }
-        }
+        let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
+        let source = match &self.quant {
+            Some(q) => ExpertSource::Quant(q),
+            None => ExpertSource::F32(&w),
+        };
+        // `assign` is free once dispatched: it holds the token of every sorted slot
+        grouped::experts_infer(source, x, k, &order[..s], offsets, &mut assign[..s], &mut h[..s * g], &mut ys[..s * o])?;
         grouped::combine(ys, pos, gates, k, &self.b2, y);
         Ok(())
     }

@@ -174,6 +174,14 @@ impl UfffKernel {
     /// kernel would.
     pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         if let (Some(format), Weights::F32 { w_in, w_out }) = (precision.quant(), &self.weights) {
+            if !(crate::core::quant::worth_quantizing(w_in.cols) && crate::core::quant::worth_quantizing(w_out.cols)) {
+                return Err(crate::error::Error::Invalid(format!(
+                    "ufff rows of {} → {} values are too short for {} blocks of 32 (both sides need at least 32, padded by at most half)",
+                    w_in.cols,
+                    w_out.cols,
+                    format.name()
+                )));
+            }
             let w_in = QMatrix::from_f32(format, &w_in.data, w_in.data.len() / w_in.cols.max(1), w_in.cols)?;
             let w_out = QMatrix::from_f32(format, &w_out.data, w_out.data.len() / w_out.cols.max(1), w_out.cols)?;
             self.weights = Weights::Quant { w_in, w_out };
