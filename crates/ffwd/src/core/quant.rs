@@ -684,7 +684,7 @@ mod x86 {
         unsafe {
             if 2 * p < grouped {
                 let v = _mm512_loadu_si512(w.as_ptr().add(2 * p / 4 * 64) as *const _);
-                if (2 * p) % 4 == 0 {
+                if p.is_multiple_of(2) {
                     _mm512_and_si512(v, low)
                 } else {
                     _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
