@@ -73,7 +73,7 @@ fn train_save_eval_predict_round_trip() {
 fn checkpoint_round_trip_is_exact_for_every_layer() {
     let dir = tempfile::tempdir().unwrap();
     let split = digits::split().unwrap();
-    for layer in ["dense", "fff", "ufff", "moe", "smoe", "pkm"] {
+    for layer in ["dense", "fff", "ufff", "moe", "smoe", "pkm", "channelidle"] {
         let path = dir.path().join(format!("{layer}.safetensors"));
         ok(&ffwd(&["train", "-q", "--layer", layer, "--epochs", "1", "--master-leaf", "3", "--save", p(&path)]));
         let a = Classifier::load(&path).unwrap();

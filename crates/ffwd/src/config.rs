@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::core::Activation;
 use crate::data::csv::LabelColumn;
 use crate::error::{Error, Result};
-use crate::layers::{DenseConfig, DeqConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig};
+use crate::layers::{
+    ChannelIdleConfig, DenseConfig, DeqConfig, FffConfig, GluConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig,
+};
 use crate::optim::OptimizerKind;
 use crate::train::forward_forward::FfConfig;
 use crate::train::TrainOptions;
@@ -44,6 +46,9 @@ pub enum LayerKind {
     /// BlockShuffle FFN (block-diagonal, shuffle, block-diagonal).
     #[serde(rename = "blockshuffle")]
     BlockShuffle,
+    /// Channel-idle FFN (RePaViT: batch norms, a share of the hidden channels linear).
+    #[serde(rename = "channelidle")]
+    ChannelIdle,
     /// UltraFastBERT tree.
     Ufff,
     /// Top-k softmax mixture of experts.
@@ -65,6 +70,7 @@ impl LayerKind {
             LayerKind::LowRank => "lowrank",
             LayerKind::BlockDense => "blockdense",
             LayerKind::BlockShuffle => "blockshuffle",
+            LayerKind::ChannelIdle => "channelidle",
             LayerKind::Ufff => "ufff",
             LayerKind::Moe => "moe",
             LayerKind::Smoe => "smoe",
@@ -84,11 +90,14 @@ impl std::str::FromStr for LayerKind {
             "lowrank" => Ok(LayerKind::LowRank),
             "blockdense" => Ok(LayerKind::BlockDense),
             "blockshuffle" => Ok(LayerKind::BlockShuffle),
+            "channelidle" => Ok(LayerKind::ChannelIdle),
             "ufff" => Ok(LayerKind::Ufff),
             "moe" => Ok(LayerKind::Moe),
             "smoe" => Ok(LayerKind::Smoe),
             "pkm" => Ok(LayerKind::Pkm),
-            _ => Err(Error::Config(format!("unknown layer `{s}` (expected dense, deq, fff, glu, lowrank, blockdense, blockshuffle, ufff, moe, smoe or pkm)"))),
+            _ => Err(Error::Config(format!(
+                "unknown layer `{s}` (expected dense, deq, fff, glu, lowrank, blockdense, blockshuffle, channelidle, ufff, moe, smoe or pkm)"
+            ))),
         }
     }
 }
@@ -143,6 +152,8 @@ pub struct TrainConfig {
     pub blockdense: StructuredConfig,
     /// Options of the BlockShuffle FFN.
     pub blockshuffle: StructuredConfig,
+    /// Options of the channel-idle FFN.
+    pub channelidle: ChannelIdleConfig,
     /// Options of the UltraFastBERT tree layer.
     pub ufff: UfffConfig,
     /// Options of the top-k mixture of experts.
@@ -203,6 +214,7 @@ impl Default for TrainConfig {
             deq: DeqConfig::default(),
             blockdense: StructuredConfig::default(),
             blockshuffle: StructuredConfig { blocks: 2, ..Default::default() },
+            channelidle: ChannelIdleConfig::default(),
             fff: FffConfig::default(),
             glu: GluConfig::default(),
             lowrank: LowRankConfig::default(),
@@ -259,6 +271,7 @@ impl TrainConfig {
             LayerKind::LowRank => LayerConfig::LowRank(self.lowrank.clone()),
             LayerKind::BlockDense => LayerConfig::BlockDense(self.blockdense.clone()),
             LayerKind::BlockShuffle => LayerConfig::BlockShuffle(self.blockshuffle.clone()),
+            LayerKind::ChannelIdle => LayerConfig::ChannelIdle(self.channelidle.clone()),
             LayerKind::Ufff => LayerConfig::Ufff(self.ufff.clone()),
             LayerKind::Moe => LayerConfig::Moe(self.moe.clone()),
             LayerKind::Smoe => LayerConfig::Smoe(self.smoe.clone()),
@@ -277,6 +290,7 @@ impl TrainConfig {
             LayerKind::LowRank => self.lowrank.width = width,
             LayerKind::BlockDense => self.blockdense.width = width,
             LayerKind::BlockShuffle => self.blockshuffle.width = width,
+            LayerKind::ChannelIdle => self.channelidle.width = width,
             LayerKind::Fff => {
                 let leaves = 1usize << self.fff.depth;
                 if width == 0 || !width.is_multiple_of(leaves) {
@@ -391,6 +405,7 @@ impl TrainConfig {
                 LayerKind::LowRank => self.lowrank.activation = act,
                 LayerKind::BlockDense => self.blockdense.activation = act,
                 LayerKind::BlockShuffle => self.blockshuffle.activation = act,
+                LayerKind::ChannelIdle => self.channelidle.activation = act,
                 LayerKind::Ufff => self.ufff.activation = act,
                 LayerKind::Moe => self.moe.activation = act,
                 LayerKind::Smoe => self.smoe.activation = act,

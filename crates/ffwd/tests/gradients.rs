@@ -53,6 +53,11 @@ fn check_layer<L: Layer + ?Sized>(layer: &mut L, batch: usize, seed: u64, per_pa
     // a central difference (so a zero analytic gradient cannot pass for a visible true one)
     let tol = |a: f64, n: f64| (a - n).abs() <= 2e-2 * a.abs().max(n.abs()) + 3e-4;
     for (pi, (name, g)) in grads.iter().enumerate() {
+        if name.contains("running_") {
+            // batch-norm running estimates: buffers, not trained (no gradient by design)
+            assert!(g.iter().all(|&v| v == 0.0), "{name} got a gradient");
+            continue;
+        }
         let (mut checked_here, mut visible) = (0, 0);
         for _ in 0..per_param.min(g.len()) {
             let k = rng.below(g.len());
@@ -372,5 +377,14 @@ fn classifier_loss_gradient_includes_aux_terms() {
             let num = (lp - lm) / 4e-3;
             assert!((num - g[k] as f64).abs() < 2e-3 + 2e-2 * num.abs(), "param {pi}[{k}]: {} vs {num}", g[k]);
         }
+    }
+}
+
+#[test]
+fn channel_idle_with_batch_norms() {
+    for (theta, act) in [(0.75, Activation::Gelu), (0.5, Activation::Relu), (0.0, Activation::Silu)] {
+        let cfg = ffwd::layers::ChannelIdleConfig { width: 8, theta, activation: act };
+        let mut l = build(LayerConfig::ChannelIdle(cfg), 5, 4);
+        check_layer(l.as_mut(), 6, 31, 12, &always);
     }
 }

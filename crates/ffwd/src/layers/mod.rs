@@ -5,6 +5,8 @@
 //! Shapes are row-major: `x` is `batch × in_features`, `y` is `batch × out_features`.
 
 pub mod attention;
+pub mod batch_norm;
+pub mod channel_idle;
 pub mod dense;
 pub mod deq;
 pub mod experts;
@@ -27,6 +29,7 @@ use crate::core::{Param, Rng};
 use crate::error::{Error, Result};
 use crate::kernels::{InferKernel, Precision, Workspace};
 
+pub use channel_idle::{ChannelIdle, ChannelIdleConfig};
 pub use dense::{Dense, DenseConfig};
 pub use deq::{Deq, DeqConfig};
 pub use fff::{Fff, FffConfig};
@@ -192,6 +195,9 @@ pub enum LayerConfig {
     /// BlockShuffle FFN (Wei et al. 2024, Monarch-style): block-diagonal, shuffle, block-diagonal.
     #[serde(rename = "blockshuffle")]
     BlockShuffle(StructuredConfig),
+    /// Channel-idle FFN (RePaViT): batch norms, the last θ of the hidden channels linear.
+    #[serde(rename = "channelidle")]
+    ChannelIdle(ChannelIdleConfig),
     /// UltraFastBERT tree of single neurons.
     Ufff(UfffConfig),
     /// Top-k softmax mixture of experts (Switch, Mixtral-style).
@@ -222,6 +228,7 @@ impl LayerConfig {
             LayerConfig::LowRank(c) => Box::new(LowRank::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::BlockDense(c) => Box::new(Structured::new(BlockKind::BlockDense, c.clone(), in_features, out_features, rng)?),
             LayerConfig::BlockShuffle(c) => Box::new(Structured::new(BlockKind::BlockShuffle, c.clone(), in_features, out_features, rng)?),
+            LayerConfig::ChannelIdle(c) => Box::new(ChannelIdle::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Ufff(c) => Box::new(Ufff::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Moe(c) => Box::new(Moe::new(c.clone(), in_features, out_features, rng)?),
             LayerConfig::Smoe(c) => Box::new(Smoe::new(c.clone(), in_features, out_features, rng)?),
@@ -253,6 +260,7 @@ impl LayerConfig {
             }
             LayerConfig::BlockDense(c) => c.param_count(BlockKind::BlockDense, i, o),
             LayerConfig::BlockShuffle(c) => c.param_count(BlockKind::BlockShuffle, i, o),
+            LayerConfig::ChannelIdle(c) => c.param_count(i, o),
             LayerConfig::Fff(c) => {
                 let leaves = 1usize.checked_shl(u32::try_from(c.depth).ok()?)?;
                 let m = c.master_leaf;
@@ -291,6 +299,7 @@ impl LayerConfig {
             LayerConfig::LowRank(_) => "lowrank",
             LayerConfig::BlockDense(_) => "blockdense",
             LayerConfig::BlockShuffle(_) => "blockshuffle",
+            LayerConfig::ChannelIdle(_) => "channelidle",
             LayerConfig::Ufff(_) => "ufff",
             LayerConfig::Moe(_) => "moe",
             LayerConfig::Smoe(_) => "smoe",
