@@ -139,7 +139,7 @@ pub fn seeds(format: Format) -> Result<Vec<Vec<u8>>> {
         }
         Format::Lm => {
             let tok = CharTokenizer::from_text("abcdefg")?;
-            let cfg = LmConfig { vocab: tok.len(), context: 6, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: LayerConfig::Dense(DenseConfig { width: 8, layers: 2, activation: Activation::Gelu }) };
+            let cfg = LmConfig { vocab: tok.len(), context: 6, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: LayerConfig::Dense(DenseConfig { width: 8, layers: 2, activation: Activation::Gelu }), first_ffn: None };
             let lm = Lm::new(cfg, 3)?;
             let opt = AdamW::new(0.0);
             vec![lm_checkpoint(&lm, &tok, &LmTrainOptions::default(), &LmTrainState::default(), &opt)?.to_bytes()?]

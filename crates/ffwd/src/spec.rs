@@ -227,6 +227,9 @@ pub struct FfnShape {
     pub top_k: Option<usize>,
     /// hash: a balanced table from the training text's character frequencies (else random).
     pub balanced_hash: bool,
+    /// Keep the first block's FFN a dense GELU FFN of width `4·d_model` (the structured-FFN
+    /// paper's choice), whatever the kind of the others.
+    pub first_dense: bool,
 }
 
 impl FfnShape {
@@ -372,6 +375,9 @@ pub fn lm(run: &LmRunConfig, ffn: &FfnShape, text: &str) -> Result<LmRun> {
     };
     if let Some(layer) = ffn.layer_config(cfg.d_model, &freqs)? {
         cfg.ffn = layer;
+    }
+    if ffn.first_dense {
+        cfg.first_ffn = Some(LayerConfig::Dense(DenseConfig { width: 4 * cfg.d_model, layers: 2, activation: Activation::Gelu }));
     }
     let mut options = run.train.clone();
     if options.seq_len == 0 {

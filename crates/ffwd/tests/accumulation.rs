@@ -26,7 +26,7 @@ fn kinds() -> Vec<LayerConfig> {
 
 /// Parameters after `steps` steps of `accum × batch` windows.
 fn run(ffn: &LayerConfig, data: &TextData, vocab: usize, batch: usize, accum: usize, steps: usize) -> Vec<(String, Vec<f32>)> {
-    let cfg = LmConfig { vocab, context: 16, d_model: 16, heads: 2, layers: 2, parallel: false, ffn: ffn.clone() };
+    let cfg = LmConfig { vocab, context: 16, d_model: 16, heads: 2, layers: 2, parallel: false, ffn: ffn.clone(), first_ffn: None };
     let mut lm = Lm::new(cfg, 7).unwrap();
     let opts = LmTrainOptions { steps, batch, accum, seq_len: 16, lr: 3e-3, warmup: 2, eval_every: 1000, eval_batches: 1, seed: 11, ..Default::default() };
     let mut opt = AdamW::new(0.0);

@@ -12,7 +12,7 @@ use ffwd::optim::AdamW;
 use ffwd::train::lm::{train_lm, LmCheckpoint, LmTrainOptions, LmTrainState, Quiet, TextData};
 
 fn tiny(ffn: LayerConfig, parallel: bool) -> Lm {
-    let cfg = LmConfig { vocab: 7, context: 6, d_model: 8, heads: 2, layers: 2, parallel, ffn };
+    let cfg = LmConfig { vocab: 7, context: 6, d_model: 8, heads: 2, layers: 2, parallel, ffn, first_ffn: None };
     Lm::new(cfg, 3).unwrap()
 }
 
@@ -180,7 +180,7 @@ fn library_resume_equals_an_uninterrupted_run() {
     let text: String = tiny_shakespeare().unwrap().chars().take(5000).collect();
     let tok = CharTokenizer::from_text(&text).unwrap();
     let data = TextData::split(tok.encode(&text).unwrap(), 0.1, 8).unwrap();
-    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: gelu_dense() };
+    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: gelu_dense(), first_ffn: None };
     let opts = LmTrainOptions { steps: 6, batch: 2, seq_len: 8, warmup: 1, eval_every: 100, eval_batches: 1, ..Default::default() };
     assert_eq!(opts.beta2, 0.99);
     let whole = {
@@ -308,6 +308,7 @@ fn two_hundred_steps_beat_the_unigram_entropy() {
         layers: 2,
         parallel: false,
         ffn: LayerConfig::Dense(DenseConfig { width: 96, layers: 2, activation: Activation::Gelu }),
+        first_ffn: None,
     };
     let mut lm = Lm::new(cfg, 0).unwrap();
     let mut opt = AdamW::new(opts.weight_decay);
@@ -340,7 +341,7 @@ fn time_budget_runs_finish_their_schedule() {
     let text: String = tiny_shakespeare().unwrap().chars().take(5000).collect();
     let tok = CharTokenizer::from_text(&text).unwrap();
     let data = TextData::split(tok.encode(&text).unwrap(), 0.1, 8).unwrap();
-    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: gelu_dense() };
+    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn: gelu_dense(), first_ffn: None };
     let mut lm = Lm::new(cfg, 1).unwrap();
     let opts = LmTrainOptions { steps: 100_000_000, batch: 2, seq_len: 8, warmup: 5, eval_every: 1_000_000, eval_batches: 1, ..Default::default() };
     let mut state = LmTrainState::default();
@@ -421,4 +422,26 @@ fn blocked_causal_attention_over_several_blocks() {
         let num = (lp - lm) / (2.0 * eps as f64);
         assert!((num - gw[k] as f64).abs() < 2e-2 * num.abs().max(1.0), "dWqkv[{k}]: {} vs {num}", gw[k]);
     }
+}
+
+#[test]
+fn first_block_can_keep_a_dense_ffn() {
+    use ffwd::layers::LowRankConfig;
+    let tok = CharTokenizer::from_text("abcdefgh").unwrap();
+    let ffn = LayerConfig::LowRank(LowRankConfig { width: 32, rank: 4, activation: Activation::Gelu });
+    let first = LayerConfig::Dense(DenseConfig { width: 32, layers: 2, activation: Activation::Gelu });
+    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 3, parallel: false, ffn, first_ffn: Some(first) };
+    let lm = Lm::new(cfg.clone(), 0).unwrap();
+    assert_eq!(lm.ffn(0).unwrap().kind(), "dense");
+    assert!((1..3).all(|l| lm.ffn(l).unwrap().kind() == "lowrank"));
+    assert_eq!(cfg.param_count(), Some(lm.param_count()), "the count computed from the configuration");
+    // a checkpoint keeps the choice
+    let opts = LmTrainOptions::default();
+    let bytes = ffwd::train::lm::lm_checkpoint(&lm, &tok, &opts, &LmTrainState::default(), &ffwd::optim::AdamW::new(0.0)).unwrap().to_bytes().unwrap();
+    let back = ffwd::train::lm::LmCheckpoint::from_checkpoint(&ffwd::checkpoint::CheckpointReader::from_bytes(bytes, "lm").unwrap()).unwrap();
+    assert_eq!(back.lm.config(), &cfg);
+    assert_eq!(back.lm.ffn(0).unwrap().kind(), "dense");
+    // without it the configuration serialises as before (old checkpoints load unchanged)
+    let plain = LmConfig { first_ffn: None, ..cfg };
+    assert!(!serde_json::to_string(&plain).unwrap().contains("first_ffn"));
 }

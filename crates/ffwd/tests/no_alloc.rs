@@ -205,7 +205,7 @@ fn language_model_steps_do_not_allocate() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         track(&pool);
         let (allocs, gemms) = pool.install(|| {
-            let cfg = LmConfig { vocab: 20, context: 32, d_model: 32, heads: 4, layers: 2, parallel: false, ffn: ffn.clone() };
+            let cfg = LmConfig { vocab: 20, context: 32, d_model: 32, heads: 4, layers: 2, parallel: false, ffn: ffn.clone(), first_ffn: None };
             let mut lm = Lm::new(cfg, 0).unwrap();
             let mut r = Rng::new(2);
             let (b, t) = (4, 32);

@@ -81,7 +81,7 @@ fn wired_lm(tok: &CharTokenizer, target: char) -> Lm {
     let v = tok.len();
     let d = 24;
     let ffn = LayerConfig::Dense(DenseConfig { width: 4, ..Default::default() });
-    let mut lm = Lm::new(LmConfig { vocab: v, context: 16, d_model: d, heads: 2, layers: 1, parallel: false, ffn }, 0).unwrap();
+    let mut lm = Lm::new(LmConfig { vocab: v, context: 16, d_model: d, heads: 2, layers: 1, parallel: false, ffn, first_ffn: None }, 0).unwrap();
     let t = tok.encode(&target.to_string()).unwrap()[0] as usize;
     let emb_name = lm.tok_emb.name.clone();
     lm.visit_params_mut(&mut |p| {
@@ -137,7 +137,7 @@ fn inspect_refuses_ffn_kinds_it_cannot_read() {
     let text = "abcabc";
     let tok = CharTokenizer::from_text(text).unwrap();
     let ffn = LayerConfig::Moe(Default::default());
-    let mut lm = Lm::new(LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn }, 0).unwrap();
+    let mut lm = Lm::new(LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 1, parallel: false, ffn, first_ffn: None }, 0).unwrap();
     let e = inspect_lm(&mut lm, &tok, text, &InspectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("dense (two maps), glu and ufff") && e.contains("moe"), "{e}");
 }

@@ -53,7 +53,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "blocks", "experts", "top_k", "balanced_hash", "seed", "seq_len"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "blocks", "experts", "top_k", "balanced_hash", "first_dense", "seed", "seq_len"])]
     resume: Option<PathBuf>,
     /// Context length in characters [default: 128].
     #[arg(long)]
@@ -101,6 +101,10 @@ pub struct LmTrainArgs {
     /// hash: balanced table from the training text's character frequencies (default: random hash).
     #[arg(long)]
     balanced_hash: bool,
+    /// Keep the first block's FFN dense (GELU, 4·d_model wide) whatever --ffn is, as the
+    /// structured-FFN paper does.
+    #[arg(long)]
+    first_dense: bool,
     /// Optimizer steps [default: 3000].
     #[arg(long)]
     steps: Option<usize>,
@@ -358,6 +362,7 @@ fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
             experts: a.experts,
             top_k: a.top_k,
             balanced_hash: a.balanced_hash,
+            first_dense: a.first_dense,
         };
         // without a file, the default dense FFN's width follows --d-model (4·d_model)
         let shape = if a.config.is_none() { shape.with_default_kind() } else { shape };

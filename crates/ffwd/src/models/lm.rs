@@ -46,6 +46,10 @@ pub struct LmConfig {
     pub parallel: bool,
     /// The feedforward layer of every block (`d_model → d_model`).
     pub ffn: LayerConfig,
+    /// The first block's feedforward layer when it differs from `ffn` (the structured-FFN
+    /// paper keeps the first block dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_ffn: Option<LayerConfig>,
 }
 
 impl LmConfig {
@@ -55,9 +59,11 @@ impl LmConfig {
         // attention: qkv 3d² + 3d, projection d² + d; two LayerNorms (one when parallel)
         let norms = d.checked_mul(if self.parallel { 2 } else { 4 })?;
         let attn = d.checked_mul(d)?.checked_add(d)?.checked_mul(4)?;
-        let block = attn.checked_add(norms)?.checked_add(self.ffn.param_count(d, d)?)?;
+        let block = |ffn: &LayerConfig| attn.checked_add(norms)?.checked_add(ffn.param_count(d, d)?);
         let emb = self.vocab.checked_add(self.context)?.checked_mul(d)?;
-        emb.checked_add(block.checked_mul(self.layers)?)?.checked_add(d.checked_mul(2)?)
+        let first = block(self.first_ffn.as_ref().unwrap_or(&self.ffn))?;
+        let rest = block(&self.ffn)?.checked_mul(self.layers.saturating_sub(1))?;
+        emb.checked_add(first)?.checked_add(rest)?.checked_add(d.checked_mul(2)?)
     }
 }
 
@@ -72,6 +78,7 @@ impl Default for LmConfig {
             layers: 4,
             parallel: false,
             ffn: LayerConfig::Dense(DenseConfig { width: 768, layers: 2, activation: Activation::Gelu }),
+            first_ffn: None,
         }
     }
 }
@@ -108,7 +115,7 @@ struct Cache {
 /// use ffwd::layers::UfffConfig;
 ///
 /// let ffn = LayerConfig::Ufff(UfffConfig { depth: 3, trees: 2, ..Default::default() });
-/// let cfg = LmConfig { vocab: 10, context: 16, d_model: 16, heads: 2, layers: 1, parallel: false, ffn };
+/// let cfg = LmConfig { vocab: 10, context: 16, d_model: 16, heads: 2, layers: 1, parallel: false, ffn, first_ffn: None };
 /// let mut lm = Lm::new(cfg, 0)?;
 /// let tokens: Vec<u32> = (0..2 * 8).map(|i| i % 10).collect();
 /// let targets: Vec<u32> = tokens.iter().map(|t| (t + 1) % 10).collect();
@@ -187,7 +194,10 @@ impl Lm {
                 ln1: LayerNorm::new(&format!("blocks.{i}.ln1"), d),
                 attn: CausalSelfAttention::new(&format!("blocks.{i}.attn"), d, cfg.heads, proj_scale, &mut rng),
                 ln2: (!cfg.parallel).then(|| LayerNorm::new(&format!("blocks.{i}.ln2"), d)),
-                ffn: cfg.ffn.build(d, d, &mut rng)?,
+                ffn: match (&cfg.first_ffn, i) {
+                    (Some(first), 0) => first.build(d, d, &mut rng)?,
+                    _ => cfg.ffn.build(d, d, &mut rng)?,
+                },
             });
         }
         let caches = (0..cfg.layers).map(|_| Cache::default()).collect();
@@ -513,6 +523,7 @@ impl Lm {
             b.ffn = l;
         }
         self.cfg.ffn = cfg;
+        self.cfg.first_ffn = None;
         self.kernels.take();
         Ok(())
     }
