@@ -754,6 +754,13 @@ mod x86 {
         }
     }
 
+    /// Masks of the first `n` (≤ 32) lanes over two 16-lane halves.
+    #[inline(always)]
+    fn halves(n: usize) -> (u16, u16) {
+        let m = |k: usize| if k >= 16 { u16::MAX } else { ((1u32 << k) - 1) as u16 };
+        (m(n.min(16)), m(n.saturating_sub(16)))
+    }
+
     /// Index vectors that spread the scales of blocks `2p` and `2p + 1` of a 16-block group
     /// over the low and high eight lanes.
     #[inline(always)]
@@ -830,14 +837,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_block_avx512(v: &[f32], q: &mut [i8]) -> (f32, i32) {
         let n = v.len().min(QK);
-        let m0: u16 = if n >= 16 { u16::MAX } else { (1u32 << n) as u16 - 1 };
-        let m1: u16 = if n >= 32 {
-            u16::MAX
-        } else if n > 16 {
-            (1u32 << (n - 16)) as u16 - 1
-        } else {
-            0
-        };
+        let (m0, m1) = halves(n);
         // SAFETY (whole body): masked loads read only the `n` values of `v`; `q` holds 32 bytes.
         unsafe {
             let a = _mm512_maskz_loadu_ps(m0, v.as_ptr());
@@ -872,14 +872,7 @@ mod x86 {
                 }
                 let c0 = b * QK;
                 let n = (cols - c0).min(QK);
-                let m0: u16 = if n >= 16 { u16::MAX } else { (1u32 << n) as u16 - 1 };
-                let m1: u16 = if n >= 32 {
-                    u16::MAX
-                } else if n > 16 {
-                    (1u32 << (n - 16)) as u16 - 1
-                } else {
-                    0
-                };
+                let (m0, m1) = halves(n);
                 _mm512_mask_storeu_ps(y.as_mut_ptr().add(c0), m0, a0);
                 if m1 != 0 {
                     _mm512_mask_storeu_ps(y.as_mut_ptr().add(c0 + 16), m1, a1);
@@ -909,8 +902,7 @@ mod x86 {
                         _mm512_storeu_ps(dst.add(c0), a0);
                         _mm512_storeu_ps(dst.add(c0 + 16), a1);
                     } else {
-                        let m0: u16 = if n >= 16 { u16::MAX } else { (1u32 << n) as u16 - 1 };
-                        let m1: u16 = if n > 16 { (1u32 << (n - 16)) as u16 - 1 } else { 0 };
+                        let (m0, m1) = halves(n);
                         _mm512_mask_storeu_ps(dst.add(c0), m0, a0);
                         _mm512_mask_storeu_ps(dst.add(c0 + 16), m1, a1);
                     }

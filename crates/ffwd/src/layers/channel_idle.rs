@@ -96,26 +96,8 @@ impl ChannelIdle {
         let k = self.cfg.active();
         let (s1, t1) = self.bn1.affine();
         let (s2, t2) = self.bn2.affine();
-        // W1' = W1 diag(s1), b1' = W1 t1 + b1
-        let w1 = &self.fc1.weight.value;
-        let mut w1f = vec![0.0f32; h * i];
-        let mut b1f = self.fc1.bias.value.clone();
-        for r in 0..h {
-            for c in 0..i {
-                w1f[r * i + c] = w1[r * i + c] * s1[c];
-                b1f[r] += w1[r * i + c] * t1[c];
-            }
-        }
-        // W2' = W2 diag(s2), b2' = W2 t2 + b2
-        let w2 = &self.fc2.weight.value;
-        let mut w2f = vec![0.0f32; o * h];
-        let mut b2f = self.fc2.bias.value.clone();
-        for r in 0..o {
-            for c in 0..h {
-                w2f[r * h + c] = w2[r * h + c] * s2[c];
-                b2f[r] += w2[r * h + c] * t2[c];
-            }
-        }
+        let (w1f, b1f) = fold(&self.fc1, &s1, &t1);
+        let (w2f, b2f) = fold(&self.fc2, &s2, &t2);
         // idle: W_lin = W2'[:, idle] W1'[idle, :], b_lin = W2'[:, idle] b1'[idle] (+ b2')
         let mut lin = vec![0.0f32; o * i];
         let mut lin_b = b2f.clone();
@@ -132,6 +114,21 @@ impl ChannelIdle {
         let active2: Vec<f32> = (0..o).flat_map(|r| w2f[r * h..r * h + k].to_vec()).collect();
         FoldedChannelIdle { active1, active1_b: b1f[..k].to_vec(), active2, lin, lin_b, dims: (i, k, o), activation: self.cfg.activation }
     }
+}
+
+/// A linear map after an affine one, `W (s ⊙ x + t) + b`, as one map: `W diag(s)` and `W t + b`.
+fn fold(l: &Linear, s: &[f32], t: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (i, o) = (l.in_features(), l.out_features());
+    let w = &l.weight.value;
+    let mut wf = vec![0.0f32; o * i];
+    let mut bf = l.bias.value.clone();
+    for r in 0..o {
+        for c in 0..i {
+            wf[r * i + c] = w[r * i + c] * s[c];
+            bf[r] += w[r * i + c] * t[c];
+        }
+    }
+    (wf, bf)
 }
 
 /// A channel-idle layer with its batch norms folded (see [`ChannelIdle::folded`]).
