@@ -14,7 +14,6 @@ use ffwd::convert::quantize::{converted, quantize_checkpoint};
 use ffwd::convert::shrink::{LowRankReport, RankChoice};
 use ffwd::core::quant::QFormat;
 use ffwd::core::Activation;
-use ffwd::data::text::{read_text, tiny_shakespeare};
 use ffwd::data::DataSpec;
 use ffwd::layers::MoefiedRouter;
 use ffwd::models::Classifier;
@@ -222,6 +221,22 @@ pub fn run(c: ConvertCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Writes a converted classifier with its conversion history.
+fn save_classifier(model: &Classifier, history: &[serde_json::Value], out: &std::path::Path) -> anyhow::Result<()> {
+    let mut w = model.checkpoint()?;
+    w.json(CONVERTED_KEY, history)?;
+    Ok(w.write(out)?)
+}
+
+/// Writes a converted LM with its vocabulary, run options and state, a fresh optimizer (the
+/// old moments do not fit the new parameters) and its conversion history.
+fn save_lm(ck: &LmCheckpoint, history: &[serde_json::Value], out: &std::path::Path) -> anyhow::Result<()> {
+    let fresh = AdamW::new(ck.options.weight_decay);
+    let mut w = lm_checkpoint(&ck.lm, &ck.tokenizer, &ck.options, &ck.state, &fresh)?;
+    w.json(CONVERTED_KEY, history)?;
+    Ok(w.write(out)?)
+}
+
 /// A classifier's data split: `--calib` or the training run's data options.
 fn classifier_split(ck: &CheckpointReader, calib: Option<&str>) -> anyhow::Result<(ffwd::data::Split, TrainConfig)> {
     let base = ck.json_opt::<TrainConfig>(TRAIN_KEY).ok().flatten().unwrap_or_default();
@@ -258,17 +273,12 @@ fn lowrank(a: LowrankArgs) -> anyhow::Result<()> {
                 println!("fine-tuned for {} epochs: test accuracy {tuned:.4}", a.finetune);
             }
             history.push(serde_json::json!({"method": "lowrank", "report": report, "finetune_epochs": a.finetune}));
-            let mut w = out.checkpoint()?;
-            w.json(CONVERTED_KEY, &history)?;
-            w.write(&a.out)?;
+            save_classifier(&out, &history, &a.out)?;
         }
         f if f == LM_FORMAT => {
             anyhow::ensure!(a.finetune == 0, "--finetune: language models are fine-tuned with `ffwd lm train --resume` on the converted file");
             let mut lmck = LmCheckpoint::from_checkpoint(&ck)?;
-            let text = match &a.text {
-                Some(p) => read_text(p)?,
-                None => tiny_shakespeare()?,
-            };
+            let text = super::lm::text_or_embedded(a.text.as_deref())?;
             let before = lmck.held_out_loss(&text, 20)?;
             let reports = ffwd::convert::shrink::lowrank_lm(&mut lmck.lm, choice)?;
             for (l, r) in reports.iter().enumerate() {
@@ -277,10 +287,7 @@ fn lowrank(a: LowrankArgs) -> anyhow::Result<()> {
             let after = lmck.held_out_loss(&text, 20)?;
             println!("held-out loss {before:.4} (dense) -> {after:.4}");
             history.push(serde_json::json!({"method": "lowrank", "reports": reports}));
-            let fresh = AdamW::new(lmck.options.weight_decay);
-            let mut w = lm_checkpoint(&lmck.lm, &lmck.tokenizer, &lmck.options, &lmck.state, &fresh)?;
-            w.json(CONVERTED_KEY, &history)?;
-            w.write(&a.out)?;
+            save_lm(&lmck, &history, &a.out)?;
         }
         other => anyhow::bail!("{}: lowrank converts classifier and lm checkpoints, this one is `{other}`", a.model.display()),
     }
@@ -304,9 +311,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
         split.train.len()
     );
     history.push(serde_json::json!({"method": "prune-experts", "report": report}));
-    let mut w = pruned.checkpoint()?;
-    w.json(CONVERTED_KEY, &history)?;
-    w.write(&a.out)?;
+    save_classifier(&pruned, &history, &a.out)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }
@@ -314,9 +319,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
 fn fastfeedforward(a: FffArgs) -> anyhow::Result<()> {
     let fff = ffwd::convert::fastfeedforward::load_fff(&a.state, a.activation)?;
     let model = Classifier::from_layer(Box::new(fff));
-    let mut w = model.checkpoint()?;
-    w.json(CONVERTED_KEY, &[serde_json::json!({"method": "fastfeedforward", "source": a.state.display().to_string()})])?;
-    w.write(&a.out)?;
+    save_classifier(&model, &[serde_json::json!({"method": "fastfeedforward", "source": a.state.display().to_string()})], &a.out)?;
     let c = model.config();
     let depth = match &c.layer {
         ffwd::layers::LayerConfig::Fff(f) => f.depth,
@@ -397,17 +400,12 @@ fn moefy(a: MoefyArgs) -> anyhow::Result<()> {
                 }
             }
             history.push(serde_json::json!({"method": "moefy", "report": report, "finetune_epochs": a.finetune}));
-            let mut w = converted_model.checkpoint()?;
-            w.json(CONVERTED_KEY, &history)?;
-            w.write(&a.out)?;
+            save_classifier(&converted_model, &history, &a.out)?;
             reports = vec![report];
         }
         f if f == LM_FORMAT => {
             let mut lmck = LmCheckpoint::from_checkpoint(&ck)?;
-            let text = match &a.text {
-                Some(p) => read_text(p)?,
-                None => tiny_shakespeare()?,
-            };
+            let text = super::lm::text_or_embedded(a.text.as_deref())?;
             let dense = if a.sweep { Some(lmck.held_out_loss(&text, 20)?) } else { None };
             let tokens = lmck.tokenizer.encode(&text)?;
             let n_train = tokens.len() - (tokens.len() as f64 * lmck.options.val_fraction as f64) as usize;
@@ -433,10 +431,7 @@ fn moefy(a: MoefyArgs) -> anyhow::Result<()> {
                 lm_set_k(&mut lmck.lm, k)?;
             }
             history.push(serde_json::json!({"method": "moefy", "reports": reports}));
-            let fresh = AdamW::new(lmck.options.weight_decay);
-            let mut w = lm_checkpoint(&lmck.lm, &lmck.tokenizer, &lmck.options, &lmck.state, &fresh)?;
-            w.json(CONVERTED_KEY, &history)?;
-            w.write(&a.out)?;
+            save_lm(&lmck, &history, &a.out)?;
         }
         other => anyhow::bail!("{}: moefy converts classifier and lm checkpoints, this one is `{other}`", a.model.display()),
     }

@@ -468,13 +468,18 @@ fn write_metrics(
     Ok(())
 }
 
+/// The text at `path`, or the embedded tiny-shakespeare.
+pub(crate) fn text_or_embedded(path: Option<&std::path::Path>) -> anyhow::Result<String> {
+    Ok(match path {
+        Some(p) => read_text(p)?,
+        None => tiny_shakespeare()?,
+    })
+}
+
 fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
     let mut ck = LmCheckpoint::load(&a.model)?;
-    let text = match &a.text {
-        Some(p) => read_text(p)?,
-        None => tiny_shakespeare()?,
-    };
+    let text = text_or_embedded(a.text.as_deref())?;
     let loss = ck.held_out_loss(&text, a.batches)?;
     println!(
         "{}: held-out loss {loss:.4} nats/char ({:.4} bits/char), {} FFN, {} weights, {} batches of {} x {}",

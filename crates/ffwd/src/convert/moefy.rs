@@ -171,7 +171,7 @@ pub fn moefy(layer: &dyn Layer, calib: &[f32], rows: usize, opts: &MoefyOptions,
             let mut feats = vec![0.0f32; h * nc];
             for (r, ar) in a.chunks_exact(h).enumerate() {
                 for (j, &v) in ar.iter().enumerate() {
-                    feats[j * nc + r] = act(dc.activation, v + b1[j]);
+                    feats[j * nc + r] = dc.activation.apply(v + b1[j]);
                 }
             }
             let (m, _, c) = balanced_kmeans(&normalized_rows(&feats, nc), h, nc, e, opts.kmeans_iters, &mut rng, progress);
@@ -215,7 +215,7 @@ pub fn moefy(layer: &dyn Layer, calib: &[f32], rows: usize, opts: &MoefyOptions,
     let mut mass = vec![0.0f32; n * e];
     for (ar, mr) in a.chunks_exact(h).zip(mass.chunks_exact_mut(e)) {
         for (ei, neurons) in members.iter().enumerate() {
-            mr[ei] = neurons.iter().map(|&j| act(dc.activation, ar[j] + b1[j]).max(0.0)).sum();
+            mr[ei] = neurons.iter().map(|&j| dc.activation.apply(ar[j] + b1[j]).max(0.0)).sum();
         }
     }
     drop(a);
@@ -255,11 +255,6 @@ fn normalized_rows(m: &[f32], d: usize) -> Vec<f32> {
             r.iter().map(move |v| v / n)
         })
         .collect()
-}
-
-/// The FFN's activation of one pre-activation.
-fn act(a: Activation, z: f32) -> f32 {
-    a.apply(z)
 }
 
 /// Mean over rows (with any mass) of the share of `mass` in the top-`k` of `scores`.
@@ -480,12 +475,7 @@ pub fn lm_set_k(lm: &mut Lm, k: usize) -> Result<()> {
     for l in 0..lm.config().layers {
         let src = lm.ffn(l).ok_or_else(|| Error::Invalid(format!("lm has no block {l}")))?;
         let mut new = cfg.build(d, d, &mut Rng::new(0))?;
-        let mut it = src.params().into_iter();
-        new.visit_params_mut(&mut |p| {
-            if let Some(s) = it.next() {
-                p.value.clone_from(&s.value);
-            }
-        });
+        crate::layers::copy_params(src, new.as_mut())?;
         layers.push(new);
     }
     lm.replace_ffns(cfg, layers)

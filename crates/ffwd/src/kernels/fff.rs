@@ -112,7 +112,6 @@ impl FffKernel {
         let w1 = MaybeQuant::new(format, std::mem::take(&mut self.w1), leaves * ni, lw)?;
         let w2 = MaybeQuant::new(format, std::mem::take(&mut self.w2), leaves * lw, no)?;
         self.quant = Some((w1, w2));
-        (self.w1, self.w2) = (Vec::new(), Vec::new());
         Ok(self)
     }
 

@@ -287,11 +287,8 @@ impl InferKernel for ChannelIdleKernel {
     fn forward(&self, x: &[f32], batch: usize, y: &mut [f32], ws: &mut Workspace) -> Result<()> {
         check_io(self, x, batch, y)?;
         let (i, _, o) = self.dims;
-        if self.dims.1 > 0 {
-            self.active.forward(x, batch, y, ws)?;
-        } else {
-            y.fill(0.0);
-        }
+        // at least one channel is active (θ < 1)
+        self.active.forward(x, batch, y, ws)?;
         for row in y.chunks_exact_mut(o) {
             row.iter_mut().zip(&self.lin_b).for_each(|(v, b)| *v += b);
         }

@@ -6,9 +6,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Linear, Trainable};
+use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
-use crate::kernels::{DenseKernel, InferKernel, Precision};
+use crate::kernels::{DenseKernel, InferKernel};
 
 /// Configuration of [`Dense`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -149,12 +150,8 @@ impl Compile for Dense {
         Box::new(DenseKernel::new(&self.linears, self.cfg.activation))
     }
 
-    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match precision.quant() {
-            Some(format) => Ok(Box::new(DenseKernel::quantized(&self.linears, self.cfg.activation, format)?)),
-            None if precision == Precision::F32 => Ok(self.kernel()),
-            None => Err(Error::Invalid(format!("{} weights are not implemented for dense layers", precision.name()))),
-        }
+    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(DenseKernel::quantized(&self.linears, self.cfg.activation, format).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -38,10 +38,11 @@ use serde::{Deserialize, Serialize};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Linear, Trainable};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::{add_row_bias, add_sum_rows, axpy, dot, matmul, MatMut, MatRef};
+use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::fff::MasterWeights;
-use crate::kernels::{FffKernel, InferKernel, Precision};
+use crate::kernels::{FffKernel, InferKernel};
 
 /// Clamp of the node probabilities inside the entropy, as in the reference package.
 const ENTROPY_EPS: f32 = 1e-6;
@@ -642,12 +643,8 @@ impl Compile for Fff {
         Box::new(self.tree_kernel())
     }
 
-    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match precision.quant() {
-            Some(format) => Ok(Box::new(self.tree_kernel().quantized(format)?)),
-            None if precision == Precision::F32 => Ok(self.kernel()),
-            None => Err(Error::Invalid(format!("{} weights are not implemented for fff layers", precision.name()))),
-        }
+    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.tree_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -153,17 +153,26 @@ pub trait Compile {
     fn kernel(&self) -> Box<dyn InferKernel>;
     /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a kernel in
     /// that precision return an error: bf16 is implemented for `ufff`, Q8_0/Q4_0 for `dense`,
-    /// `ufff`, the leaves of `fff` and the experts of `moe`, `smoe` and `moefied`.
+    /// `ufff`, the leaves of `fff` and the experts of `moe`, `smoe` and `moefied` (each through
+    /// [`Compile::quantized_kernel`]).
     fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match precision {
-            Precision::F32 => Ok(self.kernel()),
-            Precision::Bf16 => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
-            Precision::Q8_0 | Precision::Q4_0 => Err(Error::Invalid(format!(
-                "{} weights are implemented for dense, ufff, fff, moe, smoe and moefied layers, not {}",
-                precision.name(),
-                self.kernel().kind()
-            ))),
+        match (precision, precision.quant()) {
+            (Precision::F32, _) => Ok(self.kernel()),
+            (_, Some(format)) => self.quantized_kernel(format).unwrap_or_else(|| {
+                Err(Error::Invalid(format!(
+                    "{} weights are implemented for dense, ufff, fff, moe, smoe and moefied layers, not {}",
+                    precision.name(),
+                    self.kernel().kind()
+                )))
+            }),
+            _ => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
         }
+    }
+    /// The kernel with its weight matrices block-quantized to `format`; `None` for layers
+    /// without a quantized kernel (the default).
+    fn quantized_kernel(&self, format: crate::core::quant::QFormat) -> Option<Result<Box<dyn InferKernel>>> {
+        let _ = format;
+        None
     }
     /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.
     /// Convenience: builds the kernel and a workspace on every call.
@@ -328,6 +337,24 @@ pub(crate) fn ensure_len(buf: &mut Vec<f32>, n: usize) {
     if buf.len() < n {
         buf.resize(n, 0.0);
     }
+}
+
+/// Sets `dst`'s parameters, in order, to `src`'s values (a layer rebuilt under another
+/// configuration of the same parameter shapes); an error, with `dst` unchanged, when the
+/// parameter lists differ in length or shape.
+pub fn copy_params(src: &dyn Layer, dst: &mut dyn Layer) -> Result<()> {
+    let from = src.params();
+    let to: Vec<Vec<usize>> = dst.params().iter().map(|p| p.shape.clone()).collect();
+    if from.len() != to.len() || from.iter().zip(&to).any(|(a, b)| &a.shape != b) {
+        return Err(Error::Invalid(format!("a {} layer's parameters do not match a {} layer's shapes", src.kind(), dst.kind())));
+    }
+    let mut it = from.into_iter();
+    dst.visit_params_mut(&mut |p| {
+        if let Some(s) = it.next() {
+            p.value.clone_from(&s.value);
+        }
+    });
+    Ok(())
 }
 
 /// Counts the scalars of a layer's parameters.

@@ -18,11 +18,12 @@ use super::experts::ExpertBank;
 use super::moe::check_mixture;
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::matmul_bt;
+use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
-use crate::error::{check_matrix, Error, Result};
+use crate::error::{check_matrix, Result};
 use crate::kernels::grouped::{top_k, ExpertShape};
 use crate::kernels::moe::Router;
-use crate::kernels::{InferKernel, MoeKernel, Precision};
+use crate::kernels::{InferKernel, MoeKernel};
 
 /// How a MoEfied layer picks its experts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,12 +207,8 @@ impl Compile for Moefied {
         Box::new(self.mixture_kernel())
     }
 
-    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match precision.quant() {
-            Some(format) => Ok(Box::new(self.mixture_kernel().quantized(format)?)),
-            None if precision == Precision::F32 => Ok(self.kernel()),
-            None => Err(Error::Invalid(format!("{} weights are not implemented for moefied layers", precision.name()))),
-        }
+    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.mixture_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

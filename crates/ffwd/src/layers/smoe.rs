@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use super::experts::{router_backward, router_logits, router_ranking, ExpertBank};
 use super::moe::check_mixture;
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
+use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::{ExpertShape, DROPPED};
 use crate::kernels::moe::{route_sigmoid, softmax, Router};
-use crate::kernels::{InferKernel, MoeKernel, Precision};
+use crate::kernels::{InferKernel, MoeKernel};
 
 /// Configuration of [`Smoe`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -245,12 +246,8 @@ impl Compile for Smoe {
         Box::new(self.mixture_kernel())
     }
 
-    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match precision.quant() {
-            Some(format) => Ok(Box::new(self.mixture_kernel().quantized(format)?)),
-            None if precision == Precision::F32 => Ok(self.kernel()),
-            None => Err(Error::Invalid(format!("{} weights are not implemented for smoe layers", precision.name()))),
-        }
+    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.mixture_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

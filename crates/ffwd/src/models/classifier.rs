@@ -115,30 +115,25 @@ impl Classifier {
     pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed).fork(0x1a7e);
         let layer = cfg.layer.build(cfg.in_features, cfg.n_classes, &mut rng)?;
-        Ok(Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() })
+        Ok(Self::assemble(cfg, layer))
+    }
+
+    fn assemble(cfg: ModelConfig, layer: Box<dyn Layer>) -> Self {
+        Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() }
     }
 
     /// A classifier around a built layer (a conversion's output): `in_features → n_classes`
     /// are the layer's widths.
     pub fn from_layer(layer: Box<dyn Layer>) -> Self {
         let cfg = ModelConfig { in_features: layer.in_features(), n_classes: layer.out_features(), layer: layer.config() };
-        Classifier { cfg, layer, precision: Precision::F32, kernel: OnceLock::new(), logits: Vec::new(), dlogits: Vec::new() }
+        Self::assemble(cfg, layer)
     }
 
     /// The same weights under another configuration of the same parameter shapes (a MoEfied
     /// layer with another number of active experts, say); an error when the shapes differ.
     pub fn with_layer_config(&self, layer: LayerConfig) -> Result<Self> {
         let mut m = Classifier::new(ModelConfig { layer, ..self.cfg.clone() }, 0)?;
-        let src = self.layer.params();
-        let mut shapes_match = true;
-        let mut it = src.iter();
-        m.visit_params_mut(&mut |p| match it.next() {
-            Some(s) if s.shape == p.shape => p.value.clone_from(&s.value),
-            _ => shapes_match = false,
-        });
-        if !shapes_match || it.next().is_some() {
-            return Err(Error::Invalid("the new layer configuration has other parameter shapes".into()));
-        }
+        crate::layers::copy_params(self.layer.as_ref(), m.layer_mut())?;
         Ok(m)
     }
 
