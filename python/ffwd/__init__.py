@@ -76,8 +76,9 @@ def train_lm(text: Union[str, os.PathLike], *, verbose: bool = False, **options:
     options: ``[model]`` keys (``context``, ``d_model``, ``heads``, ``layers``, ``parallel``),
     ``[train]`` keys (``steps``, ``batch``, ``lr``, ``seed``, ...) and the FFN shorthands
     (``ffn`` = dense, dense3, swiglu, geglu, reglu, lowrank, blockdense, blockshuffle, fff, ufff,
-    moe, smoe, hash or pkm; ``ffn_width``, ``depth``, ``trees``, ``rank``, ``blocks``, ``experts``,
-    ``top_k``, ``balanced_hash``).
+    moe, smoe, hash, pkm or channelidle; ``ffn_width``, ``depth``, ``trees``, ``rank``, ``blocks``,
+    ``experts``, ``top_k``, ``balanced_hash``, ``first_dense``, ``guided`` (self-guided training of
+    lowrank/blockdense/blockshuffle over this share of the steps) and ``reduce_flop``).
 
     Returns the trained :class:`LM` and a metrics dict (``val_loss``, ``val_bpc``, ``history``, ...).
     """

@@ -47,3 +47,15 @@ def test_errors():
         ffwd.train_lm(TEXT, **small(ffn="dense", trees=2))
     with pytest.raises(FileNotFoundError):
         ffwd.LM.load("/nonexistent/lm.safetensors")
+
+
+def test_self_guided_structured_ffn(tmp_path):
+    lm, metrics = ffwd.train_lm(TEXT, **small(ffn="blockdense", rank=8, blocks=2, guided=0.5, reduce_flop=True))
+    assert metrics["model"]["ffn"]["guide"] == {"fraction": 0.5, "reduce_flop": True}
+    # the guides were dropped when their phase ended: the saved model is the plain structure
+    path = tmp_path / "g.safetensors"
+    lm.save(path)
+    back = ffwd.LM.load(path)
+    assert back.generate("the ", 20, 0.0) == lm.generate("the ", 20, 0.0)
+    with pytest.raises(ValueError, match="guided applies to ffn lowrank, blockdense or blockshuffle"):
+        ffwd.train_lm(TEXT, **small(ffn="dense", guided=0.5))

@@ -115,7 +115,7 @@ pub fn seeds(format: Format) -> Result<Vec<Vec<u8>>> {
                 LayerConfig::Ufff(UfffConfig { depth: 2, ..Default::default() }),
                 LayerConfig::Pkm(PkmConfig { n_keys: 3, heads: 1, k: 2, key_dim: 4, ..Default::default() }),
                 LayerConfig::Deq(crate::layers::DeqConfig { state: 4, width: 5, ..Default::default() }),
-                LayerConfig::BlockDense(crate::layers::StructuredConfig { width: 4, rank: 4, blocks: 2, activation: Activation::Gelu }),
+                LayerConfig::BlockDense(crate::layers::StructuredConfig { width: 4, rank: 4, blocks: 2, activation: Activation::Gelu, guide: None }),
                 LayerConfig::ChannelIdle(crate::layers::ChannelIdleConfig { width: 8, theta: 0.75, activation: Activation::Relu }),
             ] {
                 let m = Classifier::new(ModelConfig { in_features: 6, n_classes: 3, layer }, 2)?;

@@ -23,9 +23,11 @@ use crate::core::Activation;
 use crate::data::text::CharTokenizer;
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
+use crate::layers::guided::GuideConfig;
 use crate::layers::hash::balanced_table;
 use crate::layers::{
-    DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig, UfffConfig,
+    ChannelIdleConfig, DenseConfig, FffConfig, GluConfig, HashConfig, LayerConfig, LowRankConfig, MoeConfig, PkmConfig, SmoeConfig, StructuredConfig,
+    UfffConfig,
 };
 use crate::models::{Classifier, Lm, ModelConfig};
 use crate::optim::Optimizer;
@@ -149,11 +151,15 @@ pub enum FfnKind {
     Hash,
     /// Product-key memory (width = n_keys² values).
     Pkm,
+    /// Channel-idle FFN (RePaViT; width 4d, GELU on a quarter of the channels, BatchNorm
+    /// before each map; folded at inference).
+    #[serde(rename = "channelidle")]
+    ChannelIdle,
 }
 
 impl FfnKind {
     /// Every kind, in the order of `--help`.
-    pub const ALL: [FfnKind; 14] = [
+    pub const ALL: [FfnKind; 15] = [
         FfnKind::Dense,
         FfnKind::Dense3,
         FfnKind::Swiglu,
@@ -168,6 +174,7 @@ impl FfnKind {
         FfnKind::Smoe,
         FfnKind::Hash,
         FfnKind::Pkm,
+        FfnKind::ChannelIdle,
     ];
 
     /// The name used in flags and options.
@@ -187,6 +194,7 @@ impl FfnKind {
             FfnKind::Smoe => "smoe",
             FfnKind::Hash => "hash",
             FfnKind::Pkm => "pkm",
+            FfnKind::ChannelIdle => "channelidle",
         }
     }
 }
@@ -230,6 +238,11 @@ pub struct FfnShape {
     /// Keep the first block's FFN a dense GELU FFN of width `4·d_model` (the structured-FFN
     /// paper's choice), whatever the kind of the others.
     pub first_dense: bool,
+    /// lowrank/blockdense/blockshuffle: self-guided training, α decaying 1 → 0 over this share
+    /// of the steps (the paper's default 0.5).
+    pub guided: Option<f32>,
+    /// With `guided`: run the dense branch only with probability α per forward.
+    pub reduce_flop: bool,
 }
 
 impl FfnShape {
@@ -247,8 +260,8 @@ impl FfnShape {
     pub fn layer_config(&self, d_model: usize, freqs: &dyn Fn() -> Vec<u64>) -> Result<Option<LayerConfig>> {
         let Some(kind) = self.ffn else {
             let any = [self.ffn_width, self.depth, self.trees, self.rank, self.blocks, self.experts, self.top_k].iter().any(Option::is_some);
-            if any || self.balanced_hash {
-                return Err(Error::Config("ffn_width, depth, trees, rank, experts, top_k and balanced_hash need an ffn kind".into()));
+            if any || self.balanced_hash || self.guided.is_some() || self.reduce_flop {
+                return Err(Error::Config("ffn_width, depth, trees, rank, experts, top_k, balanced_hash, guided and reduce_flop need an ffn kind".into()));
             }
             return Ok(None);
         };
@@ -269,6 +282,14 @@ impl FfnShape {
         only(self.experts.is_some() && !mixture, "experts", "moe, smoe or hash")?;
         only(self.top_k.is_some() && !matches!(kind, FfnKind::Moe | FfnKind::Smoe | FfnKind::Pkm), "top_k", "moe, smoe or pkm")?;
         only(self.balanced_hash && kind != FfnKind::Hash, "balanced_hash", "hash")?;
+        only(self.guided.is_some() && kind != FfnKind::LowRank && !structured, "guided", "lowrank, blockdense or blockshuffle")?;
+        if self.reduce_flop && self.guided.is_none() {
+            return Err(Error::Config("reduce_flop needs guided (self-guided training)".into()));
+        }
+        let guide = self.guided.map(|fraction| GuideConfig { fraction, reduce_flop: self.reduce_flop });
+        if let Some(g) = &guide {
+            g.validate()?;
+        }
         let gelu = Activation::Gelu;
         let experts = self.experts.unwrap_or(16);
         let per = |w: usize| -> Result<usize> {
@@ -282,7 +303,7 @@ impl FfnShape {
         Ok(Some(match kind {
             FfnKind::Dense => LayerConfig::Dense(DenseConfig { width, layers: 2, activation: gelu }),
             FfnKind::Dense3 => LayerConfig::Dense(DenseConfig { width, layers: 3, activation: gelu }),
-            FfnKind::LowRank => LayerConfig::LowRank(LowRankConfig { width, rank: self.rank.unwrap_or((d_model / 4).max(1)), activation: gelu }),
+            FfnKind::LowRank => LayerConfig::LowRank(LowRankConfig { width, rank: self.rank.unwrap_or((d_model / 4).max(1)), activation: gelu, guide }),
             FfnKind::Swiglu | FfnKind::Geglu | FfnKind::Reglu => {
                 let activation = match kind {
                     FfnKind::Swiglu => Activation::Silu,
@@ -298,10 +319,15 @@ impl FfnShape {
                 rank: self.rank.unwrap_or((d_model / 4).max(1)),
                 blocks: self.blocks.unwrap_or(4),
                 activation: gelu,
+                guide,
             }),
-            FfnKind::BlockShuffle => {
-                LayerConfig::BlockShuffle(StructuredConfig { width, rank: self.rank.unwrap_or(d_model), blocks: self.blocks.unwrap_or(2), activation: gelu })
-            }
+            FfnKind::BlockShuffle => LayerConfig::BlockShuffle(StructuredConfig {
+                width,
+                rank: self.rank.unwrap_or(d_model),
+                blocks: self.blocks.unwrap_or(2),
+                activation: gelu,
+                guide,
+            }),
             FfnKind::Fff => {
                 let depth = self.depth.unwrap_or(3);
                 let leaves = 1usize.checked_shl(depth as u32).filter(|_| depth < 32).ok_or_else(|| Error::Config(format!("fff depth {depth} is too large")))?;
@@ -333,6 +359,7 @@ impl FfnShape {
                 let table = if self.balanced_hash { balanced_table(&freqs(), experts) } else { Vec::new() };
                 LayerConfig::Hash(HashConfig { experts, expert_width: per(width)?, table, activation: gelu, ..Default::default() })
             }
+            FfnKind::ChannelIdle => LayerConfig::ChannelIdle(ChannelIdleConfig { width, activation: gelu, ..Default::default() }),
             FfnKind::Pkm => {
                 let n = (width as f64).sqrt().round() as usize;
                 if width == 0 || n * n != width {

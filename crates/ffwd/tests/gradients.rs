@@ -227,7 +227,7 @@ fn deq_implicit_gradient_through_the_fixed_point() {
 fn blockdense_and_blockshuffle_maps() {
     use ffwd::layers::StructuredConfig;
     for (i, activation) in [Activation::Gelu, Activation::Relu].into_iter().enumerate() {
-        let cfg = StructuredConfig { width: 12, rank: 4 + 4 * i, blocks: 2, activation };
+        let cfg = StructuredConfig { width: 12, rank: 4 + 4 * i, blocks: 2, activation, guide: None };
         let mut l = build(LayerConfig::BlockDense(cfg.clone()), 6, 4);
         check_layer(l.as_mut(), 5, 7, 12, &always);
         let mut l = build(LayerConfig::BlockShuffle(StructuredConfig { rank: 8, ..cfg }), 6, 4);
@@ -248,7 +248,7 @@ fn glu_family_gate_and_value() {
 fn lowrank_factors_both_maps() {
     // ranks below and at the maps' smaller dimensions
     for rank in [2, 5] {
-        let cfg = ffwd::layers::LowRankConfig { width: 7, rank, activation: Activation::Gelu };
+        let cfg = ffwd::layers::LowRankConfig { width: 7, rank, activation: Activation::Gelu, guide: None };
         let mut l = ffwd::layers::LowRank::new(cfg, 6, 4, &mut Rng::new(19)).unwrap();
         check_layer(&mut l, 6, 43, 15, &|_: &ffwd::layers::LowRank, _: &[f32]| true);
     }
@@ -386,5 +386,31 @@ fn channel_idle_with_batch_norms() {
         let cfg = ffwd::layers::ChannelIdleConfig { width: 8, theta, activation: act };
         let mut l = build(LayerConfig::ChannelIdle(cfg), 5, 4);
         check_layer(l.as_mut(), 6, 31, 12, &always);
+    }
+}
+
+#[test]
+fn self_guided_maps_mix_a_dense_guide() {
+    use ffwd::layers::guided::{GuideConfig, Guides};
+    use ffwd::layers::{BlockKind, LowRank, LowRankConfig, Structured, StructuredConfig};
+    let guide = Some(GuideConfig { fraction: 0.5, reduce_flop: false });
+    // α inside (0, 1) and guides moved away from the structured matrices, so that every
+    // branch's gradient is visible
+    let mix = |g: &mut Guides| {
+        for i in 0..2 {
+            let gi = g.get_mut(i).unwrap();
+            gi.set_alpha(0.4);
+            let mut r = Rng::new(i as u64);
+            gi.w.value.iter_mut().for_each(|w| *w += 0.3 * r.normal());
+        }
+    };
+    let mut l = LowRank::new(LowRankConfig { width: 7, rank: 3, activation: Activation::Gelu, guide }, 6, 4, &mut Rng::new(3)).unwrap();
+    mix(l.guides_mut());
+    check_layer(&mut l, 6, 44, 15, &|_: &LowRank, _: &[f32]| true);
+    for (kind, rank) in [(BlockKind::BlockDense, 4), (BlockKind::BlockShuffle, 8)] {
+        let cfg = StructuredConfig { width: 12, rank, blocks: 2, activation: Activation::Gelu, guide };
+        let mut l = Structured::new(kind, cfg, 6, 4, &mut Rng::new(4)).unwrap();
+        mix(l.guides_mut());
+        check_layer(&mut l, 5, 45, 12, &|_: &Structured, _: &[f32]| true);
     }
 }

@@ -72,7 +72,7 @@ fn lowrank_kernel_matches_the_training_forward_and_full_rank_is_the_dense_init()
     for case in 0..14 {
         let (ni, no, h, rank) = (1 + r.below(30), 1 + r.below(20), 1 + r.below(40), 1 + r.below(12));
         let batch = [1, 2, 3, 7, 17, 64, 129][case % 7];
-        let cfg = ffwd::layers::LowRankConfig { width: h, rank, activation: ACTS[case % 3] };
+        let cfg = ffwd::layers::LowRankConfig { width: h, rank, activation: ACTS[case % 3], guide: None };
         let mut l = ffwd::layers::LowRank::new(cfg, ni, no, &mut r).unwrap();
         let x = randn(batch * ni, &mut r);
         let mut want = vec![f32::NAN; batch * no];
@@ -86,7 +86,8 @@ fn lowrank_kernel_matches_the_training_forward_and_full_rank_is_the_dense_init()
     let mut r = Rng::new(5);
     let bound = 1.0 / (ni as f32).sqrt();
     let dense: Vec<f32> = (0..h * ni).map(|_| r.uniform_range(-bound, bound)).collect();
-    let l = ffwd::layers::LowRank::new(ffwd::layers::LowRankConfig { width: h, rank: 100, activation: Activation::Relu }, ni, 3, &mut Rng::new(5)).unwrap();
+    let l = ffwd::layers::LowRank::new(ffwd::layers::LowRankConfig { width: h, rank: 100, activation: Activation::Relu, guide: None }, ni, 3, &mut Rng::new(5))
+        .unwrap();
     let fc1 = l.maps()[0];
     assert_eq!(fc1.rank(), 6, "rank clamped to min(h, in)");
     for i in 0..h {

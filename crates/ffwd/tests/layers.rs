@@ -300,7 +300,7 @@ fn structured_maps_equal_their_materialised_dense_matrices() {
     use ffwd::layers::{BlockKind, Structured, StructuredConfig};
     for kind in [BlockKind::BlockDense, BlockKind::BlockShuffle] {
         for (blocks, rank) in [(2, 8), (4, 12)] {
-            let cfg = StructuredConfig { width: 16, rank, blocks, activation: Activation::Gelu };
+            let cfg = StructuredConfig { width: 16, rank, blocks, activation: Activation::Gelu, guide: None };
             let (ni, no, batch) = (12, 8, 7);
             let mut layer = Structured::new(kind, cfg, ni, no, &mut Rng::new(4)).unwrap();
             let mut rng = Rng::new(5);
@@ -337,4 +337,74 @@ fn structured_maps_equal_their_materialised_dense_matrices() {
     // widths the blocks do not divide are refused with the numbers
     let e = Structured::new(BlockKind::BlockShuffle, StructuredConfig { blocks: 3, ..Default::default() }, 10, 9, &mut Rng::new(0)).err().unwrap().to_string();
     assert!(e.contains("input width 10 is not a positive multiple of blocks = 3"), "{e}");
+}
+
+/// Self-guided training: at α = 1 the layer is its dense guide FFN, at α = 0 its structured
+/// part; the inference kernel runs the mix; the guides drop when the phase ends.
+fn check_self_guided<L: Layer>(mut l: L, mut plain: L, guides: fn(&mut L) -> &mut ffwd::layers::guided::Guides, what: &str) {
+    let (ni, no, batch) = (l.in_features(), l.out_features(), 7);
+    let h = l.neurons_per_inference();
+    let x = randn(batch * ni, 8);
+    let forward = |l: &mut L| {
+        let mut y = vec![0.0; batch * no];
+        l.forward_train(Input::new(&x, batch), &mut y, &mut Rng::new(0)).unwrap();
+        y
+    };
+    let set = |l: &mut L, alpha: f32, perturb: bool| {
+        for i in 0..2 {
+            let gi = guides(l).get_mut(i).unwrap();
+            gi.set_alpha(alpha);
+            if perturb {
+                let mut r = Rng::new(10 + i as u64);
+                gi.w.value.iter_mut().for_each(|w| *w += 0.2 * r.normal());
+            }
+        }
+    };
+    // α = 0: exactly the plain structured layer of the same seed
+    set(&mut l, 0.0, true);
+    let y_plain = forward(&mut plain);
+    assert_eq!(forward(&mut l), y_plain, "{what}: α = 0 is the structured part");
+    // α = 1: the dense FFN of the guides and the biases, in f64
+    set(&mut l, 1.0, false);
+    let y = forward(&mut l);
+    let p = |name: &str| l.params().into_iter().find(|p| p.name == name).unwrap().value.clone();
+    let (w1, w2, b1, b2) = (p("fc1.guide"), p("fc2.guide"), p("fc1.bias"), p("fc2.bias"));
+    for r in 0..batch {
+        let z = |j: usize| b1[j] as f64 + (0..ni).map(|i| (w1[j * ni + i] * x[r * ni + i]) as f64).sum::<f64>();
+        let a: Vec<f64> = (0..h).map(|j| Activation::Gelu.apply(z(j) as f32) as f64).collect();
+        for o in 0..no {
+            let want = b2[o] as f64 + (0..h).map(|j| w2[o * h + j] as f64 * a[j]).sum::<f64>();
+            assert!((want - y[r * no + o] as f64).abs() < 1e-4, "{what}: α = 1 is the dense guide FFN ({want} vs {})", y[r * no + o]);
+        }
+    }
+    // in between, the inference kernel runs the mixed matrices
+    set(&mut l, 0.4, false);
+    let y = forward(&mut l);
+    let mut yk = vec![0.0; batch * no];
+    l.infer(&x, batch, &mut yk).unwrap();
+    assert!(yk.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5), "{what}: kernel ≠ training forward at α = 0.4");
+    // the schedule: α(0) = 1, and the guides go when the phase ends (half of 10 steps)
+    let n = l.params().len();
+    assert!(l.set_progress(0, 10).is_empty());
+    assert_eq!(guides(&mut l).get(0).unwrap().alpha(), 1.0);
+    assert!(l.set_progress(4, 10).is_empty());
+    assert_eq!(l.set_progress(5, 10), ["fc1.guide", "fc2.guide"], "{what}");
+    assert_eq!(l.params().len(), n - 2);
+    assert!(l.params().iter().all(|p| !p.name.ends_with("guide")));
+    assert_eq!(forward(&mut l), y_plain, "{what}: without guides the layer is structured");
+}
+
+#[test]
+fn self_guided_layers_move_from_their_guide_to_their_structure() {
+    use ffwd::layers::guided::GuideConfig;
+    use ffwd::layers::{BlockKind, LowRank, LowRankConfig, Structured, StructuredConfig};
+    let (ni, no, h) = (8, 6, 12);
+    let g = Some(GuideConfig { fraction: 0.5, reduce_flop: false });
+    let act = Activation::Gelu;
+    let lowrank = |guide| LowRank::new(LowRankConfig { width: h, rank: 3, activation: act, guide }, ni, no, &mut Rng::new(2)).unwrap();
+    check_self_guided(lowrank(g), lowrank(None), LowRank::guides_mut, "lowrank");
+    for (kind, rank) in [(BlockKind::BlockDense, 4), (BlockKind::BlockShuffle, 6)] {
+        let s = |guide| Structured::new(kind, StructuredConfig { width: h, rank, blocks: 2, activation: act, guide }, ni, no, &mut Rng::new(2)).unwrap();
+        check_self_guided(s(g), s(None), Structured::guides_mut, &format!("{kind:?}"));
+    }
 }

@@ -136,9 +136,11 @@ fn whole_model_gradients_sequential_and_parallel() {
         LayerConfig::Fff(FffConfig { depth: 2, leaf: 3, activation: Activation::Gelu, hardening: 0.5, ..Default::default() }),
         LayerConfig::Ufff(UfffConfig { depth: 2, activation: Activation::Gelu, ..Default::default() }),
         LayerConfig::Glu(ffwd::layers::GluConfig { width: 5, activation: Activation::Gelu }),
-        LayerConfig::LowRank(ffwd::layers::LowRankConfig { width: 10, rank: 3, activation: Activation::Gelu }),
-        LayerConfig::BlockDense(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu }),
-        LayerConfig::BlockShuffle(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu }),
+        LayerConfig::LowRank(ffwd::layers::LowRankConfig { width: 10, rank: 3, activation: Activation::Gelu, guide: None }),
+        LayerConfig::BlockDense(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu, guide: None }),
+        LayerConfig::BlockShuffle(ffwd::layers::StructuredConfig { width: 8, rank: 4, blocks: 2, activation: Activation::Gelu, guide: None }),
+        // BatchNorm over the batch's tokens in training, its running estimates folded at inference
+        LayerConfig::ChannelIdle(ffwd::layers::ChannelIdleConfig { width: 8, ..Default::default() }),
     ] {
         let mut lm = tiny(ffn, false);
         check_lm(&mut lm, 6);
@@ -225,6 +227,7 @@ fn kv_cache_generation_equals_full_recomputation() {
         LayerConfig::Smoe(SmoeConfig { experts: 4, expert_width: 3, k: 2, ..Default::default() }),
         LayerConfig::Hash(HashConfig { experts: 3, expert_width: 4, ..Default::default() }),
         LayerConfig::Pkm(PkmConfig { n_keys: 4, heads: 2, k: 2, key_dim: 4, ..Default::default() }),
+        LayerConfig::ChannelIdle(ffwd::layers::ChannelIdleConfig { width: 8, ..Default::default() }),
     ];
     for ffn in kinds {
         for parallel in [false, true] {
@@ -428,7 +431,7 @@ fn blocked_causal_attention_over_several_blocks() {
 fn first_block_can_keep_a_dense_ffn() {
     use ffwd::layers::LowRankConfig;
     let tok = CharTokenizer::from_text("abcdefgh").unwrap();
-    let ffn = LayerConfig::LowRank(LowRankConfig { width: 32, rank: 4, activation: Activation::Gelu });
+    let ffn = LayerConfig::LowRank(LowRankConfig { width: 32, rank: 4, activation: Activation::Gelu, guide: None });
     let first = LayerConfig::Dense(DenseConfig { width: 32, layers: 2, activation: Activation::Gelu });
     let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 3, parallel: false, ffn, first_ffn: Some(first) };
     let lm = Lm::new(cfg.clone(), 0).unwrap();
@@ -444,4 +447,52 @@ fn first_block_can_keep_a_dense_ffn() {
     // without it the configuration serialises as before (old checkpoints load unchanged)
     let plain = LmConfig { first_ffn: None, ..cfg };
     assert!(!serde_json::to_string(&plain).unwrap().contains("first_ffn"));
+}
+
+/// Self-guided FFNs in the LM: a run interrupted inside the guided phase resumes exactly
+/// (guides and their AdamW moments in the checkpoint), the guides leave the model and the
+/// optimizer when the phase ends, and a checkpoint saved after it holds none and loads.
+#[test]
+fn self_guided_lm_drops_its_guides_and_resumes_exactly() {
+    use ffwd::layers::guided::GuideConfig;
+    use ffwd::layers::StructuredConfig;
+    use ffwd::optim::Optimizer;
+    let text: String = tiny_shakespeare().unwrap().chars().take(5000).collect();
+    let tok = CharTokenizer::from_text(&text).unwrap();
+    let data = TextData::split(tok.encode(&text).unwrap(), 0.1, 8).unwrap();
+    let guide = Some(GuideConfig { fraction: 0.5, reduce_flop: true });
+    let ffn = LayerConfig::BlockDense(StructuredConfig { width: 16, rank: 4, blocks: 2, activation: Activation::Gelu, guide });
+    let cfg = LmConfig { vocab: tok.len(), context: 8, d_model: 8, heads: 2, layers: 2, parallel: false, ffn, first_ffn: None };
+    let opts = LmTrainOptions { steps: 8, batch: 2, seq_len: 8, warmup: 1, eval_every: 100, eval_batches: 1, ..Default::default() };
+    let guides = |lm: &Lm| lm.named_params().iter().filter(|(n, _)| n.ends_with(".guide")).count();
+    let fresh = Lm::new(cfg.clone(), 1).unwrap();
+    assert_eq!(guides(&fresh), 4, "two maps per block");
+    let (whole, whole_opt) = {
+        let mut lm = Lm::new(cfg.clone(), 1).unwrap();
+        let mut opt = AdamW::new(0.0);
+        train_lm(&mut lm, &data, &opts, &mut opt, &mut LmTrainState::default(), None, None, &mut Quiet).unwrap();
+        assert_eq!(guides(&lm), 0, "the guides are gone after the run");
+        assert_eq!(opt.moments().0.len(), lm.named_params().len(), "and so are their moments");
+        (lm.named_params().iter().map(|(_, p)| p.value.clone()).collect::<Vec<_>>(), opt.moments().0.to_vec())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.safetensors");
+    let mut lm = Lm::new(cfg, 1).unwrap();
+    let (mut opt, mut state) = (AdamW::new(0.0), LmTrainState::default());
+    train_lm(&mut lm, &data, &opts, &mut opt, &mut state, None, Some(2), &mut Quiet).unwrap();
+    assert_eq!(guides(&lm), 4, "step 2 of 8 is inside the guided phase");
+    LmCheckpoint { lm, tokenizer: tok.clone(), options: opts.clone(), state, optimizer: opt }.save(&path).unwrap();
+    let mut ck = LmCheckpoint::load(&path).unwrap();
+    assert_eq!(guides(&ck.lm), 4);
+    train_lm(&mut ck.lm, &data, &ck.options, &mut ck.optimizer, &mut ck.state, None, None, &mut Quiet).unwrap();
+    let resumed: Vec<Vec<f32>> = ck.lm.named_params().iter().map(|(_, p)| p.value.clone()).collect();
+    assert!(resumed == whole, "the resumed run differs from the uninterrupted one");
+    assert!(ck.optimizer.moments().0 == &whole_opt[..]);
+    assert_eq!(ck.optimizer.steps(), 8);
+    // saved after the phase: no guides in the file, and it loads
+    ck.save(&path).unwrap();
+    let mut back = LmCheckpoint::load(&path).unwrap();
+    assert_eq!(guides(&back.lm), 0);
+    let seq = [1u32, 2, 3];
+    assert_eq!(back.lm.logits(&seq, 1, 3).unwrap(), ck.lm.logits(&seq, 1, 3).unwrap());
 }

@@ -53,7 +53,7 @@ pub struct LmTrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (model, AdamW moments, step, options, data order).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "blocks", "experts", "top_k", "balanced_hash", "first_dense", "seed", "seq_len"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "context", "d_model", "heads", "layers", "parallel", "ffn", "ffn_width", "depth", "trees", "rank", "blocks", "experts", "top_k", "balanced_hash", "first_dense", "guided", "reduce_flop", "seed", "seq_len"])]
     resume: Option<PathBuf>,
     /// Context length in characters [default: 128].
     #[arg(long)]
@@ -71,7 +71,8 @@ pub struct LmTrainArgs {
     #[arg(long)]
     parallel: bool,
     /// Feedforward block of every layer: dense, dense3 (three maps), swiglu, geglu, reglu (gated), lowrank, blockdense, blockshuffle, fff, ufff, moe, smoe,
-    /// hash (routed by the input character) or pkm.
+    /// hash (routed by the input character), pkm or channelidle (RePaViT: BatchNorm before each map, GELU on a quarter of
+    /// the channels, the rest linear and folded into one d × d map at inference).
     #[arg(long, value_parser = parse_ffn)]
     ffn: Option<FfnKind>,
     /// FFN hidden size: dense units; fff total leaf width; ufff neurons per tree
@@ -101,6 +102,15 @@ pub struct LmTrainArgs {
     /// hash: balanced table from the training text's character frequencies (default: random hash).
     #[arg(long)]
     balanced_hash: bool,
+    /// lowrank/blockdense/blockshuffle: self-guided training (Wei et al. 2024): each map runs
+    /// α·W x + (1 − α)·structured(x) with a dense guide W started at the map's own matrix, α
+    /// decaying 1 → 0 on a cosine over this share of the steps; the guides are dropped when
+    /// α reaches 0 (`--guided` alone: 0.5).
+    #[arg(long, value_name = "FRACTION", num_args = 0..=1, default_missing_value = "0.5")]
+    guided: Option<f32>,
+    /// With --guided: compute the dense branch only with probability α per forward.
+    #[arg(long, requires = "guided")]
+    reduce_flop: bool,
     /// Keep the first block's FFN dense (GELU, 4·d_model wide) whatever --ffn is, as the
     /// structured-FFN paper does.
     #[arg(long)]
@@ -219,7 +229,7 @@ pub fn run(cmd: LmCommand) -> anyhow::Result<()> {
 /// A library message about an option, with the option named as its flag
 /// (`ffn_width` → `--ffn-width`).
 fn flag_names(msg: &str) -> String {
-    const KEYS: [&str; 9] = ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "rank", "blocks", "seq_len"];
+    const KEYS: [&str; 11] = ["ffn_width", "balanced_hash", "top_k", "experts", "depth", "trees", "rank", "blocks", "seq_len", "guided", "reduce_flop"];
     // whole words only (`rank` in `lowrank` stays)
     let msg = msg.trim_start_matches("config: ");
     let mut out = String::with_capacity(msg.len() + 16);
@@ -363,6 +373,8 @@ fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
             top_k: a.top_k,
             balanced_hash: a.balanced_hash,
             first_dense: a.first_dense,
+            guided: a.guided,
+            reduce_flop: a.reduce_flop,
         };
         // without a file, the default dense FFN's width follows --d-model (4·d_model)
         let shape = if a.config.is_none() { shape.with_default_kind() } else { shape };

@@ -67,7 +67,7 @@ pub fn lowrank(layer: &dyn Layer, choice: RankChoice) -> Result<(Box<dyn Layer>,
         RankChoice::Energy(f) if f > 0.0 && f <= 1.0 => svds.iter().map(|(_, s, _)| energy_rank(s, f)).max().unwrap_or(1),
         RankChoice::Energy(f) => return Err(Error::Invalid(format!("lowrank: the energy must be in (0, 1], got {f}"))),
     };
-    let cfg = LowRankConfig { width: h, rank, activation: dc.activation };
+    let cfg = LowRankConfig { width: h, rank, activation: dc.activation, guide: None };
     let mut out = LayerConfig::LowRank(cfg.clone()).build(d, o, &mut rng)?;
     let mut energy = [0.0f32; 2];
     let mut rel_error = [0.0f32; 2];

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::guided::{Guide, GuideConfig, Guides};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::{add_sum_rows, matmul, matmul_bias, MatMut, MatRef};
 use crate::core::svd::svd_truncated;
@@ -30,11 +31,14 @@ pub struct LowRankConfig {
     pub rank: usize,
     /// Hidden nonlinearity.
     pub activation: Activation,
+    /// Self-guided training (a dense guide per map, see [`super::guided`]); none: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide: Option<GuideConfig>,
 }
 
 impl Default for LowRankConfig {
     fn default() -> Self {
-        LowRankConfig { width: 128, rank: 16, activation: Activation::Relu }
+        LowRankConfig { width: 128, rank: 16, activation: Activation::Relu, guide: None }
     }
 }
 
@@ -89,6 +93,14 @@ impl Factored {
         (self.v.shape[1], self.rank(), self.u.shape[0])
     }
 
+    /// The product `U V` (`out × in`).
+    pub fn dense(&self) -> Vec<f32> {
+        let (i, r, o) = self.dims();
+        let mut w = vec![0.0f32; o * i];
+        matmul(MatMut::new(&mut w, o, i), MatRef::new(&self.u.value, o, r), MatRef::new(&self.v.value, r, i), false);
+        w
+    }
+
     /// `t = x Vᵀ` (`batch × r`), `y = t Uᵀ + b` (`batch × out`).
     fn forward(&self, x: &[f32], batch: usize, t: &mut [f32], y: &mut [f32]) {
         let (i, r, o) = self.dims();
@@ -124,6 +136,8 @@ pub struct LowRank {
     dt: Vec<f32>,
     da: Vec<f32>,
     last_batch: usize,
+    /// Dense guides of fc1 and fc2 while self-guided training lasts.
+    guides: Guides,
 }
 
 impl LowRank {
@@ -134,12 +148,30 @@ impl LowRank {
         }
         let fc1 = Factored::new("fc1", in_features, cfg.width, cfg.rank_of(cfg.width, in_features), rng);
         let fc2 = Factored::new("fc2", cfg.width, out_features, cfg.rank_of(out_features, cfg.width), rng);
-        Ok(LowRank { cfg, fc1, fc2, t1: Vec::new(), z: Vec::new(), a: Vec::new(), t2: Vec::new(), dt: Vec::new(), da: Vec::new(), last_batch: 0 })
+        let guides = match cfg.guide {
+            Some(g) => {
+                g.validate()?;
+                let guide = |m: &Factored, name: &str| Guide::new(name, m.dense(), m.dims().2, m.dims().0, g);
+                Guides(Some([guide(&fc1, "fc1"), guide(&fc2, "fc2")]))
+            }
+            None => Guides::default(),
+        };
+        Ok(LowRank { cfg, fc1, fc2, t1: Vec::new(), z: Vec::new(), a: Vec::new(), t2: Vec::new(), dt: Vec::new(), da: Vec::new(), last_batch: 0, guides })
     }
 
     /// The two factored maps.
     pub fn maps(&self) -> [&Factored; 2] {
         [&self.fc1, &self.fc2]
+    }
+
+    /// The dense guides (self-guided training, until the guided phase ends).
+    pub fn guides(&self) -> &Guides {
+        &self.guides
+    }
+
+    /// The dense guides, mutably (tests set α with them).
+    pub fn guides_mut(&mut self) -> &mut Guides {
+        &mut self.guides
     }
 }
 
@@ -162,7 +194,7 @@ impl Layer for LowRank {
 }
 
 impl Trainable for LowRank {
-    fn forward_train(&mut self, input: Input<'_>, y: &mut [f32], _rng: &mut Rng) -> Result<()> {
+    fn forward_train(&mut self, input: Input<'_>, y: &mut [f32], rng: &mut Rng) -> Result<()> {
         let (x, batch) = (input.x, input.batch);
         let (ni, no, h) = (self.in_features(), self.out_features(), self.cfg.width);
         check_matrix("lowrank input x", x.len(), batch, ni)?;
@@ -173,9 +205,15 @@ impl Trainable for LowRank {
         ensure_len(&mut self.z, batch * h);
         ensure_len(&mut self.a, batch * h);
         self.fc1.forward(x, batch, &mut self.t1, &mut self.z);
+        if let Some(g) = self.guides.get_mut(0) {
+            g.forward(x, batch, &self.fc1.bias.value, &mut self.z[..batch * h], rng);
+        }
         self.a[..batch * h].copy_from_slice(&self.z[..batch * h]);
         self.cfg.activation.apply_inplace(&mut self.a[..batch * h]);
         self.fc2.forward(&self.a[..batch * h], batch, &mut self.t2, y);
+        if let Some(g) = self.guides.get_mut(1) {
+            g.forward(&self.a[..batch * h], batch, &self.fc2.bias.value, y, rng);
+        }
         self.last_batch = batch;
         Ok(())
     }
@@ -193,29 +231,53 @@ impl Trainable for LowRank {
         }
         ensure_len(&mut self.dt, batch * self.fc1.rank().max(self.fc2.rank()));
         ensure_len(&mut self.da, batch * h);
-        self.fc2.backward(&self.a[..batch * h], &self.t2, batch, dy, &mut self.dt, Some(&mut self.da[..batch * h]));
+        // with a guide, the factored branch sees (1 − α)·dy and the guide adds its share
+        let mut g2 = self.guides.get_mut(1);
+        let dy2 = g2.as_mut().map_or(dy, |g| g.structured_dy(dy));
+        self.fc2.backward(&self.a[..batch * h], &self.t2, batch, dy2, &mut self.dt, Some(&mut self.da[..batch * h]));
+        if let Some(g) = g2.as_mut() {
+            g.backward(&self.a[..batch * h], batch, dy, &mut self.fc2.bias.grad, Some(&mut self.da[..batch * h]));
+        }
         let act = self.cfg.activation;
         for (d, &z) in self.da[..batch * h].iter_mut().zip(&self.z[..batch * h]) {
             *d *= act.derivative(z);
         }
-        self.fc1.backward(x, &self.t1, batch, &self.da[..batch * h], &mut self.dt, dx);
+        let mut dx = dx;
+        let da = &self.da[..batch * h];
+        let mut g1 = self.guides.get_mut(0);
+        let d1 = g1.as_mut().map_or(da, |g| g.structured_dy(da));
+        self.fc1.backward(x, &self.t1, batch, d1, &mut self.dt, dx.as_deref_mut());
+        if let Some(g) = g1.as_mut() {
+            g.backward(x, batch, da, &mut self.fc1.bias.grad, dx);
+        }
         Ok(())
     }
 
     fn params(&self) -> Vec<&Param> {
-        vec![&self.fc1.v, &self.fc1.u, &self.fc1.bias, &self.fc2.v, &self.fc2.u, &self.fc2.bias]
+        let mut v = vec![&self.fc1.v, &self.fc1.u, &self.fc1.bias, &self.fc2.v, &self.fc2.u, &self.fc2.bias];
+        v.extend(self.guides.params());
+        v
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         for p in [&mut self.fc1.v, &mut self.fc1.u, &mut self.fc1.bias, &mut self.fc2.v, &mut self.fc2.u, &mut self.fc2.bias] {
             f(p);
         }
+        self.guides.visit(f);
+    }
+
+    fn set_progress(&mut self, step: usize, total: usize) -> Vec<String> {
+        self.guides.set_progress(step, total)
+    }
+
+    fn drop_guides(&mut self) -> Vec<String> {
+        self.guides.drop_all()
     }
 }
 
 impl Compile for LowRank {
     fn kernel(&self) -> Box<dyn InferKernel> {
-        Box::new(LowRankKernel::new(&self.fc1, &self.fc2, self.cfg.activation))
+        Box::new(LowRankKernel::new(&self.fc1, &self.fc2, self.cfg.activation, &self.guides))
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -12,6 +12,7 @@ pub mod deq;
 pub mod experts;
 pub mod fff;
 pub mod glu;
+pub mod guided;
 pub mod hash;
 pub mod layer_norm;
 pub mod linear;
@@ -139,6 +140,18 @@ pub trait Trainable: Send + Sync {
     /// (deep-equilibrium layers only).
     fn fixed_point_stats(&self) -> Option<deq::FixedPointStats> {
         None
+    }
+    /// Where training stands (`step` of `total`), told before every step's forward. Layers that
+    /// follow a schedule read it (self-guided structured FFNs set α, and drop their dense guides
+    /// when it reaches 0); returns the names of the parameters it dropped, whose optimizer state
+    /// the trainer then drops too.
+    fn set_progress(&mut self, _step: usize, _total: usize) -> Vec<String> {
+        Vec::new()
+    }
+    /// Drops the dense guides of self-guided training now (a checkpoint saved after the guided
+    /// phase holds none); returns the dropped parameters' names.
+    fn drop_guides(&mut self) -> Vec<String> {
+        Vec::new()
     }
     /// The parameters in a fixed order; names are their safetensors keys within the layer.
     fn params(&self) -> Vec<&Param>;

@@ -16,11 +16,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::guided::{Guide, GuideConfig, Guides};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::{add_row_bias, add_sum_rows, matmul, MatMut, MatRef};
 use crate::core::svd::svd_truncated;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
+use crate::kernels::lowrank::MapsMode;
 use crate::kernels::{check_io, InferKernel, Workspace};
 
 /// Which structured map replaces the FFN matrices.
@@ -48,11 +50,14 @@ pub struct StructuredConfig {
     pub blocks: usize,
     /// Hidden nonlinearity.
     pub activation: Activation,
+    /// Self-guided training (a dense guide per map, see [`super::guided`]); none: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide: Option<GuideConfig>,
 }
 
 impl Default for StructuredConfig {
     fn default() -> Self {
-        StructuredConfig { width: 128, rank: 0, blocks: 4, activation: Activation::Relu }
+        StructuredConfig { width: 128, rank: 0, blocks: 4, activation: Activation::Relu, guide: None }
     }
 }
 
@@ -100,6 +105,9 @@ pub(crate) struct BlockMap {
     /// BlockDense: `out × mid`; BlockShuffle: `nb × (out/nb) × (mid/nb)`.
     second: Param,
     bias: Param,
+    /// Inference copies store every block (and BlockDense's `lr`) transposed, `in × out`, the
+    /// layout the products read row by row (fast at tiny batches).
+    transposed: bool,
 }
 
 /// A random `rows × cols` block made orthogonal (`U·Vᵀ` of its SVD).
@@ -151,7 +159,36 @@ impl BlockMap {
             }
         };
         let bias = Param::uniform(&format!("{prefix}.bias"), &[out], 1.0 / (inp as f32).sqrt(), false, rng);
-        Ok(BlockMap { kind, nb, inp, mid, out, first, second, bias })
+        Ok(BlockMap { kind, nb, inp, mid, out, first, second, bias, transposed: false })
+    }
+
+    /// The weight `rows × cols` stored at `w` as the right operand `cols × rows` (`Wᵀ`).
+    fn wt<'a>(&self, w: &'a [f32], rows: usize, cols: usize) -> MatRef<'a> {
+        if self.transposed {
+            MatRef::new(w, cols, rows)
+        } else {
+            MatRef::new(w, rows, cols).t()
+        }
+    }
+
+    /// A copy with every block stored transposed (for inference kernels).
+    fn to_transposed(&self) -> Self {
+        let mut m = self.clone();
+        let tr = |p: &mut Param, blocks: usize, rows: usize, cols: usize| {
+            for b in 0..blocks {
+                let blk = &mut p.value[b * rows * cols..(b + 1) * rows * cols];
+                let t = crate::kernels::dense::transpose(blk, rows, cols);
+                blk.copy_from_slice(&t);
+            }
+        };
+        let (p, q) = (self.inp / self.nb, self.mid / self.nb);
+        tr(&mut m.first, self.nb, q, p);
+        match self.kind {
+            BlockKind::BlockDense => tr(&mut m.second, 1, self.out, self.mid),
+            BlockKind::BlockShuffle => tr(&mut m.second, self.nb, self.out / self.nb, q),
+        }
+        m.transposed = true;
+        m
     }
 
     /// `x` (`batch × in`) → `z` (`batch × mid`, the first stage) → `y` (`batch × out`).
@@ -159,18 +196,18 @@ impl BlockMap {
         let (nb, p, q) = (self.nb, self.inp / self.nb, self.mid / self.nb);
         for k in 0..nb {
             let a = MatRef::strided(&x[k * p..], batch, p, self.inp, 1);
-            let w = MatRef::new(&self.first.value[k * q * p..(k + 1) * q * p], q, p).t();
+            let w = self.wt(&self.first.value[k * q * p..(k + 1) * q * p], q, p);
             matmul(MatMut::strided(&mut z[k * q..], batch, q, self.mid, 1), a, w, false);
         }
         match self.kind {
             BlockKind::BlockDense => {
-                matmul(MatMut::new(y, batch, self.out), MatRef::new(z, batch, self.mid), MatRef::new(&self.second.value, self.out, self.mid).t(), false)
+                matmul(MatMut::new(y, batch, self.out), MatRef::new(z, batch, self.mid), self.wt(&self.second.value, self.out, self.mid), false)
             }
             BlockKind::BlockShuffle => {
                 let s = self.out / nb;
                 for l in 0..nb {
                     let a = MatRef::strided(&z[l..], batch, q, self.mid, nb);
-                    let w = MatRef::new(&self.second.value[l * s * q..(l + 1) * s * q], s, q).t();
+                    let w = self.wt(&self.second.value[l * s * q..(l + 1) * s * q], s, q);
                     matmul(MatMut::strided(&mut y[l..], batch, s, self.out, nb), a, w, false);
                 }
             }
@@ -256,6 +293,8 @@ pub struct Structured {
     z2: Vec<f32>,
     dz: Vec<f32>,
     dh: Vec<f32>,
+    /// Dense guides of fc1 and fc2 while self-guided training lasts.
+    guides: Guides,
 }
 
 impl Structured {
@@ -267,7 +306,25 @@ impl Structured {
         let nb = cfg.blocks;
         let fc1 = BlockMap::new("fc1", kind, nb, in_features, cfg.middle(kind, in_features, cfg.width), cfg.width, rng)?;
         let fc2 = BlockMap::new("fc2", kind, nb, cfg.width, cfg.middle(kind, cfg.width, out_features), out_features, rng)?;
-        Ok(Structured { kind, cfg, fc1, fc2, z1: Vec::new(), pre: Vec::new(), h: Vec::new(), z2: Vec::new(), dz: Vec::new(), dh: Vec::new() })
+        let guides = match cfg.guide {
+            Some(g) => {
+                g.validate()?;
+                let guide = |m: &BlockMap, name: &str| Guide::new(name, m.dense(), m.out, m.inp, g);
+                Guides(Some([guide(&fc1, "fc1"), guide(&fc2, "fc2")]))
+            }
+            None => Guides::default(),
+        };
+        Ok(Structured { kind, cfg, fc1, fc2, z1: Vec::new(), pre: Vec::new(), h: Vec::new(), z2: Vec::new(), dz: Vec::new(), dh: Vec::new(), guides })
+    }
+
+    /// The dense guides (self-guided training, until the guided phase ends).
+    pub fn guides(&self) -> &Guides {
+        &self.guides
+    }
+
+    /// The dense guides, mutably (tests set α with them).
+    pub fn guides_mut(&mut self) -> &mut Guides {
+        &mut self.guides
     }
 
     /// The two maps' equivalent dense matrices (`width × in`, `out × width`).
@@ -301,7 +358,7 @@ impl Layer for Structured {
 }
 
 impl Trainable for Structured {
-    fn forward_train(&mut self, input: Input<'_>, y: &mut [f32], _rng: &mut Rng) -> Result<()> {
+    fn forward_train(&mut self, input: Input<'_>, y: &mut [f32], rng: &mut Rng) -> Result<()> {
         let (x, batch) = (input.x, input.batch);
         check_matrix("structured FFN input x", x.len(), batch, self.in_features())?;
         check_matrix("structured FFN output y", y.len(), batch, self.out_features())?;
@@ -311,8 +368,14 @@ impl Trainable for Structured {
         }
         let (pre, h) = (&mut self.pre[..batch * w], &mut self.h[..batch * w]);
         self.fc1.forward(x, batch, &mut self.z1[..batch * self.fc1.mid], pre);
+        if let Some(g) = self.guides.get_mut(0) {
+            g.forward(x, batch, &self.fc1.bias.value, pre, rng);
+        }
         self.cfg.activation.forward(pre, h);
         self.fc2.forward(h, batch, &mut self.z2[..batch * self.fc2.mid], y);
+        if let Some(g) = self.guides.get_mut(1) {
+            g.forward(h, batch, &self.fc2.bias.value, y, rng);
+        }
         Ok(())
     }
 
@@ -324,25 +387,53 @@ impl Trainable for Structured {
         ensure_len(&mut self.dz, batch * self.fc1.mid.max(self.fc2.mid));
         ensure_len(&mut self.dh, batch * w);
         let dh = &mut self.dh[..batch * w];
-        self.fc2.backward(&self.h[..batch * w], &self.z2[..batch * self.fc2.mid], batch, dy, &mut self.dz[..batch * self.fc2.mid], Some(dh));
+        let h = &self.h[..batch * w];
+        // with a guide, the structured branch sees (1 − α)·dy and the guide adds its share
+        let mut g2 = self.guides.get_mut(1);
+        let dy2 = g2.as_mut().map_or(dy, |g| g.structured_dy(dy));
+        self.fc2.backward(h, &self.z2[..batch * self.fc2.mid], batch, dy2, &mut self.dz[..batch * self.fc2.mid], Some(&mut *dh));
+        if let Some(g) = g2 {
+            g.backward(h, batch, dy, &mut self.fc2.bias.grad, Some(&mut *dh));
+        }
         self.cfg.activation.backward_inplace(&self.pre[..batch * w], dh);
-        self.fc1.backward(x, &self.z1[..batch * self.fc1.mid], batch, dh, &mut self.dz[..batch * self.fc1.mid], dx);
+        let mut dx = dx;
+        let dh = &self.dh[..batch * w];
+        let mut g1 = self.guides.get_mut(0);
+        let d1 = g1.as_mut().map_or(dh, |g| g.structured_dy(dh));
+        self.fc1.backward(x, &self.z1[..batch * self.fc1.mid], batch, d1, &mut self.dz[..batch * self.fc1.mid], dx.as_deref_mut());
+        if let Some(g) = g1 {
+            g.backward(x, batch, dh, &mut self.fc1.bias.grad, dx);
+        }
         Ok(())
     }
 
     fn params(&self) -> Vec<&Param> {
-        self.fc1.params().into_iter().chain(self.fc2.params()).collect()
+        self.fc1.params().into_iter().chain(self.fc2.params()).chain(self.guides.params()).collect()
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
         self.fc1.visit(f);
         self.fc2.visit(f);
+        self.guides.visit(f);
+    }
+
+    fn set_progress(&mut self, step: usize, total: usize) -> Vec<String> {
+        self.guides.set_progress(step, total)
+    }
+
+    fn drop_guides(&mut self) -> Vec<String> {
+        self.guides.drop_all()
     }
 }
 
 impl Compile for Structured {
     fn kernel(&self) -> Box<dyn InferKernel> {
-        Box::new(StructuredKernel { kind: self.kind(), fc1: self.fc1.clone(), fc2: self.fc2.clone(), width: self.cfg.width, activation: self.cfg.activation })
+        let (f1, f2) = (&self.fc1, &self.fc2);
+        let macs = [f1, f2].iter().map(|m| m.first.len() + m.second.len()).sum();
+        let dense = [(f1.dense(), f1.out, f1.inp, &f1.bias.value[..]), (f2.dense(), f2.out, f2.inp, &f2.bias.value[..])];
+        let mode = MapsMode::new(dense, macs, &self.guides);
+        let (fc1, fc2) = (self.fc1.to_transposed(), self.fc2.to_transposed());
+        Box::new(StructuredKernel { kind: self.kind(), fc1, fc2, width: self.cfg.width, activation: self.cfg.activation, mode, macs })
     }
 
     fn neurons_per_inference(&self) -> usize {
@@ -350,13 +441,16 @@ impl Compile for Structured {
     }
 }
 
-/// Inference: the same block products over the batch on a copy of the weights.
+/// Inference: the same block products over the batch on a copy of the weights (pre-merged
+/// dense maps for tiny batches and during self-guided training, see `MapsMode`).
 pub struct StructuredKernel {
     kind: &'static str,
     fc1: BlockMap,
     fc2: BlockMap,
     width: usize,
     activation: Activation,
+    mode: MapsMode,
+    macs: usize,
 }
 
 impl InferKernel for StructuredKernel {
@@ -376,6 +470,12 @@ impl InferKernel for StructuredKernel {
         check_io(self, x, batch, y)?;
         let w = self.width;
         let ([z1, h, z2], _) = ws.take([batch * self.fc1.mid, batch * w, batch * self.fc2.mid], [0; 0]);
+        if let Some([m1, m2]) = self.mode.merged_for(batch) {
+            m1.forward(x, batch, h);
+            self.activation.apply_inplace(h);
+            m2.forward(h, batch, y);
+            return Ok(());
+        }
         self.fc1.forward(x, batch, z1, h);
         self.activation.apply_inplace(h);
         self.fc2.forward(h, batch, z2, y);
@@ -387,6 +487,9 @@ impl InferKernel for StructuredKernel {
     }
 
     fn macs_per_sample(&self) -> usize {
-        [&self.fc1, &self.fc2].iter().map(|m| m.first.len() + m.second.len()).sum()
+        match &self.mode {
+            MapsMode::Merged([a, b]) => a.macs() + b.macs(),
+            MapsMode::Factored { .. } => self.macs,
+        }
     }
 }

@@ -103,6 +103,11 @@ impl Classifier {
         ck.check_claim("the classifier", cfg.param_count())?;
         let st = ck.tensors()?;
         let mut model = ck.about(Classifier::new(cfg, 0))?;
+        // self-guided layers: a model saved after the guided phase holds no dense guides
+        let stored: std::collections::HashSet<&str> = st.names().into_iter().collect();
+        if model.named_params().iter().any(|(n, _)| n.ends_with(".guide") && !stored.contains(n.as_str())) {
+            model.layer_mut().drop_guides();
+        }
         ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
         if let Some(q) = ck.quant() {
             // a layer without a quantized kernel runs f32 on the dequantized weights
@@ -151,6 +156,18 @@ impl Classifier {
     pub fn layer_mut(&mut self) -> &mut dyn Layer {
         self.kernel.take();
         self.layer.as_mut()
+    }
+
+    /// Tells the layer where training stands (`step` of `total`; self-guided layers set α and
+    /// drop their dense guides when it reaches 0). Returns, when parameters were dropped,
+    /// which of the previous parameters remain (for [`crate::optim::Optimizer::retain`]).
+    pub fn set_progress(&mut self, step: usize, total: usize) -> Option<Vec<bool>> {
+        if !self.layer.params().iter().any(|p| p.name.ends_with(".guide")) {
+            return None;
+        }
+        let before: Vec<String> = self.layer.params().iter().map(|p| p.name.clone()).collect();
+        let dropped = self.layer_mut().set_progress(step, total);
+        (!dropped.is_empty()).then(|| before.iter().map(|n| !dropped.contains(n)).collect())
     }
 
     /// Number of trainable scalars.

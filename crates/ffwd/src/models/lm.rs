@@ -499,6 +499,34 @@ impl Lm {
         Ok(softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]).0)
     }
 
+    /// Tells every FFN where training stands (`step` of `total`): self-guided FFNs set α and
+    /// drop their dense guides when it reaches 0. Returns, when parameters were dropped, which
+    /// of the previous [`Lm::named_params`] remain (for [`crate::optim::Optimizer::retain`]).
+    pub fn set_progress(&mut self, step: usize, total: usize) -> Option<Vec<bool>> {
+        self.kernels.take();
+        self.with_dropped(&mut |b| b.set_progress(step, total))
+    }
+
+    /// Drops the dense guides of self-guided FFNs now; which of the previous
+    /// [`Lm::named_params`] remain, when some were dropped.
+    pub fn drop_guides(&mut self) -> Option<Vec<bool>> {
+        self.kernels.take();
+        self.with_dropped(&mut |b| b.drop_guides())
+    }
+
+    fn with_dropped(&mut self, f: &mut dyn FnMut(&mut dyn Layer) -> Vec<String>) -> Option<Vec<bool>> {
+        // the names are only needed when an FFN holds a guide (small lists, once per step)
+        if !self.blocks.iter().any(|b| b.ffn.params().iter().any(|p| p.name.ends_with(".guide"))) {
+            return None;
+        }
+        let before: Vec<String> = self.named_params().into_iter().map(|(n, _)| n).collect();
+        let mut dropped = std::collections::HashSet::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            dropped.extend(f(b.ffn.as_mut()).into_iter().map(|n| format!("blocks.{i}.ffn.{n}")));
+        }
+        (!dropped.is_empty()).then(|| before.iter().map(|n| !dropped.contains(n)).collect())
+    }
+
     /// The FFN of block `l` (`None` past the last block).
     pub fn ffn(&self, l: usize) -> Option<&dyn Layer> {
         self.blocks.get(l).map(|b| b.ffn.as_ref())

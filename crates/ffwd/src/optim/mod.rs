@@ -54,6 +54,18 @@ pub trait Optimizer: Send {
     /// Restores [`Optimizer::steps`] and [`Optimizer::slots`] (resuming a run); `slots` must
     /// have one entry per slot name, each with the same number of tensors.
     fn restore(&mut self, steps: u64, slots: Vec<Vec<Vec<f32>>>) -> Result<()>;
+    /// Forgets the state of the parameters (in visiting order) whose `keep` entry is false:
+    /// parameters a model dropped (self-guided training's dense guides when their phase ends).
+    /// A one-off copy of the state; the others keep theirs.
+    fn retain(&mut self, keep: &[bool]) {
+        let slots: Vec<Vec<Vec<f32>>> = self
+            .slots()
+            .iter()
+            .map(|s| s.iter().zip(keep.iter().chain(std::iter::repeat(&true))).filter(|(_, &k)| k).map(|(v, _)| v.clone()).collect())
+            .collect();
+        // the slots keep their shape (equally many tensors each): restore cannot fail
+        let _ = self.restore(self.steps(), slots);
+    }
 }
 
 /// Checks the shape of restored optimizer state: `names.len()` slots of equally many tensors.

@@ -282,6 +282,10 @@ pub fn train_from(
                 *v = if input_rng.uniform() < opts.input_dropout { 0.0 } else { *v * keep };
             }
         }
+        // scheduled layers (self-guided FFNs) follow the run; dropped guides leave the optimizer
+        if let Some(keep) = model.set_progress(state.step, total) {
+            opt.retain(&keep);
+        }
         // the gradients are zero here: the optimizer's step consumed the last ones
         let mut stats =
             if b > 0 { model.forward_backward(&xb[..b * data.dim], &yb[..b], &mut layer_root.fork(state.step as u64))? } else { Default::default() };
@@ -347,6 +351,10 @@ pub fn train_from(
         if opts.save_every > 0 && state.step.is_multiple_of(opts.save_every) {
             progress.checkpoint(model, &*opt, state)?;
         }
+    }
+    // the run is over, and with it any guided phase: the saved model is the structured one
+    if let Some(keep) = model.set_progress(state.step, total) {
+        opt.retain(&keep);
     }
     let test_accuracy = state.history.last().map_or(0.0, |r| r.test_accuracy);
     let train_accuracy = model.accuracy(&split.train)?;

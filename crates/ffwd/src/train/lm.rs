@@ -286,6 +286,10 @@ pub fn train_lm(
         let s = profile::span("data");
         windows(&data.train, (0..k * b).map(|_| rng.below(span + 1)), t, &mut x, &mut y);
         drop(s);
+        // scheduled layers (self-guided FFNs) follow the run; dropped guides leave AdamW too
+        if let Some(keep) = lm.set_progress(state.step, schedule.total) {
+            opt.retain(&keep);
+        }
         // the gradients are zero here: the optimizer's step consumed the last ones
         let mut step_loss = 0.0f32;
         for micro in (rank..k).step_by(ranks) {
@@ -379,6 +383,13 @@ pub fn train_lm(
             break;
         }
     }
+    // a run that ended with its schedule is past any guided phase: the guides go now, so the
+    // saved model is the plain structured one
+    if state.step >= schedule.total {
+        if let Some(keep) = lm.set_progress(state.step, schedule.total) {
+            opt.retain(&keep);
+        }
+    }
     Ok(())
 }
 
@@ -458,11 +469,20 @@ impl LmCheckpoint {
         ck.check_claim("the language model", cfg.param_count())?;
         let st = ck.tensors()?;
         let mut lm = ck.about(Lm::new(cfg, 0))?;
+        // self-guided FFNs: a checkpoint saved after the guided phase holds no dense guides
+        let stored: std::collections::HashSet<String> = st.names().into_iter().map(str::to_string).collect();
+        if lm.named_params().iter().any(|(n, _)| n.ends_with(".guide") && !stored.contains(n)) {
+            lm.drop_guides();
+        }
         // parameters are stored under their full names (Lm::named_params, visiting order)
         let named: Vec<(String, Vec<usize>)> = lm.named_params().into_iter().map(|(n, p)| (n, p.shape.clone())).collect();
         ck.fill_named(&st, &named, &mut |f| lm.visit_params_mut(f))?;
         let mut optimizer = AdamW::new(options.weight_decay);
         ck.read_optimizer(&st, &mut optimizer, &named)?;
+        // α as the run left it (the guides drop here if their phase ended with the last step)
+        if let Some(keep) = lm.set_progress(state.step, state.planned_steps.unwrap_or(options.steps)) {
+            optimizer.retain(&keep);
+        }
         if let Some(q) = ck.quant() {
             // an FFN without a quantized kernel runs f32 on the dequantized weights
             let _ = lm.set_precision(crate::kernels::Precision::of(q.format));
