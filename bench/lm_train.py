@@ -49,7 +49,7 @@ def torch_tokens_per_s(steps, threads, precision, compile_model, warmup=5):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    text = gzip.open(os.path.join(ROOT, "assets/tinyshakespeare.txt.gz"), "rt", encoding="utf-8").read()
+    text = gzip.open(os.path.join(ROOT, "crates/ffwd/assets/tinyshakespeare.txt.gz"), "rt", encoding="utf-8").read()
     chars = sorted(set(text))
     ids = torch.tensor([chars.index(c) for c in text[: len(text) * 9 // 10]], dtype=torch.long)
     V, T, D, H, L, W, B = len(chars), 128, 192, 6, 4, 768, 16
