@@ -62,21 +62,30 @@ impl MapsMode {
         }
     }
 
-    /// The mode for a structured FFN whose maps' dense matrices are `dense` (`[fc1, fc2]`,
-    /// each `(matrix out × in, out, in, bias)`) and whose factored products cost
-    /// `factored_macs` per sample, with `guides` mixing in their dense guides.
-    pub(crate) fn new(dense: [(Vec<f32>, usize, usize, &[f32]); 2], factored_macs: usize, guides: &Guides) -> Self {
-        let merge = |i: usize, (w, o, n, b): &(Vec<f32>, usize, usize, &[f32])| match guides.get(i) {
-            Some(g) if guides.mixing() => Merged::new(&g.merged(w), *o, *n, b),
-            _ => Merged::new(w, *o, *n, b),
-        };
-        let [a, b] = &dense;
-        let maps = [merge(0, a), merge(1, b)];
-        if guides.mixing() {
-            return MapsMode::Merged(maps);
+    /// The mode for a structured FFN whose maps (`[fc1, fc2]`) are `shapes` (`(out, in)`
+    /// each) and whose factored products cost `factored_macs` per sample, with `guides` mixing
+    /// in their dense guides. `dense` gives the maps' own matrices (`out × in`) with their
+    /// biases; it is called only when the kernel keeps merged maps.
+    pub(crate) fn new<'a>(shapes: [(usize, usize); 2], factored_macs: usize, guides: &Guides, dense: impl FnOnce() -> [(Vec<f32>, &'a [f32]); 2]) -> Self {
+        let mixing = guides.mixing();
+        let below = if mixing { 0 } else { merge_below(shapes.iter().map(|(o, i)| o * i).sum(), factored_macs) };
+        if !mixing && below == 0 {
+            return MapsMode::Factored { merged: None, below };
         }
-        let below = merge_below(maps[0].macs() + maps[1].macs(), factored_macs);
-        MapsMode::Factored { merged: (below > 0).then_some(maps), below }
+        let merge = |i: usize, (w, bias): (Vec<f32>, &[f32])| {
+            let w = match guides.get(i) {
+                Some(g) if mixing => g.merged(&w),
+                _ => w,
+            };
+            Merged::new(&w, shapes[i].0, shapes[i].1, bias)
+        };
+        let [a, b] = dense();
+        let maps = [merge(0, a), merge(1, b)];
+        if mixing {
+            MapsMode::Merged(maps)
+        } else {
+            MapsMode::Factored { merged: Some(maps), below }
+        }
     }
 }
 
@@ -147,9 +156,8 @@ impl LowRankKernel {
     /// From the layer's two factored maps and its dense guides (mixed in while α > 0).
     pub fn new(fc1: &Factored, fc2: &Factored, activation: Activation, guides: &Guides) -> Self {
         let (m1, m2) = (Map::new(fc1), Map::new(fc2));
-        let macs = m1.macs() + m2.macs();
-        let dense = [(fc1.dense(), m1.dims.2, m1.dims.0, &fc1.bias.value[..]), (fc2.dense(), m2.dims.2, m2.dims.0, &fc2.bias.value[..])];
-        let mode = MapsMode::new(dense, macs, guides);
+        let shapes = [(m1.dims.2, m1.dims.0), (m2.dims.2, m2.dims.0)];
+        let mode = MapsMode::new(shapes, m1.macs() + m2.macs(), guides, || [fc1, fc2].map(|f| (f.dense(), &f.bias.value[..])));
         LowRankKernel { fc1: m1, fc2: m2, activation, mode }
     }
 }

@@ -155,11 +155,31 @@ impl Guide {
     }
 }
 
+/// Whether the parameter named `name` (within a layer or with a model's prefix) is a dense guide.
+pub fn is_guide(name: &str) -> bool {
+    name.ends_with(".guide")
+}
+
+/// Which of the parameters named `before` (visiting order) remain once those named `dropped`
+/// left; `None` when none left (the optimizer's state then stays as it is).
+pub(crate) fn keep_mask(before: &[String], dropped: &[String]) -> Option<Vec<bool>> {
+    (!dropped.is_empty()).then(|| before.iter().map(|n| !dropped.contains(n)).collect())
+}
+
 /// The guides of a two-map FFN, `[fc1, fc2]`, present while the guided phase lasts.
 #[derive(Clone, Debug, Default)]
 pub struct Guides(pub Option<[Guide; 2]>);
 
 impl Guides {
+    /// The guides of maps `fc1` and `fc2` under `cfg` (none without it): `dense` gives each
+    /// map's own matrix with its shape, `(out × in values, out, in)`, and is called only then.
+    pub fn new(cfg: Option<GuideConfig>, dense: impl FnOnce() -> [(Vec<f32>, usize, usize); 2]) -> Result<Self> {
+        let Some(cfg) = cfg else { return Ok(Guides::default()) };
+        cfg.validate()?;
+        let [(w1, o1, i1), (w2, o2, i2)] = dense();
+        Ok(Guides(Some([Guide::new("fc1", w1, o1, i1, cfg), Guide::new("fc2", w2, o2, i2, cfg)])))
+    }
+
     /// Sets α on both; drops them when the phase is over and returns the dropped parameters'
     /// names (within the layer).
     pub fn set_progress(&mut self, step: usize, total: usize) -> Vec<String> {

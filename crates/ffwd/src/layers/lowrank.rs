@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::guided::{Guide, GuideConfig, Guides};
+use super::guided::{GuideConfig, Guides};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::{add_sum_rows, matmul, matmul_bias, MatMut, MatRef};
 use crate::core::svd::svd_truncated;
@@ -148,14 +148,7 @@ impl LowRank {
         }
         let fc1 = Factored::new("fc1", in_features, cfg.width, cfg.rank_of(cfg.width, in_features), rng);
         let fc2 = Factored::new("fc2", cfg.width, out_features, cfg.rank_of(out_features, cfg.width), rng);
-        let guides = match cfg.guide {
-            Some(g) => {
-                g.validate()?;
-                let guide = |m: &Factored, name: &str| Guide::new(name, m.dense(), m.dims().2, m.dims().0, g);
-                Guides(Some([guide(&fc1, "fc1"), guide(&fc2, "fc2")]))
-            }
-            None => Guides::default(),
-        };
+        let guides = Guides::new(cfg.guide, || [&fc1, &fc2].map(|m| (m.dense(), m.dims().2, m.dims().0)))?;
         Ok(LowRank { cfg, fc1, fc2, t1: Vec::new(), z: Vec::new(), a: Vec::new(), t2: Vec::new(), dt: Vec::new(), da: Vec::new(), last_batch: 0, guides })
     }
 

@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::guided::{Guide, GuideConfig, Guides};
+use super::guided::{GuideConfig, Guides};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::{add_row_bias, add_sum_rows, matmul, MatMut, MatRef};
 use crate::core::svd::svd_truncated;
@@ -306,14 +306,7 @@ impl Structured {
         let nb = cfg.blocks;
         let fc1 = BlockMap::new("fc1", kind, nb, in_features, cfg.middle(kind, in_features, cfg.width), cfg.width, rng)?;
         let fc2 = BlockMap::new("fc2", kind, nb, cfg.width, cfg.middle(kind, cfg.width, out_features), out_features, rng)?;
-        let guides = match cfg.guide {
-            Some(g) => {
-                g.validate()?;
-                let guide = |m: &BlockMap, name: &str| Guide::new(name, m.dense(), m.out, m.inp, g);
-                Guides(Some([guide(&fc1, "fc1"), guide(&fc2, "fc2")]))
-            }
-            None => Guides::default(),
-        };
+        let guides = Guides::new(cfg.guide, || [&fc1, &fc2].map(|m| (m.dense(), m.out, m.inp)))?;
         Ok(Structured { kind, cfg, fc1, fc2, z1: Vec::new(), pre: Vec::new(), h: Vec::new(), z2: Vec::new(), dz: Vec::new(), dh: Vec::new(), guides })
     }
 
@@ -430,8 +423,7 @@ impl Compile for Structured {
     fn kernel(&self) -> Box<dyn InferKernel> {
         let (f1, f2) = (&self.fc1, &self.fc2);
         let macs = [f1, f2].iter().map(|m| m.first.len() + m.second.len()).sum();
-        let dense = [(f1.dense(), f1.out, f1.inp, &f1.bias.value[..]), (f2.dense(), f2.out, f2.inp, &f2.bias.value[..])];
-        let mode = MapsMode::new(dense, macs, &self.guides);
+        let mode = MapsMode::new([(f1.out, f1.inp), (f2.out, f2.inp)], macs, &self.guides, || [f1, f2].map(|m| (m.dense(), &m.bias.value[..])));
         let (fc1, fc2) = (self.fc1.to_transposed(), self.fc2.to_transposed());
         Box::new(StructuredKernel { kind: self.kind(), fc1, fc2, width: self.cfg.width, activation: self.cfg.activation, mode, macs })
     }

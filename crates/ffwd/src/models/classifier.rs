@@ -11,6 +11,7 @@ use crate::core::{Param, Rng};
 use crate::data::Dataset;
 use crate::error::{check_dim, check_matrix, Error, Result};
 use crate::kernels::{InferKernel, Precision, Workspace};
+use crate::layers::guided::{is_guide, keep_mask};
 use crate::layers::{param_count, Input, Layer, LayerConfig};
 
 /// Everything needed to rebuild a classifier (stored in checkpoint metadata).
@@ -104,8 +105,7 @@ impl Classifier {
         let st = ck.tensors()?;
         let mut model = ck.about(Classifier::new(cfg, 0))?;
         // self-guided layers: a model saved after the guided phase holds no dense guides
-        let stored: std::collections::HashSet<&str> = st.names().into_iter().collect();
-        if model.named_params().iter().any(|(n, _)| n.ends_with(".guide") && !stored.contains(n.as_str())) {
+        if model.named_params().iter().any(|(n, _)| is_guide(n) && st.tensor(n).is_err()) {
             model.layer_mut().drop_guides();
         }
         ck.fill_params(&st, LAYER_PREFIX, &mut |f| model.visit_params_mut(f))?;
@@ -162,12 +162,12 @@ impl Classifier {
     /// drop their dense guides when it reaches 0). Returns, when parameters were dropped,
     /// which of the previous parameters remain (for [`crate::optim::Optimizer::retain`]).
     pub fn set_progress(&mut self, step: usize, total: usize) -> Option<Vec<bool>> {
-        if !self.layer.params().iter().any(|p| p.name.ends_with(".guide")) {
+        let before: Vec<String> = self.layer.params().iter().map(|p| p.name.clone()).collect();
+        if !before.iter().any(|n| is_guide(n)) {
             return None;
         }
-        let before: Vec<String> = self.layer.params().iter().map(|p| p.name.clone()).collect();
         let dropped = self.layer_mut().set_progress(step, total);
-        (!dropped.is_empty()).then(|| before.iter().map(|n| !dropped.contains(n)).collect())
+        keep_mask(&before, &dropped)
     }
 
     /// Number of trainable scalars.

@@ -25,6 +25,7 @@ use crate::core::{Activation, Param, Rng};
 use crate::error::{check_dim, Error, Result};
 use crate::kernels::{InferKernel, Precision, Workspace};
 use crate::layers::attention::{CausalSelfAttention, KvCache};
+use crate::layers::guided::{is_guide, keep_mask};
 use crate::layers::layer_norm::LayerNorm;
 use crate::layers::{DenseConfig, Input, Layer, LayerConfig};
 
@@ -503,28 +504,30 @@ impl Lm {
     /// drop their dense guides when it reaches 0. Returns, when parameters were dropped, which
     /// of the previous [`Lm::named_params`] remain (for [`crate::optim::Optimizer::retain`]).
     pub fn set_progress(&mut self, step: usize, total: usize) -> Option<Vec<bool>> {
-        self.kernels.take();
         self.with_dropped(&mut |b| b.set_progress(step, total))
     }
 
     /// Drops the dense guides of self-guided FFNs now; which of the previous
     /// [`Lm::named_params`] remain, when some were dropped.
     pub fn drop_guides(&mut self) -> Option<Vec<bool>> {
-        self.kernels.take();
         self.with_dropped(&mut |b| b.drop_guides())
     }
 
+    /// Runs `f` on every FFN holding a guide (nothing else follows a schedule); the keep-mask
+    /// of the parameters `f` dropped, if any.
     fn with_dropped(&mut self, f: &mut dyn FnMut(&mut dyn Layer) -> Vec<String>) -> Option<Vec<bool>> {
         // the names are only needed when an FFN holds a guide (small lists, once per step)
-        if !self.blocks.iter().any(|b| b.ffn.params().iter().any(|p| p.name.ends_with(".guide"))) {
+        if !self.blocks.iter().any(|b| b.ffn.params().iter().any(|p| is_guide(&p.name))) {
             return None;
         }
+        // α changes the inference kernels even when nothing is dropped
+        self.kernels.take();
         let before: Vec<String> = self.named_params().into_iter().map(|(n, _)| n).collect();
-        let mut dropped = std::collections::HashSet::new();
+        let mut dropped = Vec::new();
         for (i, b) in self.blocks.iter_mut().enumerate() {
             dropped.extend(f(b.ffn.as_mut()).into_iter().map(|n| format!("blocks.{i}.ffn.{n}")));
         }
-        (!dropped.is_empty()).then(|| before.iter().map(|n| !dropped.contains(n)).collect())
+        keep_mask(&before, &dropped)
     }
 
     /// The FFN of block `l` (`None` past the last block).

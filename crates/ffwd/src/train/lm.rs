@@ -470,8 +470,7 @@ impl LmCheckpoint {
         let st = ck.tensors()?;
         let mut lm = ck.about(Lm::new(cfg, 0))?;
         // self-guided FFNs: a checkpoint saved after the guided phase holds no dense guides
-        let stored: std::collections::HashSet<String> = st.names().into_iter().map(str::to_string).collect();
-        if lm.named_params().iter().any(|(n, _)| n.ends_with(".guide") && !stored.contains(n)) {
+        if lm.named_params().iter().any(|(n, _)| crate::layers::guided::is_guide(n) && st.tensor(n).is_err()) {
             lm.drop_guides();
         }
         // parameters are stored under their full names (Lm::named_params, visiting order)
