@@ -47,8 +47,9 @@ fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
     }
 }
 
-/// Own kernels against the `gemm` crate on one shape, alternating in rounds: medians (µs).
-fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool) {
+/// Own kernels against the `gemm` crate on one shape (or, with `kernels`, the AVX-512 12 × 32
+/// micro-kernel against the AVX2 6 × 16 one), alternating in rounds: medians (µs).
+fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, kernels: bool) {
     let (a, b) = operands(m, k, n);
     let mut c = vec![0.0f32; m * n];
     let (av, bv) = views(&a, &b, m, k, n, ta, tb);
@@ -57,7 +58,11 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool) {
     let (mut own, mut cr) = (Vec::new(), Vec::new());
     for round in 0..10 {
         for (crate_on, out) in [(false, &mut own), (true, &mut cr)] {
-            use_gemm_crate(crate_on);
+            if kernels {
+                ffwd::core::sgemm::set_avx512_kernel(!crate_on);
+            } else {
+                use_gemm_crate(crate_on);
+            }
             matmul(MatMut::new(&mut c, m, n), av, bv, false);
             for _ in 0..reps {
                 let t = Instant::now();
@@ -69,14 +74,16 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool) {
         }
     }
     use_gemm_crate(false);
+    ffwd::core::sgemm::set_avx512_kernel(true);
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
     };
     let (o, g) = (med(&mut own), med(&mut cr));
     let label = format!("{m}x{k}{}·{k}x{n}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
+    let (x, y) = if kernels { ("avx512", "avx2") } else { ("own", "crate") };
     println!(
-        "{label:>24}  own {:>8.1} µs {:>6.1} GFLOP/s   crate {:>8.1} µs {:>6.1} GFLOP/s   own/crate speed {:.2}",
+        "{label:>24}  {x} {:>8.1} µs {:>6.1} GFLOP/s   {y} {:>8.1} µs {:>6.1} GFLOP/s   {x}/{y} speed {:.2}",
         o * 1e6,
         flops / o / 1e9,
         g * 1e6,
@@ -91,8 +98,16 @@ fn main() {
     if let Some(t) = args.iter().position(|a| a == "--threads").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()) {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().expect("pool");
     }
-    if args.iter().any(|a| a == "--ab") {
-        println!("f32 GEMM, {} threads: ffwd's kernels against the gemm crate, alternating rounds (medians)", rayon::current_num_threads());
+    let kernels = args.iter().any(|a| a == "--kernels");
+    if kernels || args.iter().any(|a| a == "--ab") {
+        if kernels {
+            println!(
+                "f32 GEMM, {} threads: the AVX-512 12x32 micro-kernel against the AVX2 6x16 one, alternating rounds (medians)",
+                rayon::current_num_threads()
+            );
+        } else {
+            println!("f32 GEMM, {} threads: ffwd's kernels against the gemm crate, alternating rounds (medians)", rayon::current_num_threads());
+        }
         for &(m, k, n, ta, tb) in &[
             (1024, 1024, 1024, false, false),
             (128, 784, 256, false, true),
@@ -108,7 +123,7 @@ fn main() {
             (16, 768, 4095, false, false),
             (16, 4095, 768, false, false),
         ] {
-            ab(m, k, n, ta, tb);
+            ab(m, k, n, ta, tb, kernels);
         }
         return;
     }

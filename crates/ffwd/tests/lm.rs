@@ -356,8 +356,9 @@ fn time_budget_runs_finish_their_schedule() {
     assert_eq!(state.history.last().unwrap().step, state.step);
 }
 
-/// Attention over sequences longer than one causal block (32 queries): the blocked forward
-/// equals a naive causal softmax attention, and its backward matches finite differences.
+/// Attention over sequences longer than one key block of the fused kernel (64 keys), with a
+/// ragged last query tile: the forward equals a naive causal softmax attention, and its
+/// backward matches finite differences.
 #[test]
 fn blocked_causal_attention_over_several_blocks() {
     use ffwd::layers::attention::CausalSelfAttention;

@@ -4,6 +4,7 @@
 //! SVD, which initialises factored layers).
 
 pub mod activation;
+pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod fixed_point;

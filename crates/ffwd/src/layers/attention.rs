@@ -6,10 +6,13 @@
 //! `proj` maps `d → d`. Parameters: `qkv.weight` (`3d × d`), `qkv.bias`, `proj.weight`,
 //! `proj.bias`.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::Linear;
-use crate::core::gemm::{matmul_bias, matmul_bt, matmul_serial, MatMut, MatRef};
+use crate::core::attention as fused;
+use crate::core::gemm::{matmul_bias, matmul_bt, MatMut, MatRef};
 use crate::core::profile::span;
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
@@ -59,12 +62,12 @@ pub struct CausalSelfAttention {
     heads: usize,
     // caches of the last forward
     qkv_out: Vec<f32>,
-    probs: Vec<f32>,
+    /// Log-sum-exp of every query's scores, `b·heads × t`.
+    lse: Vec<f32>,
     heads_out: Vec<f32>,
     merged: Vec<f32>,
     // backward scratch
     d_merged: Vec<f32>,
-    d_probs: Vec<f32>,
     d_heads: Vec<f32>,
     d_qkv: Vec<f32>,
 }
@@ -95,11 +98,10 @@ impl CausalSelfAttention {
             proj,
             heads,
             qkv_out: Vec::new(),
-            probs: Vec::new(),
+            lse: Vec::new(),
             heads_out: Vec::new(),
             merged: Vec::new(),
             d_merged: Vec::new(),
-            d_probs: Vec::new(),
             d_heads: Vec::new(),
             d_qkv: Vec::new(),
         }
@@ -121,7 +123,7 @@ impl CausalSelfAttention {
         let hd = d / nh;
         let rows = b * t;
         fit(&mut self.qkv_out, rows * 3 * d);
-        fit(&mut self.probs, b * nh * t * t);
+        fit(&mut self.lse, b * nh * t);
         fit(&mut self.heads_out, b * nh * t * hd);
         fit(&mut self.merged, rows * d);
         let s = span("attn qkv fwd");
@@ -130,26 +132,10 @@ impl CausalSelfAttention {
         let s = span("attn core fwd");
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &self.qkv_out[..rows * 3 * d];
-        self.probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.heads_out[..b * nh * t * hd].par_chunks_mut(t * hd)).enumerate().for_each(
-            |(item, (p, o))| {
-                let (bb, h) = (item / nh, item % nh);
-                let base = bb * t * 3 * d + h * hd;
-                let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
-                let k = MatRef::strided(&qkv[base + d..], t, hd, 3 * d, 1);
-                let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
-                // causal: query block [i0, i1) sees keys [0, i1) only, so the products skip
-                // the masked upper triangle block by block (rows of p past i1 stay unused)
-                for (i0, i1) in query_blocks(t) {
-                    let pb = MatMut::strided(&mut p[i0 * t..], i1 - i0, i1, t, 1);
-                    matmul_serial(pb, q.rows_range(i0, i1), k.rows_range(0, i1).t(), false);
-                    for i in i0..i1 {
-                        causal_softmax(&mut p[i * t..i * t + i1], i, scale);
-                    }
-                    let pr = MatRef::strided(&p[i0 * t..], i1 - i0, i1, t, 1);
-                    matmul_serial(MatMut::new(&mut o[i0 * hd..i1 * hd], i1 - i0, hd), pr, v.rows_range(0, i1), false);
-                }
-            },
-        );
+        self.lse[..b * nh * t].par_chunks_mut(t).zip(self.heads_out[..b * nh * t * hd].par_chunks_mut(t * hd)).enumerate().for_each(|(item, (lse, o))| {
+            let head = head_of(qkv, item, nh, t, d);
+            with_scratch(fused::scratch_len(t, hd), |scratch| fused::forward(head, scale, o, lse, scratch));
+        });
         // heads side by side: merged[bb·t + i, h·hd + c] = o_(bb,h)[i, c]
         let ho = &self.heads_out;
         self.merged[..rows * d].par_chunks_mut(d).enumerate().for_each(|(r, row)| {
@@ -171,7 +157,6 @@ impl CausalSelfAttention {
         let hd = d / nh;
         let rows = b * t;
         fit(&mut self.d_merged, rows * d);
-        fit(&mut self.d_probs, b * nh * t * t);
         fit(&mut self.d_heads, b * nh * 3 * t * hd);
         fit(&mut self.d_qkv, rows * 3 * d);
         let s = span("attn proj bwd");
@@ -179,40 +164,16 @@ impl CausalSelfAttention {
         drop(s);
         let s = span("attn core bwd");
         let scale = 1.0 / (hd as f32).sqrt();
-        let (qkv, probs, dm) = (&self.qkv_out[..rows * 3 * d], &self.probs[..b * nh * t * t], &self.d_merged[..rows * d]);
-        self.d_probs[..b * nh * t * t].par_chunks_mut(t * t).zip(self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd)).enumerate().for_each(
-            |(item, (dp, dh))| {
-                let (bb, h) = (item / nh, item % nh);
-                let base = bb * t * 3 * d + h * hd;
-                let q = MatRef::strided(&qkv[base..], t, hd, 3 * d, 1);
-                let k = MatRef::strided(&qkv[base + d..], t, hd, 3 * d, 1);
-                let v = MatRef::strided(&qkv[base + 2 * d..], t, hd, 3 * d, 1);
-                let p = &probs[item * t * t..(item + 1) * t * t];
-                let d_o = MatRef::strided(&dm[bb * t * d + h * hd..], t, hd, d, 1);
-                let (dq, rest) = dh.split_at_mut(t * hd);
-                let (dk, dv) = rest.split_at_mut(t * hd);
-                dk.fill(0.0);
-                dv.fill(0.0);
-                // block by block over queries, keys [0, i1) only (the forward's causal blocks)
-                for (i0, i1) in query_blocks(t) {
-                    let rows = i1 - i0;
-                    // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                    matmul_serial(MatMut::strided(&mut dp[i0 * t..], rows, i1, t, 1), d_o.rows_range(i0, i1), v.rows_range(0, i1).t(), false);
-                    for i in i0..i1 {
-                        let (dr, pr) = (&mut dp[i * t..i * t + i1], &p[i * t..i * t + i1]);
-                        let s: f32 = dr[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
-                        for (dv, &pv) in dr.iter_mut().zip(pr) {
-                            *dv = pv * (*dv - s) * scale;
-                        }
-                    }
-                    let ds = MatRef::strided(&dp[i0 * t..], rows, i1, t, 1);
-                    let pb = MatRef::strided(&p[i0 * t..], rows, i1, t, 1);
-                    matmul_serial(MatMut::new(&mut dq[i0 * hd..i1 * hd], rows, hd), ds, k.rows_range(0, i1), false);
-                    matmul_serial(MatMut::new(&mut dk[..i1 * hd], i1, hd), ds.t(), q.rows_range(i0, i1), true);
-                    matmul_serial(MatMut::new(&mut dv[..i1 * hd], i1, hd), pb.t(), d_o.rows_range(i0, i1), true);
-                }
-            },
-        );
+        let (qkv, lse, ho, dm) = (&self.qkv_out[..rows * 3 * d], &self.lse[..b * nh * t], &self.heads_out[..b * nh * t * hd], &self.d_merged[..rows * d]);
+        self.d_heads[..b * nh * 3 * t * hd].par_chunks_mut(3 * t * hd).enumerate().for_each(|(item, dh)| {
+            let (bb, h) = (item / nh, item % nh);
+            let head = head_of(qkv, item, nh, t, d);
+            let (dq, rest) = dh.split_at_mut(t * hd);
+            let (dk, dv) = rest.split_at_mut(t * hd);
+            let (o, lse) = (&ho[item * t * hd..(item + 1) * t * hd], &lse[item * t..(item + 1) * t]);
+            let d_o = &dm[bb * t * d + h * hd..];
+            with_scratch(fused::scratch_len(t, hd), |scratch| fused::backward(head, scale, o, lse, d_o, d, dq, dk, dv, scratch));
+        });
         let dh = &self.d_heads;
         self.d_qkv[..rows * 3 * d].par_chunks_mut(3 * d).enumerate().for_each(|(r, row)| {
             let (bb, i) = (r / t, r % t);
@@ -317,12 +278,28 @@ impl CausalSelfAttention {
     }
 }
 
-/// Query rows per causal block of the attention products.
-const QUERY_BLOCK: usize = 32;
+/// Head `item % heads` of sequence `item / heads` of a fused `b·t × 3d` projection.
+fn head_of(qkv: &[f32], item: usize, heads: usize, t: usize, d: usize) -> fused::Head<'_> {
+    let (bb, h) = (item / heads, item % heads);
+    let hd = d / heads;
+    let base = bb * t * 3 * d + h * hd;
+    fused::Head { q: &qkv[base..], k: &qkv[base + d..], v: &qkv[base + 2 * d..], rs: 3 * d, t, hd }
+}
 
-/// The causal blocks `[i0, i1)` of `t` query positions.
-fn query_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t.div_ceil(QUERY_BLOCK)).map(move |b| (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(t)))
+thread_local! {
+    /// Scratch of the fused attention kernel on this thread (only grows).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch grown to `n` values (a fresh buffer if it is in use).
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            fit(&mut v, n);
+            f(&mut v[..n])
+        }
+        Err(_) => f(&mut vec![0.0; n]),
+    })
 }
 
 /// Softmax of `scale · row[..=i]` in place; entries after `i` (the future) become 0.

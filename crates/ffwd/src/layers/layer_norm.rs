@@ -54,15 +54,7 @@ impl LayerNorm {
         self.mean.resize(rows, 0.0);
         self.rstd.resize(rows, 0.0);
         let (w, b, eps) = (&self.weight.value, &self.bias.value, self.eps);
-        let block = |(((xb, yb), mb), rb): RowsOut<'_>| {
-            for (((xr, yr), m_out), r_out) in xb.chunks_exact(d).zip(yb.chunks_exact_mut(d)).zip(mb.iter_mut()).zip(rb.iter_mut()) {
-                let (m, r) = stats(xr, eps);
-                (*m_out, *r_out) = (m, r);
-                for (((yi, &xi), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                    *yi = (xi - m) * r * g + bb;
-                }
-            }
-        };
+        let block = |(((xb, yb), mb), rb): RowsOut<'_>| forward_rows(xb, yb, mb, rb, w, b, eps);
         let (x, y) = (&x[..rows * d], &mut y[..rows * d]);
         if rows >= 2 * ROW_BLOCK && rayon::current_num_threads() > 1 {
             x.par_chunks(ROW_BLOCK * d)
@@ -85,30 +77,9 @@ impl LayerNorm {
         let blocks = rows.div_ceil(ROW_BLOCK);
         self.partial.resize(blocks * 2 * d, 0.0);
         let (w, mean, rstd) = (&self.weight.value, &self.mean, &self.rstd);
-        let inv_d = 1.0 / d as f32;
         let block = |(bi, (((xb, dyb), dxb), part)): (usize, RowsGrad<'_>)| {
-            let (gw, gb) = part.split_at_mut(d);
-            gw.fill(0.0);
-            gb.fill(0.0);
-            for (r, ((xr, dyr), dxr)) in xb.chunks_exact(d).zip(dyb.chunks_exact(d)).zip(dxb.chunks_exact_mut(d)).enumerate() {
-                let i = bi * ROW_BLOCK + r;
-                let (m, rs) = (mean[i], rstd[i]);
-                // with x̂ = (x − μ)·r and g = dy·γ: dx = r · (g − mean(g) − x̂ · mean(g · x̂))
-                let (mut sg, mut sgx) = (0.0f32, 0.0f32);
-                for j in 0..d {
-                    let xh = (xr[j] - m) * rs;
-                    let g = dyr[j] * w[j];
-                    sg += g;
-                    sgx += g * xh;
-                    gw[j] += dyr[j] * xh;
-                    gb[j] += dyr[j];
-                }
-                let (mg, mgx) = (sg * inv_d, sgx * inv_d);
-                for j in 0..d {
-                    let xh = (xr[j] - m) * rs;
-                    dxr[j] += rs * (dyr[j] * w[j] - mg - xh * mgx);
-                }
-            }
+            let r = bi * ROW_BLOCK..bi * ROW_BLOCK + xb.len() / d;
+            backward_rows(xb, dyb, dxb, part, w, &mean[r.clone()], &rstd[r]);
         };
         let (x, dy, dx) = (&x[..rows * d], &dy[..rows * d], &mut dx[..rows * d]);
         let n = ROW_BLOCK * d;
@@ -139,7 +110,124 @@ impl LayerNorm {
 
 fn stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let m = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / n;
+    let m = lane_sum(x.len(), |i| x[i]) / n;
+    let var = lane_sum(x.len(), |i| (x[i] - m) * (x[i] - m)) / n;
     (m, 1.0 / (var + eps).sqrt())
+}
+
+/// `Σ_{i < n} f(i)` in 16 interleaved partial sums (so that the loop vectorises, with the same
+/// result on every instruction set), then added up.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let full = n - n % 16;
+    for c in (0..full).step_by(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(c + l);
+        }
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
+        *a += f(full + l);
+    }
+    acc.iter().sum()
+}
+
+/// Normalises the rows of `x` (width `w.len()`) into `y`, recording their means and inverse
+/// deviations, on the widest vector unit the CPU has (every path gives the same bits).
+fn forward_rows(x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::core::cpu::avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { x86::forward_avx512(x, y, mean, rstd, w, b, eps) };
+        }
+        if crate::core::cpu::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { x86::forward_avx2(x, y, mean, rstd, w, b, eps) };
+        }
+    }
+    forward_rows_impl(x, y, mean, rstd, w, b, eps)
+}
+
+#[inline(always)]
+fn forward_rows_impl(x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let d = w.len();
+    for (((xr, yr), m_out), r_out) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
+        let (m, r) = stats(xr, eps);
+        (*m_out, *r_out) = (m, r);
+        for (((yi, &xi), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            *yi = (xi - m) * r * g + bb;
+        }
+    }
+}
+
+/// Backward of [`forward_rows`] for a block of rows: adds dx, writes the block's γ and β
+/// gradients into `part` (`2·d`).
+fn backward_rows(x: &[f32], dy: &[f32], dx: &mut [f32], part: &mut [f32], w: &[f32], mean: &[f32], rstd: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::core::cpu::avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { x86::backward_avx512(x, dy, dx, part, w, mean, rstd) };
+        }
+        if crate::core::cpu::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { x86::backward_avx2(x, dy, dx, part, w, mean, rstd) };
+        }
+    }
+    backward_rows_impl(x, dy, dx, part, w, mean, rstd)
+}
+
+#[inline(always)]
+fn backward_rows_impl(x: &[f32], dy: &[f32], dx: &mut [f32], part: &mut [f32], w: &[f32], mean: &[f32], rstd: &[f32]) {
+    let d = w.len();
+    let inv_d = 1.0 / d as f32;
+    let (gw, gb) = part.split_at_mut(d);
+    gw.fill(0.0);
+    gb.fill(0.0);
+    for (((xr, dyr), dxr), (&m, &rs)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(mean.iter().zip(rstd)) {
+        // with x̂ = (x − μ)·r and g = dy·γ: dx = r · (g − mean(g) − x̂ · mean(g · x̂))
+        let sg = lane_sum(d, |j| dyr[j] * w[j]);
+        let sgx = lane_sum(d, |j| dyr[j] * w[j] * ((xr[j] - m) * rs));
+        for (((gw, gb), &dv), &xv) in gw.iter_mut().zip(gb.iter_mut()).zip(dyr).zip(xr) {
+            *gw += dv * ((xv - m) * rs);
+            *gb += dv;
+        }
+        let (mg, mgx) = (sg * inv_d, sgx * inv_d);
+        for (((dxv, &dv), &g), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+            let xh = (xv - m) * rs;
+            *dxv += rs * (dv * g - mg - xh * mgx);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn forward_avx512(x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        super::forward_rows_impl(x, y, mean, rstd, w, b, eps)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_avx2(x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        super::forward_rows_impl(x, y, mean, rstd, w, b, eps)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn backward_avx512(x: &[f32], dy: &[f32], dx: &mut [f32], part: &mut [f32], w: &[f32], mean: &[f32], rstd: &[f32]) {
+        super::backward_rows_impl(x, dy, dx, part, w, mean, rstd)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn backward_avx2(x: &[f32], dy: &[f32], dx: &mut [f32], part: &mut [f32], w: &[f32], mean: &[f32], rstd: &[f32]) {
+        super::backward_rows_impl(x, dy, dx, part, w, mean, rstd)
+    }
 }
