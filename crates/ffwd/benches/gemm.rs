@@ -1,9 +1,10 @@
 //! f32 GEMM throughput of the compute core (`ffwd::core::gemm::matmul`) on square and
-//! training-step shapes. `cargo bench --bench gemm [-- --json]`.
+//! training-step shapes. `cargo bench --bench gemm [-- --json | --lm | --ab | --kernels |
+//! --bf16 | --kernel | --peak]`.
 
 use std::time::Instant;
 
-use ffwd::core::gemm::{matmul, use_gemm_crate, MatMut, MatRef};
+use ffwd::core::gemm::{matmul, use_gemm_crate, with_bf16_products, MatMut, MatRef};
 use ffwd::core::Rng;
 
 /// Random operands of an `m × k · k × n` product, stored transposed when asked.
@@ -47,9 +48,19 @@ fn bench(m: usize, k: usize, n: usize, ta: bool, tb: bool, json: bool) {
     }
 }
 
-/// Own kernels against the `gemm` crate on one shape (or, with `kernels`, the AVX-512 12 × 32
-/// micro-kernel against the AVX2 6 × 16 one), alternating in rounds: medians (µs).
-fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, kernels: bool) {
+/// What [`ab`] compares.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// ffwd's kernels against the `gemm` crate.
+    Crate,
+    /// The AVX-512 12 × 32 micro-kernel against the AVX2 6 × 16 one.
+    Kernels,
+    /// bf16 products (`vdpbf16ps`) against f32 ones.
+    Bf16,
+}
+
+/// Two ways of running one shape, alternating in rounds: medians (µs).
+fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, mode: Mode) {
     let (a, b) = operands(m, k, n);
     let mut c = vec![0.0f32; m * n];
     let (av, bv) = views(&a, &b, m, k, n, ta, tb);
@@ -58,15 +69,16 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, kernels: bool) {
     let (mut own, mut cr) = (Vec::new(), Vec::new());
     for round in 0..10 {
         for (crate_on, out) in [(false, &mut own), (true, &mut cr)] {
-            if kernels {
-                ffwd::core::sgemm::set_avx512_kernel(!crate_on);
-            } else {
-                use_gemm_crate(crate_on);
+            match mode {
+                Mode::Kernels => ffwd::core::sgemm::set_avx512_kernel(!crate_on),
+                Mode::Crate => use_gemm_crate(crate_on),
+                Mode::Bf16 => {}
             }
-            matmul(MatMut::new(&mut c, m, n), av, bv, false);
+            let bf16 = mode == Mode::Bf16 && !crate_on;
+            with_bf16_products(bf16, || matmul(MatMut::new(&mut c, m, n), av, bv, false));
             for _ in 0..reps {
                 let t = Instant::now();
-                matmul(MatMut::new(&mut c, m, n), av, bv, false);
+                with_bf16_products(bf16, || matmul(MatMut::new(&mut c, m, n), av, bv, false));
                 if round > 0 {
                     out.push(t.elapsed().as_secs_f64());
                 }
@@ -81,7 +93,11 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, kernels: bool) {
     };
     let (o, g) = (med(&mut own), med(&mut cr));
     let label = format!("{m}x{k}{}·{k}x{n}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
-    let (x, y) = if kernels { ("avx512", "avx2") } else { ("own", "crate") };
+    let (x, y) = match mode {
+        Mode::Kernels => ("avx512", "avx2"),
+        Mode::Crate => ("own", "crate"),
+        Mode::Bf16 => ("bf16", "f32"),
+    };
     println!(
         "{label:>24}  {x} {:>8.1} µs {:>6.1} GFLOP/s   {y} {:>8.1} µs {:>6.1} GFLOP/s   {x}/{y} speed {:.2}",
         o * 1e6,
@@ -98,16 +114,24 @@ fn main() {
     if let Some(t) = args.iter().position(|a| a == "--threads").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()) {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().expect("pool");
     }
-    let kernels = args.iter().any(|a| a == "--kernels");
-    if kernels || args.iter().any(|a| a == "--ab") {
-        if kernels {
-            println!(
-                "f32 GEMM, {} threads: the AVX-512 12x32 micro-kernel against the AVX2 6x16 one, alternating rounds (medians)",
-                rayon::current_num_threads()
-            );
-        } else {
-            println!("f32 GEMM, {} threads: ffwd's kernels against the gemm crate, alternating rounds (medians)", rayon::current_num_threads());
+    let mode = if args.iter().any(|a| a == "--kernels") {
+        Some(Mode::Kernels)
+    } else if args.iter().any(|a| a == "--bf16") {
+        Some(Mode::Bf16)
+    } else {
+        args.iter().any(|a| a == "--ab").then_some(Mode::Crate)
+    };
+    if let Some(mode) = mode {
+        let what = match mode {
+            Mode::Kernels => "the AVX-512 12x32 micro-kernel against the AVX2 6x16 one",
+            Mode::Crate => "ffwd's kernels against the gemm crate",
+            Mode::Bf16 => "bf16 products (vdpbf16ps, f32 accumulation) against f32 ones",
+        };
+        if mode == Mode::Bf16 && !ffwd::core::sgemm::bf16_supported() {
+            println!("no AVX512_BF16 here: bf16 products would run as f32");
+            return;
         }
+        println!("GEMM, {} threads: {what}, alternating rounds (medians)", rayon::current_num_threads());
         for &(m, k, n, ta, tb) in &[
             (1024, 1024, 1024, false, false),
             (128, 784, 256, false, true),
@@ -123,8 +147,12 @@ fn main() {
             (16, 768, 4095, false, false),
             (16, 4095, 768, false, false),
         ] {
-            ab(m, k, n, ta, tb, kernels);
+            ab(m, k, n, ta, tb, mode);
         }
+        return;
+    }
+    if args.iter().any(|a| a == "--peak") {
+        peak();
         return;
     }
     if args.iter().any(|a| a == "--kernel") {
@@ -162,5 +190,66 @@ fn main() {
         bench(784, 200, 1000, true, false, json);
         bench(1000, 200, 784, true, false, json);
         bench(200, 1000, 1000, false, false, json);
+    }
+}
+
+/// One core's peak multiply-add rate on register-resident data: f32 FMA on zmm against the
+/// AVX512_BF16 dot product `vdpbf16ps` (two bf16 products per f32 lane), twelve independent
+/// accumulators each. Answers whether bf16 operands can raise product throughput on this CPU
+/// or only halve the bytes.
+fn peak() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("no AVX-512F on this CPU");
+            return;
+        }
+        let bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
+        let n = 20_000_000;
+        for _ in 0..3 {
+            let t = Instant::now();
+            // SAFETY: AVX-512F checked above.
+            let r = unsafe { peak_x86::fma(n) };
+            let f = 12.0 * n as f64 * 32.0 / t.elapsed().as_secs_f64() / 1e9;
+            if bf16 {
+                let t = Instant::now();
+                // SAFETY: AVX512_BF16 checked above.
+                let r2 = unsafe { peak_x86::dpbf16(n) };
+                let g = 12.0 * n as f64 * 64.0 / t.elapsed().as_secs_f64() / 1e9;
+                println!("one core: f32 FMA (zmm) {f:.1} GFLOP/s, vdpbf16ps (zmm) {g:.1} GFLOP/s, ratio {:.2}   [{r} {r2}]", g / f);
+            } else {
+                println!("one core: f32 FMA (zmm) {f:.1} GFLOP/s; no AVX512_BF16 on this CPU   [{r}]");
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak_x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma(n: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        let (a, b) = (_mm512_set1_ps(1.0001), _mm512_set1_ps(0.9999));
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(a, b, *x);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dpbf16(n: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        // bf16 pairs (1.0, 1.0) in every lane
+        let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)) };
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, a);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
     }
 }

@@ -323,6 +323,48 @@ fn two_hundred_steps_beat_the_unigram_entropy() {
     assert!(last.train_loss < unigram as f32 - 0.4, "train loss {} vs unigram entropy {unigram}", last.train_loss);
 }
 
+/// Mixed-precision training (bf16 operands in every product, f32 weights and AdamW): the
+/// same run as f32 ends within 0.05 nats of it and learns as much, yet takes a different path
+/// (the products really were rounded); without AVX512_BF16 the option is refused by name.
+#[test]
+fn bf16_products_train_as_well_as_f32() {
+    use ffwd::core::gemm::ProductPrecision;
+    let text: String = tiny_shakespeare().unwrap().chars().take(40_000).collect();
+    let tok = CharTokenizer::from_text(&text).unwrap();
+    let ids = tok.encode(&text).unwrap();
+    let opts = LmTrainOptions { steps: 120, batch: 8, seq_len: 32, lr: 3e-3, warmup: 20, eval_every: 120, eval_batches: 4, ..Default::default() };
+    let data = TextData::split(ids, opts.val_fraction, opts.seq_len).unwrap();
+    let cfg = LmConfig { vocab: tok.len(), context: 32, d_model: 48, heads: 4, layers: 2, parallel: false, ffn: gelu_dense(), first_ffn: None };
+    let run = |precision: ProductPrecision| {
+        let mut lm = Lm::new(cfg.clone(), 0).unwrap();
+        let opts = LmTrainOptions { precision, ..opts.clone() };
+        let mut state = LmTrainState::default();
+        train_lm(&mut lm, &data, &opts, &mut AdamW::new(opts.weight_decay), &mut state, None, None, &mut Quiet).map(|_| (lm, state))
+    };
+    let (lm32, s32) = run(ProductPrecision::F32).unwrap();
+    if !ffwd::core::sgemm::bf16_supported() {
+        let e = run(ProductPrecision::Bf16).err().expect("bf16 refused without AVX512_BF16").to_string();
+        assert!(e.contains("AVX512_BF16"), "{e}");
+        return;
+    }
+    let (lm16, s16) = run(ProductPrecision::Bf16).unwrap();
+    let (v32, v16) = (s32.history.last().unwrap().val_loss, s16.history.last().unwrap().val_loss);
+    assert!((v32 - v16).abs() < 0.05, "val loss f32 {v32} vs bf16 {v16}");
+    let mut counts = vec![0f64; tok.len()];
+    for &i in &tok.encode(&text).unwrap() {
+        counts[i as usize] += 1.0;
+    }
+    let n: f64 = counts.iter().sum();
+    let unigram = counts.iter().filter(|&&c| c > 0.0).map(|&c| -(c / n) * (c / n).ln()).sum::<f64>() as f32;
+    assert!(v16 < unigram - 0.3, "bf16 run: val loss {v16} against the unigram entropy {unigram}");
+    let differ = lm32.named_params().iter().zip(lm16.named_params()).any(|((_, a), (_, b))| a.value.iter().zip(&b.value).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert!(differ, "bf16 products gave the f32 run's weights: not rounded");
+    // the option travels with the run's options (and stays out of f32 ones)
+    let json = serde_json::to_string(&LmTrainOptions { precision: ProductPrecision::Bf16, ..Default::default() }).unwrap();
+    assert!(json.contains("\"precision\":\"bf16\""), "{json}");
+    assert!(!serde_json::to_string(&LmTrainOptions::default()).unwrap().contains("precision"));
+}
+
 #[test]
 fn documented_errors() {
     assert!(CharTokenizer::from_text("").unwrap_err().to_string().contains("empty"));

@@ -149,6 +149,11 @@ pub struct LmTrainArgs {
     /// Gradient noise decay γ [default: 0.55].
     #[arg(long, value_name = "GAMMA")]
     grad_noise_gamma: Option<f32>,
+    /// Operands of the training step's matrix products: f32, or bf16 (mixed precision:
+    /// bfloat16 operands through AVX512_BF16 `vdpbf16ps` with f32 accumulation; f32 master
+    /// weights, AdamW state, attention core, LayerNorm and evaluation) [default: f32]
+    #[arg(long, value_name = "f32|bf16", value_parser = parse_precision)]
+    precision: Option<ffwd::core::gemm::ProductPrecision>,
     /// Evaluate on the held-out tail every N steps [default: 250].
     #[arg(long)]
     eval_every: Option<usize>,
@@ -325,6 +330,9 @@ fn run_train(mut a: LmTrainArgs) -> anyhow::Result<()> {
         set(a.eval_every, &mut opts.eval_every);
         set(a.eval_batches, &mut opts.eval_batches);
         set(a.save_every, &mut opts.save_every);
+        if let Some(p) = a.precision {
+            opts.precision = p;
+        }
         for (v, f) in [
             (a.lr, &mut opts.lr),
             (a.min_lr_ratio, &mut opts.min_lr_ratio),
@@ -535,4 +543,8 @@ pub fn generate_tokens_per_s(path: &std::path::Path, rounds: usize) -> anyhow::R
     }
     rates.sort_by(|a, b| a.total_cmp(b));
     Ok((rates[rates.len() / 2], ck.lm.config().ffn.kind().to_string(), ck.lm.param_count()))
+}
+
+fn parse_precision(s: &str) -> Result<ffwd::core::gemm::ProductPrecision, String> {
+    ffwd::core::gemm::ProductPrecision::parse(s).ok_or_else(|| format!("`{s}` is not f32 or bf16"))
 }

@@ -127,6 +127,68 @@ impl Drop for LibraryCall {
     }
 }
 
+/// The operands of a training step's matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProductPrecision {
+    /// f32 operands (the default).
+    #[default]
+    F32,
+    /// Operands rounded to bfloat16, f32 accumulation (AVX512_BF16 `vdpbf16ps`); the weights
+    /// and the optimizer state stay f32 (mixed precision).
+    Bf16,
+}
+
+impl ProductPrecision {
+    /// True for the default, f32.
+    pub fn is_f32(&self) -> bool {
+        *self == ProductPrecision::F32
+    }
+
+    /// Parses `f32` or `bf16`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(ProductPrecision::F32),
+            "bf16" => Some(ProductPrecision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// An error naming the CPU when bf16 products cannot run here.
+    pub fn check(self) -> crate::error::Result<()> {
+        if self == ProductPrecision::Bf16 && !super::sgemm::bf16_supported() {
+            return Err(crate::error::Error::Config("precision bf16 needs AVX512_BF16 (vdpbf16ps): this CPU lacks it, or FFWD_SIMD keeps AVX-512 off".into()));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static BF16_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the matrix products that start on this thread inside it (not on other
+/// threads) computed from bf16-rounded operands with f32 accumulation (`vdpbf16ps`), when
+/// `on`; restores the previous setting afterwards, also on panic. Products that ffwd's kernels
+/// do not take (outputs narrower than 16 columns, `FFWD_GEMM=crate`) stay f32, and so do
+/// products of at most 48 rows (B would be converted for too few uses of each element). Callers check
+/// [`crate::core::sgemm::bf16_supported`] first: without AVX512_BF16 every product stays f32.
+pub fn with_bf16_products<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BF16_PRODUCTS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(BF16_PRODUCTS.with(|c| c.replace(on)));
+    f()
+}
+
+/// Whether products started on this thread now use bf16 operands ([`with_bf16_products`]).
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.with(|c| c.get())
+}
+
 /// 0: not chosen yet; 1: ffwd's own kernels; 2: the `gemm` crate.
 static BACKEND: AtomicUsize = AtomicUsize::new(0);
 
@@ -192,6 +254,7 @@ pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
                 Some(bias),
                 false,
                 true, // the kernel stays on the calling thread for small products itself
+                bf16_products(),
             )
         };
         return;
@@ -237,10 +300,10 @@ fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
         // cannot alias A or B. A column-major C is computed as Cᵀ = Bᵀ·Aᵀ.
         unsafe {
             if c.cs == 1 {
-                gemm(m, n, k, a_op, b_op, Output { ptr: c.data.as_mut_ptr(), rs: c.rs }, None, accumulate, threads);
+                gemm(m, n, k, a_op, b_op, Output { ptr: c.data.as_mut_ptr(), rs: c.rs }, None, accumulate, threads, bf16_products());
             } else {
                 let (at, bt) = (Operand { ptr: a_op.ptr, rs: a.cs, cs: a.rs }, Operand { ptr: b_op.ptr, rs: b.cs, cs: b.rs });
-                gemm(n, m, k, bt, at, Output { ptr: c.data.as_mut_ptr(), rs: c.cs }, None, accumulate, threads);
+                gemm(n, m, k, bt, at, Output { ptr: c.data.as_mut_ptr(), rs: c.cs }, None, accumulate, threads, bf16_products());
             }
         }
         return;
@@ -390,6 +453,64 @@ mod tests {
     /// and not a multiple of the tile, k past a packed slice, n not a multiple of the panel;
     /// bias epilogue, accumulation, transposed operands, a column-major output; serial and
     /// threaded. (CI runs it once per SIMD path.)
+    /// bf16 products: equal to the exact product of the bf16-rounded operands up to f32
+    /// accumulation error (bf16 × bf16 products are exact in f32), further from the f32
+    /// product than f32 rounding could explain (the rounding really happened), across odd
+    /// inner sizes (a half pair), more than one KC slice, edge tiles, transposed views, bias,
+    /// accumulation and threads; the setting is scoped to the closure and the thread. (Every
+    /// side above 48: products of fewer rows stay f32.)
+    #[test]
+    fn bf16_products_equal_the_product_of_rounded_operands() {
+        use crate::core::bf16::Bf16;
+        if !crate::core::sgemm::bf16_supported() {
+            // without AVX512_BF16 the setting changes nothing: products stay exact f32
+            let (a, b) = (vec![1.0f32 + 1.0 / 512.0; 64 * 64], vec![1.0f32; 64 * 64]);
+            let mut c = vec![0.0; 64 * 64];
+            with_bf16_products(true, || matmul(MatMut::new(&mut c, 64, 64), MatRef::new(&a, 64, 64), MatRef::new(&b, 64, 64), false));
+            assert!(c.iter().all(|&v| (v - 64.0 * (1.0 + 1.0 / 512.0)).abs() < 1e-4));
+            return;
+        }
+        let round = |v: &[f32]| v.iter().map(|&x| Bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let mut rng = Rng::new(12);
+        for &(m, k, n) in &[(61, 51, 70), (401, 1500, 50), (130, 1025, 49), (50, 768, 64), (2048, 192, 96)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let (want, exact) = (naive(&round(&a), &round(&b), m, k, n), naive(&a, &b, m, k, n));
+            let check = |got: &[f32], extra: &dyn Fn(usize, usize) -> f32, what: &str| {
+                let mut far = 0.0f32;
+                for i in 0..m {
+                    for j in 0..n {
+                        let (g, w) = (got[i * n + j], want[i * n + j] + extra(i, j));
+                        assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "{what} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
+                        far = far.max((g - exact[i * n + j] - extra(i, j)).abs());
+                    }
+                }
+                assert!(far > 1e-3, "{what} {m}x{k}x{n}: within {far} of the f32 product, so not rounded to bf16");
+            };
+            let pool = |t: usize| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            for threads in [1, 2] {
+                pool(threads).install(|| {
+                    with_bf16_products(true, || {
+                        assert!(bf16_products());
+                        let mut c = vec![0.0; m * n];
+                        matmul_bias(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), &bias);
+                        check(&c, &|_, j| bias[j], "bias");
+                        matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), true);
+                        check(&c, &|i, j| bias[j] + want[i * n + j], "accumulate");
+                        let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+                        let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+                        let mut ct = vec![0.0; m * n];
+                        matmul(MatMut::strided(&mut ct, m, n, 1, m), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
+                        let c2: Vec<f32> = (0..m * n).map(|x| ct[(x % n) * m + x / n]).collect();
+                        check(&c2, &|_, _| 0.0, "transposed");
+                    });
+                    assert!(!bf16_products(), "the setting ends with the closure");
+                });
+            }
+        }
+    }
+
     #[test]
     fn own_kernels_match_naive_across_block_edges() {
         let mut rng = Rng::new(11);

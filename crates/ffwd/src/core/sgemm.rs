@@ -41,6 +41,20 @@ struct Isa {
     /// b[p·b_ks + j]` over a full `mr × nr` tile (`b_ks` is `nr` for a packed panel, B's row
     /// stride when the kernel reads B in place); `init` says how the tile starts.
     kernel: unsafe fn(usize, *const f32, *const f32, usize, *mut f32, usize, Init),
+    /// Operands packed as bf16 pairs (two consecutive `k` values in one 32-bit slot), so a
+    /// packed panel holds `⌈kc / 2⌉` slots per row or column.
+    bf16: bool,
+}
+
+impl Isa {
+    /// Packed slots per row (A) or column (B) of a `kc`-deep block.
+    fn depth(&self, kc: usize) -> usize {
+        if self.bf16 {
+            kc.div_ceil(2)
+        } else {
+            kc
+        }
+    }
 }
 
 /// How a tile's accumulators start.
@@ -83,14 +97,31 @@ fn avx512_kernel() -> bool {
     }
 }
 
-fn isa() -> Isa {
+fn isa(bf16: bool) -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && bf16_supported() {
+        return Isa { mr: 12, nr: 32, kc: 1024, kernel: x86_bf16::kernel_bf16, bf16: true };
+    }
     match cpu::level() {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if avx512_kernel() => Isa { mr: 12, nr: 32, kc: KC_AVX512, kernel: x86_512::kernel_avx512 },
+        SimdLevel::Avx512 if avx512_kernel() => Isa { mr: 12, nr: 32, kc: KC_AVX512, kernel: x86_512::kernel_avx512, bf16: false },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx2 => Isa { mr: 6, nr: 16, kc: 1024, kernel: x86::kernel_avx2 },
-        _ => Isa { mr: 4, nr: 16, kc: KC_PORTABLE, kernel: kernel_portable },
+        SimdLevel::Avx512 | SimdLevel::Avx2 => Isa { mr: 6, nr: 16, kc: 1024, kernel: x86::kernel_avx2, bf16: false },
+        _ => Isa { mr: 4, nr: 16, kc: KC_PORTABLE, kernel: kernel_portable, bf16: false },
     }
+}
+
+/// Whether bf16 products can run here: the CPU has AVX512_BF16 (`vdpbf16ps`) and the AVX-512
+/// path is not switched off with `FFWD_SIMD`.
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        cpu::avx512() && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `KC` of the AVX-512 kernel.
@@ -184,7 +215,7 @@ fn with_buffer<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, n: usi
 /// writes of `m` rows of `n` values at stride `c.rs`, not overlapping `a` or `b`; `bias`, when
 /// given, has `n` values.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Output, bias: Option<&[f32]>, accumulate: bool, threads: bool) {
+pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Output, bias: Option<&[f32]>, accumulate: bool, threads: bool, bf16: bool) {
     if m == 0 || n == 0 {
         return;
     }
@@ -201,7 +232,9 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
         }
         return;
     }
-    let isa = isa();
+    // a few rows use each element of B only that many times: converting B to bf16 pairs would
+    // cost more than the faster products save (f32 reads B in place there)
+    let isa = isa(bf16 && m > DIRECT_B_MAX_ROWS);
     let (mr, nr, kc_max) = (isa.mr, isa.nr, isa.kc);
     // column blocks (BLIS's NC loop): a packed KC slice of B at most B_SLICE values, so that it
     // stays in cache while the row blocks pass it (a 4095-wide layer would otherwise pack
@@ -214,7 +247,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
             let bj = Operand { ptr: b.ptr.wrapping_add(j0 * b.cs), ..b };
             let cj = Output { ptr: c.ptr.wrapping_add(j0), ..c };
             // SAFETY: columns j0..j0+w of B and C, inside their extents.
-            unsafe { gemm(m, w, k, a, bj, cj, bias.map(|bv| &bv[j0..j0 + w]), accumulate, threads) };
+            unsafe { gemm(m, w, k, a, bj, cj, bias.map(|bv| &bv[j0..j0 + w]), accumulate, threads, bf16) };
             j0 += w;
         }
         return;
@@ -229,7 +262,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
         let parts = nt.min(k / SPLIT_K_MIN);
         let per = k.div_ceil(parts);
         // SAFETY: as this function's contract; part 0 writes C, the others their own buffers.
-        unsafe { split_k(m, n, k, a, b, c, bias, accumulate, parts, per) };
+        unsafe { split_k(m, n, k, a, b, c, bias, accumulate, parts, per, bf16) };
         return;
     }
     // row blocks: a packed A block of at most A_BLOCK values (it stays in L2 while every B
@@ -245,13 +278,15 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     let n_chunks = n_panels.div_ceil(panels_per_chunk);
     // few rows: every element of B is used only m times, so packing B would cost more than it
     // saves; the kernel reads B's full panels in place (only a partial last panel is packed)
-    let direct = b.cs == 1 && m <= DIRECT_B_MAX_ROWS;
+    let direct = b.cs == 1 && m <= DIRECT_B_MAX_ROWS && !isa.bf16;
     let full = n / nr;
-    let b_buffer = if direct { (n_panels - full) * nr * k.min(kc_max) } else { n_panels * nr * k.min(kc_max) };
+    let ks_max = isa.depth(k.min(kc_max));
+    let b_buffer = if direct { (n_panels - full) * nr * ks_max } else { n_panels * nr * ks_max };
     with_buffer(&PACK_B, b_buffer, |pb| {
         let mut p0 = 0;
         while p0 < k {
             let kc = (k - p0).min(kc_max);
+            let ks = isa.depth(kc);
             let panels = if direct {
                 let tail = &mut pb[..(n_panels - full) * nr * kc];
                 if !tail.is_empty() {
@@ -260,13 +295,22 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
                 }
                 BPanels::Direct { start: b.ptr.wrapping_add(p0 * b.rs), rs: b.rs, full, tail }
             } else {
-                let packed_b = &mut pb[..n_panels * nr * kc];
-                // SAFETY: reads inside B's extent (rows p0..p0+kc, columns 0..n).
+                let packed_b = &mut pb[..n_panels * nr * ks];
+                let pack = |s: usize, panel: &mut [f32]| {
+                    // SAFETY: reads inside B's extent (rows p0..p0+kc, columns 0..n).
+                    unsafe {
+                        if isa.bf16 {
+                            pack_b_bf16(panel, b, p0, kc, n, nr, s)
+                        } else {
+                            pack_b(panel, b, p0, kc, n, nr, s)
+                        }
+                    }
+                };
                 if parallel && n_panels > 1 {
-                    packed_b.par_chunks_mut(nr * kc).enumerate().for_each(|(s, panel)| unsafe { pack_b(panel, b, p0, kc, n, nr, s) });
+                    packed_b.par_chunks_mut(nr * ks).enumerate().for_each(|(s, panel)| pack(s, panel));
                 } else {
-                    for (s, panel) in packed_b.chunks_mut(nr * kc).enumerate() {
-                        unsafe { pack_b(panel, b, p0, kc, n, nr, s) };
+                    for (s, panel) in packed_b.chunks_mut(nr * ks).enumerate() {
+                        pack(s, panel);
                     }
                 }
                 BPanels::Packed(packed_b)
@@ -278,12 +322,17 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
                 let mc = (m - i0).min(mc);
                 let (s0, s1) = (jc * panels_per_chunk, ((jc + 1) * panels_per_chunk).min(n_panels));
                 let m_panels = mc.div_ceil(mr);
-                with_buffer(&PACK_A, m_panels * mr * kc, |pa| {
+                let len = m_panels * mr * ks;
+                with_buffer(&PACK_A, len, |pa| {
                     // SAFETY: reads inside A's extent; writes rows i0..i0+mc, columns of panels
                     // s0..s1 of C, which no other item touches.
                     unsafe {
-                        pack_a(&mut pa[..m_panels * mr * kc], a, i0, mc, p0, kc, mr);
-                        macro_block(&isa, &pa[..m_panels * mr * kc], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
+                        if isa.bf16 {
+                            pack_a_bf16(&mut pa[..len], a, i0, mc, p0, kc, mr);
+                        } else {
+                            pack_a(&mut pa[..len], a, i0, mc, p0, kc, mr);
+                        }
+                        macro_block(&isa, &pa[..len], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
                     }
                 });
             };
@@ -315,20 +364,32 @@ const SPLIT_K_MAX_OUTPUT: usize = 1 << 19;
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn split_k(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Output, bias: Option<&[f32]>, accumulate: bool, parts: usize, per: usize) {
+unsafe fn split_k(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: Output,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+    parts: usize,
+    per: usize,
+    bf16: bool,
+) {
     with_buffer(&PARTIAL, (parts - 1) * m * n, |scratch| {
         let slice = |t: usize| (t * per, ((t + 1) * per).min(k));
         rayon::join(
             || {
                 let (k0, k1) = slice(0);
                 // SAFETY: columns k0..k1 of A, rows k0..k1 of B; C as the caller's contract.
-                unsafe { gemm(m, n, k1 - k0, a.offset_cols(k0), b.offset_rows(k0), c, bias, accumulate, false) };
+                unsafe { gemm(m, n, k1 - k0, a.offset_cols(k0), b.offset_rows(k0), c, bias, accumulate, false, bf16) };
             },
             || {
                 scratch.par_chunks_mut(m * n).enumerate().for_each(|(t, part)| {
                     let (k0, k1) = slice(t + 1);
                     // SAFETY: as above; the part holds m × n values.
-                    unsafe { gemm(m, n, k1 - k0, a.offset_cols(k0), b.offset_rows(k0), Output { ptr: part.as_mut_ptr(), rs: n }, None, false, false) };
+                    unsafe { gemm(m, n, k1 - k0, a.offset_cols(k0), b.offset_rows(k0), Output { ptr: part.as_mut_ptr(), rs: n }, None, false, false, bf16) };
                 });
             },
         );
@@ -364,12 +425,13 @@ unsafe fn macro_block(
     accumulate: bool,
 ) {
     let (mr, nr) = (isa.mr, isa.nr);
+    let ks = isa.depth(kc);
     let mut tile = [0.0f32; MAX_TILE];
     for s in s0..s1 {
-        let (bp, b_ks) = panels.panel(s, kc, nr);
+        let (bp, b_ks) = panels.panel(s, ks, nr);
         let j0 = s * nr;
         let nw = (n - j0).min(nr);
-        for (ip, ap) in pa.chunks_exact(mr * kc).enumerate() {
+        for (ip, ap) in pa.chunks_exact(mr * ks).enumerate() {
             let r0 = ip * mr;
             let mw = (mc - r0).min(mr);
             // SAFETY: the tile's rows and columns are inside C (checked widths), or go through
@@ -513,6 +575,101 @@ unsafe fn pack_a_n<const MR: usize>(out: &mut [f32], a: Operand, i0: usize, mc: 
                 for (i, d) in dst.iter_mut().enumerate() {
                     // SAFETY: (base + i, p0 + p) is inside A for i < mw.
                     *d = if i < mw { unsafe { *a.ptr.add((base + i) * a.rs + (p0 + p) * a.cs) } } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// The bf16 bits of `v`, rounded to nearest even (NaN is not expected in a product's operands;
+/// it may come out as infinity).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16
+}
+
+/// Two k-consecutive values as one packed bf16 pair slot (`lo` in the low half).
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> f32 {
+    f32::from_bits(bf16_bits(lo) | (bf16_bits(hi) << 16))
+}
+
+/// [`pack_b`] for the bf16 kernel: `panel[q·nr + j]` = the pair (B[p0 + 2q, j0 + j],
+/// B[p0 + 2q + 1, j0 + j]) as bf16, zero past column `n` and past row `p0 + kc`.
+///
+/// # Safety
+/// `b` valid for those reads.
+unsafe fn pack_b_bf16(panel: &mut [f32], b: Operand, p0: usize, kc: usize, n: usize, nr: usize, s: usize) {
+    let j0 = s * nr;
+    let nw = (n - j0).min(nr);
+    for (q, row) in panel[..kc.div_ceil(2) * nr].chunks_exact_mut(nr).enumerate() {
+        let (p, two) = (p0 + 2 * q, 2 * q + 1 < kc);
+        // SAFETY: rows p (and p + 1 when `two`), columns j0..j0+nw are inside B.
+        unsafe {
+            let lo = b.ptr.add(p * b.rs + j0 * b.cs);
+            let hi = b.ptr.add((p + usize::from(two)) * b.rs + j0 * b.cs);
+            if b.cs == 1 {
+                let (lo, hi) = (std::slice::from_raw_parts(lo, nw), std::slice::from_raw_parts(hi, nw));
+                let scale = if two { 1.0 } else { 0.0 };
+                for ((v, &l), &h) in row[..nw].iter_mut().zip(lo).zip(hi) {
+                    *v = pair(l, h * scale);
+                }
+            } else {
+                for (j, v) in row[..nw].iter_mut().enumerate() {
+                    let h = if two { *hi.add(j * b.cs) } else { 0.0 };
+                    *v = pair(*lo.add(j * b.cs), h);
+                }
+            }
+        }
+        row[nw..].fill(0.0);
+    }
+}
+
+/// [`pack_a`] for the bf16 kernel: `out[(r·⌈kc/2⌉ + q)·mr + i]` = the pair (A[i0 + r·mr + i,
+/// p0 + 2q], A[…, p0 + 2q + 1]) as bf16, zero past row `mc` and past column `p0 + kc`.
+///
+/// # Safety
+/// `a` valid for those reads.
+unsafe fn pack_a_bf16(out: &mut [f32], a: Operand, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize) {
+    let (m_panels, kq) = (mc.div_ceil(mr), kc.div_ceil(2));
+    for (r, panel) in out[..m_panels * mr * kq].chunks_exact_mut(mr * kq).enumerate() {
+        let mw = (mc - r * mr).min(mr);
+        let base = i0 + r * mr;
+        if a.rs == 1 {
+            // column-major A (a transposed operand): two contiguous columns per pair
+            for (q, dst) in panel.chunks_exact_mut(mr).enumerate() {
+                let (p, two) = (p0 + 2 * q, 2 * q + 1 < kc);
+                // SAFETY: rows base..base+mw of columns p (and p + 1 when `two`) are inside A.
+                let lo = unsafe { std::slice::from_raw_parts(a.ptr.add(base + p * a.cs), mw) };
+                let hi = unsafe { std::slice::from_raw_parts(a.ptr.add(base + (p + usize::from(two)) * a.cs), mw) };
+                let scale = if two { 1.0 } else { 0.0 };
+                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = pair(l, h * scale);
+                }
+                dst[mw..].fill(0.0);
+            }
+            continue;
+        }
+        for i in 0..mr {
+            if i >= mw {
+                for q in 0..kq {
+                    panel[q * mr + i] = 0.0;
+                }
+                continue;
+            }
+            // SAFETY: row base + i, columns p0..p0+kc are inside A.
+            let row = unsafe { a.ptr.add((base + i) * a.rs + p0 * a.cs) };
+            if a.cs == 1 {
+                // SAFETY: as above.
+                let row = unsafe { std::slice::from_raw_parts(row, kc) };
+                for (q, two) in row.chunks(2).enumerate() {
+                    panel[q * mr + i] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                }
+            } else {
+                for q in 0..kq {
+                    let at = |p: usize| if p < kc { unsafe { *row.add(p * a.cs) } } else { 0.0 };
+                    panel[q * mr + i] = pair(at(2 * q), at(2 * q + 1));
                 }
             }
         }
@@ -699,11 +856,67 @@ mod x86_512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86_bf16 {
+    use std::arch::x86_64::*;
+
+    use super::Init;
+
+    /// AVX512_BF16 12 × 32 micro-kernel: per pair of `k` steps, two `vdpbf16ps` per row
+    /// (each lane adds two bf16 products to its f32 accumulator), so twice the multiply-adds
+    /// of `vfmadd231ps` per instruction; accumulation stays f32.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F and AVX512_BF16; `a`: `⌈kc/2⌉·12` pair slots, `b`: `⌈kc/2⌉`
+    /// rows of 32 pair slots at stride `b_ks`, `c`: 12 rows of 32 at stride `rs`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn kernel_bf16(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+            match init {
+                Init::Zero => {}
+                Init::Load => {
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(c.add(i * rs + 16 * j));
+                        }
+                    }
+                }
+                Init::Bias(bp) => {
+                    let bv = [_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16))];
+                    for row in acc.iter_mut() {
+                        *row = bv;
+                    }
+                }
+            }
+            let (mut ap, mut bpp) = (a as *const u32, b as *const u32);
+            for _ in 0..kc.div_ceil(2) {
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(8 * b_ks) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(8 * b_ks + 16) as *const i8);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bpp as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bpp.add(16) as *const _));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+                }
+                ap = ap.add(12);
+                bpp = bpp.add(b_ks);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(i * rs + 16 * j), *v);
+                }
+            }
+        }
+    }
+}
+
 /// Throughput of the micro-kernel alone on packed data that stays in L1 (for tuning):
 /// `(GFLOP/s, mr, nr)` on the calling thread.
 #[doc(hidden)]
 pub fn kernel_gflops(kc: usize, reps: usize) -> (f64, usize, usize) {
-    let isa = isa();
+    let isa = isa(false);
     let a = vec![1.0f32; kc * isa.mr];
     let b = vec![0.5f32; kc * isa.nr];
     let mut c = vec![0.0f32; isa.mr * isa.nr];

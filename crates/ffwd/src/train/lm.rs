@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, CONFIG_KEY, LM_FORMAT, STATE_KEY, TRAIN_KEY, VOCAB_KEY};
+use crate::core::gemm::{with_bf16_products, ProductPrecision};
 use crate::core::{profile, Rng};
 use crate::data::text::CharTokenizer;
 use crate::error::{Error, Result};
@@ -69,6 +70,10 @@ pub struct LmTrainOptions {
     pub grad_noise: f32,
     /// Gradient noise decay γ: variance η / (1 + t)^γ.
     pub grad_noise_gamma: f32,
+    /// Operands of the training step's matrix products (`bf16`: mixed precision, f32 master
+    /// weights, optimizer state, attention core, LayerNorm and evaluation; needs AVX512_BF16).
+    #[serde(skip_serializing_if = "ProductPrecision::is_f32")]
+    pub precision: ProductPrecision,
 }
 
 impl Default for LmTrainOptions {
@@ -95,6 +100,7 @@ impl Default for LmTrainOptions {
             save_every: 0,
             grad_noise: 0.0,
             grad_noise_gamma: 0.55,
+            precision: ProductPrecision::F32,
         }
     }
 }
@@ -255,6 +261,7 @@ pub fn train_lm(
     if opts.batch == 0 || opts.accum == 0 || opts.steps == 0 {
         return Err(Error::Config("steps, batch and accum must be positive".into()));
     }
+    opts.precision.check()?;
     if data.train.len() <= t + 1 || data.val.len() <= t + 1 {
         return Err(Error::Invalid(format!("text too short for windows of {t} tokens")));
     }
@@ -296,7 +303,8 @@ pub fn train_lm(
             let r = micro * b * t..(micro + 1) * b * t;
             // stochastic layers draw from a stream of their own per (step, micro-batch)
             let mut layer_rng = root.fork(((state.step as u64) << 20 | micro as u64) ^ 0x1a7e_0000_0000_0000);
-            let (loss, _aux) = lm.forward_backward(&x[r.clone()], &y[r], b, t, &mut layer_rng)?;
+            let bf16 = opts.precision == ProductPrecision::Bf16;
+            let (loss, _aux) = with_bf16_products(bf16, || lm.forward_backward(&x[r.clone()], &y[r], b, t, &mut layer_rng))?;
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!("loss became {loss} at step {}: lower the learning rate", state.step)));
             }
