@@ -106,11 +106,36 @@ trait TileOps {
     /// `out[r·hd + c] += Σ_{j < nb} p[r][j] · w[j·rs + c]` for r < rows, c < hd.
     #[allow(clippy::too_many_arguments)]
     fn accumulate_rows(p: &Tile, rows: usize, nb: usize, w: &[f32], rs: usize, hd: usize, out: &mut [f32]);
+    /// `row[j] = exp(row[j] − sub)` for j < n, 0 for n ≤ j < 16·nv ([`exp_approx`]'s
+    /// arithmetic, so every instruction set gives the same bits).
+    fn exp_masked(row: &mut [f32; KEY_BLOCK], nv: usize, n: usize, sub: f32);
+    /// `p[j] = exp(p[j] − lse)`, `d[j] = p[j]·(d[j] − dd)` for j < n; both 0 for n ≤ j < 16·nv.
+    fn grad_masked(p: &mut [f32; KEY_BLOCK], d: &mut [f32; KEY_BLOCK], nv: usize, n: usize, lse: f32, dd: f32);
 }
 
 struct Portable;
 
 impl TileOps for Portable {
+    #[inline(always)]
+    fn exp_masked(row: &mut [f32; KEY_BLOCK], nv: usize, n: usize, sub: f32) {
+        for (j, v) in row[..16 * nv].iter_mut().enumerate() {
+            *v = if j < n { exp_approx(*v - sub) } else { 0.0 };
+        }
+    }
+
+    #[inline(always)]
+    fn grad_masked(p: &mut [f32; KEY_BLOCK], d: &mut [f32; KEY_BLOCK], nv: usize, n: usize, lse: f32, dd: f32) {
+        for (j, (pv, dv)) in p[..16 * nv].iter_mut().zip(d[..16 * nv].iter_mut()).enumerate() {
+            // P = exp(S − lse); dS = P ⊙ (dP − D)
+            (*pv, *dv) = if j < n {
+                let e = exp_approx(*pv - lse);
+                (e, e * (*dv - dd))
+            } else {
+                (0.0, 0.0)
+            };
+        }
+    }
+
     #[inline(always)]
     fn scores(a: &[f32], hd: usize, bt: &[f32], tp: usize, nv: usize, s: &mut Tile) {
         let w = 16 * nv;
@@ -238,11 +263,8 @@ fn forward_body<T: TileOps>(h: Head<'_>, scale: f32, o: &mut [f32], lse: &mut [f
                 let n = visible(i0, r, j0, nb);
                 let m_new = m[r].max(row_max(row, n));
                 let corr = exp_approx(m[r] - m_new);
-                let row = &mut row[..16 * nv];
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = if j < n { exp_approx(*v - m_new) } else { 0.0 };
-                }
-                l[r] = l[r] * corr + row_sum(row);
+                T::exp_masked(row, nv, n, m_new);
+                l[r] = l[r] * corr + row_sum(&row[..16 * nv]);
                 m[r] = m_new;
                 if corr != 1.0 {
                     ot[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= corr);
@@ -320,13 +342,7 @@ fn backward_body<T: TileOps>(
                     continue;
                 }
                 let n = visible(i0, r, j0, nb);
-                let (lse_r, d_r) = (lse[i0 + r], dd[r]);
-                for (j, (p, d)) in pr[..16 * nv].iter_mut().zip(dr[..16 * nv].iter_mut()).enumerate() {
-                    // P = exp(S − lse); dS = P ⊙ (dP − D)
-                    let pv = if j < n { exp_approx(*p - lse_r) } else { 0.0 };
-                    *p = pv;
-                    *d = if j < n { pv * (*d - d_r) } else { 0.0 };
-                }
+                T::grad_masked(pr, dr, nv, n, lse[i0 + r], dd[r]);
             }
             // dVᵀ += dOᵀ P; dKᵀ += (scale·Q)ᵀ dS; dQ += dS K (scaled at the end)
             T::accumulate_t(&s, dos, hd, &mut dvt[j0..], tp, nv);
@@ -376,6 +392,34 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn exp_masked(row: &mut [f32; KEY_BLOCK], nv: usize, n: usize, sub: f32) {
+            // SAFETY: AVX-512F is enabled in every caller; vectors q < nv ≤ 4 lie inside `row`.
+            unsafe {
+                let s = _mm512_set1_ps(sub);
+                for q in 0..nv.min(4) {
+                    let ptr = row.as_mut_ptr().add(16 * q);
+                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), s));
+                    _mm512_storeu_ps(ptr, _mm512_maskz_mov_ps(lanes_below(q, n), e));
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn grad_masked(p: &mut [f32; KEY_BLOCK], d: &mut [f32; KEY_BLOCK], nv: usize, n: usize, lse: f32, dd: f32) {
+            // SAFETY: as in `exp_masked`.
+            unsafe {
+                let (l, dv) = (_mm512_set1_ps(lse), _mm512_set1_ps(dd));
+                for q in 0..nv.min(4) {
+                    let (pp, dp) = (p.as_mut_ptr().add(16 * q), d.as_mut_ptr().add(16 * q));
+                    let mask = lanes_below(q, n);
+                    let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_loadu_ps(pp), l)));
+                    _mm512_storeu_ps(pp, e);
+                    _mm512_storeu_ps(dp, _mm512_maskz_mov_ps(mask, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dp), dv))));
+                }
+            }
+        }
+
+        #[inline(always)]
         fn accumulate_rows(p: &Tile, rows: usize, nb: usize, w: &[f32], rs: usize, hd: usize, out: &mut [f32]) {
             assert!(rows <= ROWS && nb <= KEY_BLOCK && out.len() >= rows * hd && (nb == 0 || w.len() >= (nb - 1) * rs + hd));
             // SAFETY: AVX-512F is enabled in every caller (the functions below); masked loads
@@ -402,6 +446,37 @@ mod x86 {
                     c0 += 16;
                 }
             }
+        }
+    }
+
+    /// [`exp_approx`](super::exp_approx) on 16 lanes, the same operations in the same order
+    /// (no fused multiply-adds), so every lane equals the scalar function.
+    #[inline(always)]
+    fn exp16(x: __m512) -> __m512 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe {
+            let c = |v: f32| _mm512_set1_ps(v);
+            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.7));
+            let round = c(12_582_912.0);
+            let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), round), round);
+            let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_145_75))), _mm512_mul_ps(n, c(1.428_606_8e-6)));
+            let mut p = c(1.0 / 720.0);
+            for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm512_add_ps(c(k), _mm512_mul_ps(r, p));
+            }
+            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
+            _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
+        }
+    }
+
+    /// The lanes of 16-key vector `q` whose key index is below `n`.
+    #[inline(always)]
+    fn lanes_below(q: usize, n: usize) -> __mmask16 {
+        let k = n.saturating_sub(16 * q).min(16);
+        if k == 16 {
+            0xffff
+        } else {
+            (1u16 << k) - 1
         }
     }
 
