@@ -59,3 +59,16 @@ def test_self_guided_structured_ffn(tmp_path):
     assert back.generate("the ", 20, 0.0) == lm.generate("the ", 20, 0.0)
     with pytest.raises(ValueError, match="guided applies to ffn lowrank, blockdense or blockshuffle"):
         ffwd.train_lm(TEXT, **small(ffn="dense", guided=0.5))
+
+
+def test_bf16_products():
+    # mixed precision is an option like any other; where the CPU lacks AVX512_BF16 it is
+    # refused by name (never silently run as f32)
+    try:
+        lm, metrics = ffwd.train_lm(TEXT, **small(d_model=64, batch=8, precision="bf16"))
+    except ValueError as e:
+        assert "AVX512_BF16" in str(e)
+    else:
+        assert metrics["train"]["precision"] == "bf16" and metrics["val_loss"] is not None
+    with pytest.raises(ValueError, match="f16"):
+        ffwd.train_lm(TEXT, **small(precision="f16"))

@@ -70,7 +70,7 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, mode: Mode) {
     for round in 0..10 {
         for (crate_on, out) in [(false, &mut own), (true, &mut cr)] {
             match mode {
-                Mode::Kernels => ffwd::core::sgemm::set_avx512_kernel(!crate_on),
+                Mode::Kernels => ffwd::core::sgemm::set_avx512_kernel(Some(!crate_on)),
                 Mode::Crate => use_gemm_crate(crate_on),
                 Mode::Bf16 => {}
             }
@@ -86,7 +86,7 @@ fn ab(m: usize, k: usize, n: usize, ta: bool, tb: bool, mode: Mode) {
         }
     }
     use_gemm_crate(false);
-    ffwd::core::sgemm::set_avx512_kernel(true);
+    ffwd::core::sgemm::set_avx512_kernel(None);
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
@@ -143,9 +143,11 @@ fn main() {
             (768, 2048, 192, true, false),
             (2048, 192, 576, false, true),
             (576, 2048, 192, true, false),
-            // the dense 768-4095-768 inference layer at batch 16
+            // the dense 768-4095-768 inference layer at batch 16 and 256
             (16, 768, 4095, false, false),
             (16, 4095, 768, false, false),
+            (256, 768, 4095, false, false),
+            (256, 4095, 768, false, false),
         ] {
             ab(m, k, n, ta, tb, mode);
         }

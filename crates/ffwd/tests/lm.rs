@@ -359,10 +359,11 @@ fn bf16_products_train_as_well_as_f32() {
     assert!(v16 < unigram - 0.3, "bf16 run: val loss {v16} against the unigram entropy {unigram}");
     let differ = lm32.named_params().iter().zip(lm16.named_params()).any(|((_, a), (_, b))| a.value.iter().zip(&b.value).any(|(x, y)| (x - y).abs() > 1e-4));
     assert!(differ, "bf16 products gave the f32 run's weights: not rounded");
-    // the option travels with the run's options (and stays out of f32 ones)
+    // the option travels with the run's options; older options without it read as f32
     let json = serde_json::to_string(&LmTrainOptions { precision: ProductPrecision::Bf16, ..Default::default() }).unwrap();
     assert!(json.contains("\"precision\":\"bf16\""), "{json}");
-    assert!(!serde_json::to_string(&LmTrainOptions::default()).unwrap().contains("precision"));
+    let old: LmTrainOptions = serde_json::from_str(r#"{"steps": 5}"#).unwrap();
+    assert_eq!(old.precision, ProductPrecision::F32);
 }
 
 #[test]

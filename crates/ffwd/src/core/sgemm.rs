@@ -68,43 +68,67 @@ enum Init {
     Bias(*const f32),
 }
 
-/// Which x86 micro-kernel runs on AVX-512 CPUs: 0 not chosen yet, 1 the AVX-512 12 × 32
-/// kernel, 2 the AVX2 6 × 16 kernel (`FFWD_SGEMM_KERNEL=avx2`, or [`set_avx512_kernel`]).
+/// Which x86 micro-kernel runs on AVX-512 CPUs: 0 not chosen yet, 1 by shape (the AVX-512
+/// 12 × 32 kernel from [`AVX512_MIN_ROWS`] rows, the AVX2 6 × 16 one below), 2 always AVX2
+/// (`FFWD_SGEMM_KERNEL=avx2`), 3 always AVX-512 (`FFWD_SGEMM_KERNEL=avx512`); see also
+/// [`set_avx512_kernel`].
 /// On the Zen 4 machines this was measured on (512-bit FMAs issued as two 256-bit halves, so
 /// the same peak), the larger tile's gain comes from loading half as much per multiply-add:
-/// 1024³ +7–9 %, the LM's shapes ±10 % each, LM training +6 % tokens/s
+/// 1024³ +7–9 %, the LM's 2048-row shapes ±10 % each, LM training +3–6 % tokens/s
 /// (`cargo bench --bench gemm -- --kernels`; `FFWD_SGEMM_KERNEL=avx2 ffwd lm train` alternated
 /// with the default).
 static AVX512_KERNEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Chooses the AVX-512 micro-kernel (`true`) or the AVX2 one (`false`) on AVX-512 CPUs, for
-/// benchmarks that compare the two in one process.
+/// Forces the AVX-512 micro-kernel (`Some(true)`) or the AVX2 one (`Some(false)`) on AVX-512
+/// CPUs at every shape, or restores the choice by shape (`None`): for benchmarks that compare
+/// the two in one process.
 #[doc(hidden)]
-pub fn set_avx512_kernel(on: bool) {
-    AVX512_KERNEL.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+pub fn set_avx512_kernel(force: Option<bool>) {
+    AVX512_KERNEL.store(
+        match force {
+            None => 1,
+            Some(false) => 2,
+            Some(true) => 3,
+        },
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
+/// Whether a product of `m` rows runs the AVX-512 kernel (on an AVX-512 CPU).
 #[cfg(target_arch = "x86_64")]
-fn avx512_kernel() -> bool {
+fn avx512_kernel(m: usize) -> bool {
     use std::sync::atomic::Ordering;
-    match AVX512_KERNEL.load(Ordering::Relaxed) {
+    let mode = match AVX512_KERNEL.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var("FFWD_SGEMM_KERNEL").map_or(true, |v| v != "avx2");
-            AVX512_KERNEL.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+            let mode = match std::env::var("FFWD_SGEMM_KERNEL").as_deref() {
+                Ok("avx2") => 2,
+                Ok("avx512") => 3,
+                _ => 1,
+            };
+            AVX512_KERNEL.store(mode, Ordering::Relaxed);
+            mode
         }
-        k => k == 1,
-    }
+        k => k,
+    };
+    mode == 3 || (mode == 1 && m >= AVX512_MIN_ROWS)
 }
 
-fn isa(bf16: bool) -> Isa {
+/// Products with fewer rows run the 6 × 16 kernel on AVX-512 CPUs too: the 128-row MLP step
+/// ran 10 % faster on it (`cargo bench --bench mlp_step`, kernels alternated three times), where
+/// a 12-row panel leaves more of its tile empty and each panel of B serves fewer rows; at 256
+/// rows (the dense 768-4095-768 layer at batch 256) the two kernels were level or the 12 × 32
+/// one ahead (1.00x and 1.11x, `cargo bench --bench gemm -- --kernels`).
+const AVX512_MIN_ROWS: usize = 256;
+
+/// The kernel for a product of `m` rows (`bf16`: bf16 operand pairs, when the CPU has them).
+fn isa(bf16: bool, m: usize) -> Isa {
     #[cfg(target_arch = "x86_64")]
     if bf16 && bf16_supported() {
         return Isa { mr: 12, nr: 32, kc: 1024, kernel: x86_bf16::kernel_bf16, bf16: true };
     }
     match cpu::level() {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if avx512_kernel() => Isa { mr: 12, nr: 32, kc: KC_AVX512, kernel: x86_512::kernel_avx512, bf16: false },
+        SimdLevel::Avx512 if avx512_kernel(m) => Isa { mr: 12, nr: 32, kc: KC_AVX512, kernel: x86_512::kernel_avx512, bf16: false },
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 | SimdLevel::Avx2 => Isa { mr: 6, nr: 16, kc: 1024, kernel: x86::kernel_avx2, bf16: false },
         _ => Isa { mr: 4, nr: 16, kc: KC_PORTABLE, kernel: kernel_portable, bf16: false },
@@ -234,7 +258,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     }
     // a few rows use each element of B only that many times: converting B to bf16 pairs would
     // cost more than the faster products save (f32 reads B in place there)
-    let isa = isa(bf16 && m > DIRECT_B_MAX_ROWS);
+    let isa = isa(bf16 && m > DIRECT_B_MAX_ROWS, m);
     let (mr, nr, kc_max) = (isa.mr, isa.nr, isa.kc);
     // column blocks (BLIS's NC loop): a packed KC slice of B at most B_SLICE values, so that it
     // stays in cache while the row blocks pass it (a 4095-wide layer would otherwise pack
@@ -916,7 +940,7 @@ mod x86_bf16 {
 /// `(GFLOP/s, mr, nr)` on the calling thread.
 #[doc(hidden)]
 pub fn kernel_gflops(kc: usize, reps: usize) -> (f64, usize, usize) {
-    let isa = isa(false);
+    let isa = isa(false, usize::MAX);
     let a = vec![1.0f32; kc * isa.mr];
     let b = vec![0.5f32; kc * isa.nr];
     let mut c = vec![0.0f32; isa.mr * isa.nr];

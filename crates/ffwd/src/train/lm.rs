@@ -72,7 +72,6 @@ pub struct LmTrainOptions {
     pub grad_noise_gamma: f32,
     /// Operands of the training step's matrix products (`bf16`: mixed precision, f32 master
     /// weights, optimizer state, attention core, LayerNorm and evaluation; needs AVX512_BF16).
-    #[serde(skip_serializing_if = "ProductPrecision::is_f32")]
     pub precision: ProductPrecision,
 }
 
