@@ -140,11 +140,6 @@ pub enum ProductPrecision {
 }
 
 impl ProductPrecision {
-    /// True for the default, f32.
-    pub fn is_f32(&self) -> bool {
-        *self == ProductPrecision::F32
-    }
-
     /// Parses `f32` or `bf16`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {

@@ -818,15 +818,13 @@ mod x86_512 {
 
     use super::Init;
 
-    /// AVX-512F 12 × 32 micro-kernel: 24 zmm accumulators, two B vectors and a broadcast per
-    /// step (32 registers: (12 + 32) / (12 · 32) = 0.11 values loaded per multiply-add, against
-    /// 0.23 for the 6 × 16 AVX2 tile).
+    /// A 12 × 32 tile of zmm accumulators as `init` says (zero, C at stride `rs`, or the bias
+    /// row broadcast down the tile).
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a`: `kc·12` values, `b`: `kc` rows of 32 at stride `b_ks`,
-    /// `c`: 12 rows of 32 at stride `rs`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
+    /// Called from AVX-512F code; `c` (for `Load`) and the bias pointer are valid for the tile.
+    #[inline(always)]
+    pub(super) unsafe fn start(c: *const f32, rs: usize, init: Init) -> [[__m512; 2]; 12] {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; 12];
             match init {
@@ -845,6 +843,36 @@ mod x86_512 {
                     }
                 }
             }
+            acc
+        }
+    }
+
+    /// Stores a 12 × 32 tile to `c` at stride `rs`.
+    ///
+    /// # Safety
+    /// Called from AVX-512F code; `c` valid for the tile's writes.
+    #[inline(always)]
+    pub(super) unsafe fn finish(acc: &[[__m512; 2]; 12], c: *mut f32, rs: usize) {
+        unsafe {
+            for (i, row) in acc.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(i * rs + 16 * j), *v);
+                }
+            }
+        }
+    }
+
+    /// AVX-512F 12 × 32 micro-kernel: 24 zmm accumulators, two B vectors and a broadcast per
+    /// step (32 registers: (12 + 32) / (12 · 32) = 0.11 values loaded per multiply-add, against
+    /// 0.23 for the 6 × 16 AVX2 tile).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `a`: `kc·12` values, `b`: `kc` rows of 32 at stride `b_ks`,
+    /// `c`: 12 rows of 32 at stride `rs`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
+        unsafe {
+            let mut acc = start(c, rs, init);
             let step = |ap: *const f32, bpp: *const f32, acc: &mut [[__m512; 2]; 12]| {
                 let b0 = _mm512_loadu_ps(bpp);
                 let b1 = _mm512_loadu_ps(bpp.add(16));
@@ -871,11 +899,7 @@ mod x86_512 {
             if p < kc {
                 step(ap, bpp, &mut acc);
             }
-            for (i, row) in acc.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    _mm512_storeu_ps(c.add(i * rs + 16 * j), *v);
-                }
-            }
+            finish(&acc, c, rs);
         }
     }
 }
@@ -884,6 +908,7 @@ mod x86_512 {
 mod x86_bf16 {
     use std::arch::x86_64::*;
 
+    use super::x86_512::{finish, start};
     use super::Init;
 
     /// AVX512_BF16 12 × 32 micro-kernel: per pair of `k` steps, two `vdpbf16ps` per row
@@ -896,23 +921,7 @@ mod x86_bf16 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn kernel_bf16(kc: usize, a: *const f32, b: *const f32, b_ks: usize, c: *mut f32, rs: usize, init: Init) {
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; 12];
-            match init {
-                Init::Zero => {}
-                Init::Load => {
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        for (j, v) in row.iter_mut().enumerate() {
-                            *v = _mm512_loadu_ps(c.add(i * rs + 16 * j));
-                        }
-                    }
-                }
-                Init::Bias(bp) => {
-                    let bv = [_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16))];
-                    for row in acc.iter_mut() {
-                        *row = bv;
-                    }
-                }
-            }
+            let mut acc = start(c, rs, init);
             let (mut ap, mut bpp) = (a as *const u32, b as *const u32);
             for _ in 0..kc.div_ceil(2) {
                 _mm_prefetch::<_MM_HINT_T0>(bpp.wrapping_add(8 * b_ks) as *const i8);
@@ -927,11 +936,7 @@ mod x86_bf16 {
                 ap = ap.add(12);
                 bpp = bpp.add(b_ks);
             }
-            for (i, row) in acc.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    _mm512_storeu_ps(c.add(i * rs + 16 * j), *v);
-                }
-            }
+            finish(&acc, c, rs);
         }
     }
 }
