@@ -15,6 +15,7 @@
 //! `t × hd`.
 
 use super::activation::exp_approx;
+use super::simd::lane_sum;
 
 /// Keys per score tile.
 pub const KEY_BLOCK: usize = 64;
@@ -197,18 +198,6 @@ fn transpose_into(src: &[f32], rs: usize, t: usize, hd: usize, dst: &mut [f32], 
     }
 }
 
-/// Sum of a tile row (16 partial sums, so that it vectorises).
-#[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for ch in row.chunks_exact(16) {
-        for (a, &v) in acc.iter_mut().zip(ch) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
-}
-
 /// Largest of the first `n` values of a tile row.
 #[inline(always)]
 fn row_max(row: &[f32; KEY_BLOCK], n: usize) -> f32 {
@@ -264,7 +253,7 @@ fn forward_body<T: TileOps>(h: Head<'_>, scale: f32, o: &mut [f32], lse: &mut [f
                 let m_new = m[r].max(row_max(row, n));
                 let corr = exp_approx(m[r] - m_new);
                 T::exp_masked(row, nv, n, m_new);
-                l[r] = l[r] * corr + row_sum(&row[..16 * nv]);
+                l[r] = l[r] * corr + lane_sum(16 * nv, |j| row[j]);
                 m[r] = m_new;
                 if corr != 1.0 {
                     ot[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= corr);

@@ -12,12 +12,10 @@ pub struct Bf16(pub u16);
 impl Bf16 {
     /// Rounds to the nearest bf16 (ties to even); NaN stays NaN.
     pub fn from_f32(v: f32) -> Self {
-        let b = v.to_bits();
         if v.is_nan() {
-            return Bf16(((b >> 16) as u16) | 0x40);
+            return Bf16(((v.to_bits() >> 16) as u16) | 0x40);
         }
-        let round = 0x7FFF + ((b >> 16) & 1);
-        Bf16((b.wrapping_add(round) >> 16) as u16)
+        Bf16(round_bits(v))
     }
 
     /// The exact f32 value.
@@ -25,6 +23,15 @@ impl Bf16 {
     pub fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
     }
+}
+
+/// The bf16 bits of a non-NaN `v`, rounded to nearest even (a NaN may come out as infinity):
+/// [`Bf16::from_f32`] without its NaN branch, for loops that convert operands known to be
+/// numbers (the bf16 matrix products' packing).
+#[inline(always)]
+pub(crate) fn round_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// `v` rounded to bf16.

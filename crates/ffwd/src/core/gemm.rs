@@ -50,13 +50,6 @@ impl<'a> MatRef<'a> {
         MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
-    /// Rows `r0..r1` of the view (no copy).
-    pub fn rows_range(self, r0: usize, r1: usize) -> Self {
-        assert!(r0 <= r1 && r1 <= self.rows, "rows_range {r0}..{r1} of {} rows", self.rows);
-        let data = if r0 < r1 { &self.data[r0 * self.rs..] } else { &self.data[..0] };
-        MatRef { data, rows: r1 - r0, cols: self.cols, rs: self.rs, cs: self.cs }
-    }
-
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -448,6 +441,32 @@ mod tests {
     /// and not a multiple of the tile, k past a packed slice, n not a multiple of the panel;
     /// bias epilogue, accumulation, transposed operands, a column-major output; serial and
     /// threaded. (CI runs it once per SIMD path.)
+    /// The products both kernel tests check, each handed to `check(result, expected extra,
+    /// name)` against the test's `want` (= a·b): with a bias, accumulated onto that, and from
+    /// transposed operands into a column-major C.
+    #[allow(clippy::type_complexity)]
+    fn three_products(
+        a: &[f32],
+        b: &[f32],
+        bias: &[f32],
+        want: &[f32],
+        (m, k, n): (usize, usize, usize),
+        check: &dyn Fn(&[f32], &dyn Fn(usize, usize) -> f32, &str),
+    ) {
+        let mut c = vec![0.0; m * n];
+        matmul_bias(MatMut::new(&mut c, m, n), MatRef::new(a, m, k), MatRef::new(b, k, n), bias);
+        check(&c, &|_, j| bias[j], "bias");
+        matmul(MatMut::new(&mut c, m, n), MatRef::new(a, m, k), MatRef::new(b, k, n), true);
+        check(&c, &|i, j| bias[j] + want[i * n + j], "accumulate");
+        // a stored transposed (k × m), b stored transposed (n × k), C column-major
+        let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+        let mut ct = vec![0.0; m * n];
+        matmul(MatMut::strided(&mut ct, m, n, 1, m), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
+        let c2: Vec<f32> = (0..m * n).map(|x| ct[(x % n) * m + x / n]).collect();
+        check(&c2, &|_, _| 0.0, "transposed");
+    }
+
     /// bf16 products: equal to the exact product of the bf16-rounded operands up to f32
     /// accumulation error (bf16 × bf16 products are exact in f32), further from the f32
     /// product than f32 rounding could explain (the rounding really happened), across odd
@@ -488,17 +507,7 @@ mod tests {
                 pool(threads).install(|| {
                     with_bf16_products(true, || {
                         assert!(bf16_products());
-                        let mut c = vec![0.0; m * n];
-                        matmul_bias(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), &bias);
-                        check(&c, &|_, j| bias[j], "bias");
-                        matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), true);
-                        check(&c, &|i, j| bias[j] + want[i * n + j], "accumulate");
-                        let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
-                        let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
-                        let mut ct = vec![0.0; m * n];
-                        matmul(MatMut::strided(&mut ct, m, n, 1, m), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
-                        let c2: Vec<f32> = (0..m * n).map(|x| ct[(x % n) * m + x / n]).collect();
-                        check(&c2, &|_, _| 0.0, "transposed");
+                        three_products(&a, &b, &bias, &want, (m, k, n), &check);
                     });
                     assert!(!bf16_products(), "the setting ends with the closure");
                 });
@@ -526,18 +535,7 @@ mod tests {
             let pool = |t: usize| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
             for threads in [1, 2] {
                 pool(threads).install(|| {
-                    let mut c = vec![0.0; m * n];
-                    matmul_bias(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), &bias);
-                    close(&c, &|_, j| bias[j], "bias");
-                    matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), true);
-                    close(&c, &|i, j| bias[j] + want[i * n + j], "accumulate");
-                    // a stored transposed (k × m), b stored transposed (n × k), C column-major
-                    let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
-                    let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
-                    let mut ct = vec![0.0; m * n];
-                    matmul(MatMut::strided(&mut ct, m, n, 1, m), MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), false);
-                    let c2: Vec<f32> = (0..m * n).map(|x| ct[(x % n) * m + x / n]).collect();
-                    close(&c2, &|_, _| 0.0, "transposed");
+                    three_products(&a, &b, &bias, &want, (m, k, n), &close);
                 });
             }
         }

@@ -14,6 +14,7 @@ pub mod param;
 pub mod profile;
 pub mod quant;
 pub mod rng;
+pub(crate) mod scratch;
 pub mod sgemm;
 pub mod simd;
 pub mod svd;

@@ -19,7 +19,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::bf16::round_bits;
 use super::cpu::{self, SimdLevel};
+use super::scratch::with_buffer;
 
 /// Most rows of `A` in one packed block (fewer when that leaves threads idle).
 const MC_MAX: usize = 384;
@@ -207,29 +209,6 @@ unsafe impl Send for Operand {}
 unsafe impl Sync for Operand {}
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
-
-fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-}
-
-/// Runs `f` with this thread's buffer `key` grown to `n` values. If the buffer is already in
-/// use further up this thread's stack (a product started inside a job that rayon ran while
-/// this thread waited in another product), `f` gets a temporary buffer instead.
-/// The buffer starts on a 64-byte boundary, so that packed panels' vector loads never straddle
-/// two cache lines.
-fn with_buffer<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    fn aligned(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-        grow(v, n + 16);
-        let off = v.as_ptr().align_offset(64).min(16);
-        &mut v[off..off + n]
-    }
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => f(aligned(&mut v, n)),
-        Err(_) => f(aligned(&mut Vec::new(), n)),
-    })
-}
 
 /// `C = A·B (+ bias row) (+ C if accumulate)`, `A`: `m × k`, `B`: `k × n`, `C`: `m × n` with
 /// unit column stride.
@@ -605,18 +584,10 @@ unsafe fn pack_a_n<const MR: usize>(out: &mut [f32], a: Operand, i0: usize, mc: 
     }
 }
 
-/// The bf16 bits of `v`, rounded to nearest even (NaN is not expected in a product's operands;
-/// it may come out as infinity).
-#[inline(always)]
-fn bf16_bits(v: f32) -> u32 {
-    let b = v.to_bits();
-    b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16
-}
-
 /// Two k-consecutive values as one packed bf16 pair slot (`lo` in the low half).
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> f32 {
-    f32::from_bits(bf16_bits(lo) | (bf16_bits(hi) << 16))
+    f32::from_bits(round_bits(lo) as u32 | ((round_bits(hi) as u32) << 16))
 }
 
 /// [`pack_b`] for the bf16 kernel: `panel[q·nr + j]` = the pair (B[p0 + 2q, j0 + j],

@@ -10,10 +10,11 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::Linear;
+use super::{ensure_len, Linear};
 use crate::core::attention as fused;
 use crate::core::gemm::{matmul_bias, matmul_bt, MatMut, MatRef};
 use crate::core::profile::span;
+use crate::core::scratch::with_buffer;
 use crate::core::simd::{axpy, dot};
 use crate::core::{Param, Rng};
 
@@ -72,13 +73,6 @@ pub struct CausalSelfAttention {
     d_qkv: Vec<f32>,
 }
 
-/// Grows `v` to `n` values.
-fn fit(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-}
-
 impl CausalSelfAttention {
     /// `heads` heads over width `d`; weights `N(0, 0.02²)`, the output projection scaled by
     /// `proj_scale` (GPT-2 uses `1/√(2·layers)` so the residual stream does not grow with depth).
@@ -122,10 +116,10 @@ impl CausalSelfAttention {
         let (d, nh) = (self.dim(), self.heads);
         let hd = d / nh;
         let rows = b * t;
-        fit(&mut self.qkv_out, rows * 3 * d);
-        fit(&mut self.lse, b * nh * t);
-        fit(&mut self.heads_out, b * nh * t * hd);
-        fit(&mut self.merged, rows * d);
+        ensure_len(&mut self.qkv_out, rows * 3 * d);
+        ensure_len(&mut self.lse, b * nh * t);
+        ensure_len(&mut self.heads_out, b * nh * t * hd);
+        ensure_len(&mut self.merged, rows * d);
         let s = span("attn qkv fwd");
         self.qkv.forward(x, rows, &mut self.qkv_out);
         drop(s);
@@ -134,7 +128,7 @@ impl CausalSelfAttention {
         let qkv = &self.qkv_out[..rows * 3 * d];
         self.lse[..b * nh * t].par_chunks_mut(t).zip(self.heads_out[..b * nh * t * hd].par_chunks_mut(t * hd)).enumerate().for_each(|(item, (lse, o))| {
             let head = head_of(qkv, item, nh, t, d);
-            with_scratch(fused::scratch_len(t, hd), |scratch| fused::forward(head, scale, o, lse, scratch));
+            with_buffer(&SCRATCH, fused::scratch_len(t, hd), |scratch| fused::forward(head, scale, o, lse, scratch));
         });
         // heads side by side: merged[bb·t + i, h·hd + c] = o_(bb,h)[i, c]
         let ho = &self.heads_out;
@@ -156,9 +150,9 @@ impl CausalSelfAttention {
         let (d, nh) = (self.dim(), self.heads);
         let hd = d / nh;
         let rows = b * t;
-        fit(&mut self.d_merged, rows * d);
-        fit(&mut self.d_heads, b * nh * 3 * t * hd);
-        fit(&mut self.d_qkv, rows * 3 * d);
+        ensure_len(&mut self.d_merged, rows * d);
+        ensure_len(&mut self.d_heads, b * nh * 3 * t * hd);
+        ensure_len(&mut self.d_qkv, rows * 3 * d);
         let s = span("attn proj bwd");
         self.proj.backward(&self.merged[..rows * d], rows, dy, Some(&mut self.d_merged[..rows * d]), false);
         drop(s);
@@ -172,7 +166,7 @@ impl CausalSelfAttention {
             let (dk, dv) = rest.split_at_mut(t * hd);
             let (o, lse) = (&ho[item * t * hd..(item + 1) * t * hd], &lse[item * t..(item + 1) * t]);
             let d_o = &dm[bb * t * d + h * hd..];
-            with_scratch(fused::scratch_len(t, hd), |scratch| fused::backward(head, scale, o, lse, d_o, d, dq, dk, dv, scratch));
+            with_buffer(&SCRATCH, fused::scratch_len(t, hd), |scratch| fused::backward(head, scale, o, lse, d_o, d, dq, dk, dv, scratch));
         });
         let dh = &self.d_heads;
         self.d_qkv[..rows * 3 * d].par_chunks_mut(3 * d).enumerate().for_each(|(r, row)| {
@@ -289,17 +283,6 @@ fn head_of(qkv: &[f32], item: usize, heads: usize, t: usize, d: usize) -> fused:
 thread_local! {
     /// Scratch of the fused attention kernel on this thread (only grows).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on this thread's scratch grown to `n` values (a fresh buffer if it is in use).
-fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            fit(&mut v, n);
-            f(&mut v[..n])
-        }
-        Err(_) => f(&mut vec![0.0; n]),
-    })
 }
 
 /// Softmax of `scale · row[..=i]` in place; entries after `i` (the future) become 0.

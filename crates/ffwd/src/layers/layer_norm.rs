@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use crate::core::simd::lane_sum;
 use crate::core::Param;
 
 /// LayerNorm of rows of width `d`, with the per-row statistics cached for backward.
@@ -113,23 +114,6 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
     let m = lane_sum(x.len(), |i| x[i]) / n;
     let var = lane_sum(x.len(), |i| (x[i] - m) * (x[i] - m)) / n;
     (m, 1.0 / (var + eps).sqrt())
-}
-
-/// `Σ_{i < n} f(i)` in 16 interleaved partial sums (so that the loop vectorises, with the same
-/// result on every instruction set), then added up.
-#[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let full = n - n % 16;
-    for c in (0..full).step_by(16) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(c + l);
-        }
-    }
-    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
-        *a += f(full + l);
-    }
-    acc.iter().sum()
 }
 
 /// Normalises the rows of `x` (width `w.len()`) into `y`, recording their means and inverse

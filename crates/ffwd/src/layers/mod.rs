@@ -345,12 +345,8 @@ pub fn check_size(what: &str, count: Option<usize>) -> Result<usize> {
     }
 }
 
-/// Grows `buf` to at least `n` values (allocates only when the batch grows).
-pub(crate) fn ensure_len(buf: &mut Vec<f32>, n: usize) {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-}
+/// Grows a buffer to at least `n` values (allocates only when the batch grows).
+pub(crate) use crate::core::scratch::grow as ensure_len;
 
 /// Sets `dst`'s parameters, in order, to `src`'s values (a layer rebuilt under another
 /// configuration of the same parameter shapes); an error, with `dst` unchanged, when the

@@ -25,6 +25,7 @@ use crate::core::{Activation, Param, Rng};
 use crate::error::{check_dim, Error, Result};
 use crate::kernels::{InferKernel, Precision, Workspace};
 use crate::layers::attention::{CausalSelfAttention, KvCache};
+use crate::layers::ensure_len;
 use crate::layers::guided::{is_guide, keep_mask};
 use crate::layers::layer_norm::LayerNorm;
 use crate::layers::{DenseConfig, Input, Layer, LayerConfig};
@@ -158,12 +159,6 @@ pub struct Lm {
 struct DecodeWeights {
     attn: Vec<(Vec<f32>, Vec<f32>)>,
     emb_t: Vec<f32>,
-}
-
-fn fit(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
 }
 
 impl Lm {
@@ -343,12 +338,12 @@ impl Lm {
         let (d, v, rows) = (self.cfg.d_model, self.cfg.vocab, b * t);
         for c in &mut self.caches {
             for buf in [&mut c.x, &mut c.a, &mut c.att, &mut c.mid, &mut c.bn, &mut c.f] {
-                fit(buf, rows * d);
+                ensure_len(buf, rows * d);
             }
         }
-        fit(&mut self.x_out, rows * d);
-        fit(&mut self.xf, rows * d);
-        fit(&mut self.logits, rows * v);
+        ensure_len(&mut self.x_out, rows * d);
+        ensure_len(&mut self.xf, rows * d);
+        ensure_len(&mut self.logits, rows * v);
         let mut x0 = std::mem::take(&mut self.caches[0].x);
         let s = span("embed");
         self.embed(tokens, t, &mut x0[..rows * d]);
@@ -426,7 +421,7 @@ impl Lm {
         self.forward(tokens, b, t, true, rng)?;
         let (d, v, rows) = (self.cfg.d_model, self.cfg.vocab, b * t);
         let n = rows * d;
-        fit(&mut self.dlogits, rows * v);
+        ensure_len(&mut self.dlogits, rows * v);
         let s = span("loss");
         let (loss, _) = softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]);
         drop(s);
@@ -435,9 +430,9 @@ impl Lm {
         // output layer (tied): dE = dlogitsᵀ · xf, dxf = dlogits · E
         let dl = MatRef::new(&self.dlogits[..rows * v], rows, v);
         matmul(MatMut::new(&mut self.tok_emb.grad, v, d), dl.t(), MatRef::new(&self.xf[..n], rows, d), true);
-        fit(&mut self.da, n);
-        fit(&mut self.g, n);
-        fit(&mut self.dtmp, n);
+        ensure_len(&mut self.da, n);
+        ensure_len(&mut self.g, n);
+        ensure_len(&mut self.dtmp, n);
         matmul(MatMut::new(&mut self.da[..n], rows, d), dl, MatRef::new(&self.tok_emb.value, v, d), false);
         drop(s);
         let s = span("layernorm bwd");
@@ -496,7 +491,7 @@ impl Lm {
         self.check_tokens(targets, b, t, "lm eval targets")?;
         self.forward(tokens, b, t, false, &mut Rng::new(0))?;
         let (v, rows) = (self.cfg.vocab, b * t);
-        fit(&mut self.dlogits, rows * v);
+        ensure_len(&mut self.dlogits, rows * v);
         Ok(softmax_cross_entropy(&self.logits[..rows * v], targets, v, &mut self.dlogits[..rows * v]).0)
     }
 
