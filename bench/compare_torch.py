@@ -11,7 +11,9 @@ install torch fastfeedforward`; never needed by the tests).
 Prints one row per (layer, shape, batch) with the medians and the ratios
 torch_dense / ffwd (the conditional layer against PyTorch's dense layer of equal width, the
 headline figure), torch_dense / ffwd_dense (the two dense layers against each other: > 1 means
-ffwd's dense layer is faster), fastfeedforward / ffwd_fff and torch_moe_loop / ffwd_moe.
+ffwd's dense layer is faster), fastfeedforward / ffwd_fff and torch_moe_loop / ffwd_moe. Rows
+of bf16 weights (`dense-bf16`, `ufff-bf16`, `fff-bf16`) also time PyTorch's dense layer in
+bfloat16 (`module.to(torch.bfloat16)`, bf16 input) and print torch_bf16 / ffwd.
 """
 import argparse
 import json
@@ -67,15 +69,15 @@ def main():
     else:
         print(f"GEMM f32 1024^3, {a.threads} threads: ffwd {ours:.0f} GFLOP/s")
     out = open(a.json, "w") if a.json else None
-    print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'dense t/f':>9} {'fastff/ffwd':>11} {'loop/ffwd':>9}")
+    print(f"{'layer':<5} {'shape':<42} {'batch':>5} {'ffwd cond':>11} {'ffwd dense':>11} {'torch dense':>12} {'fastff eval':>12} {'torch loop':>11} {'torch/ffwd':>10} {'dense t/f':>9} {'fastff/ffwd':>11} {'loop/ffwd':>9} {'torch bf16':>11} {'bf16 t/f':>8}")
     for r in rows:
         batch, layer = r["batch"], r["layer"]
-        d = 512 if layer in ("smoe", "moe", "pkm") else 768
-        torch_us = fastff_us = loop_us = None
+        d = 512 if layer in ("smoe", "smoe-bf16", "moe", "pkm") else 768
+        torch_us = fastff_us = loop_us = torch16_us = None
         if torch is not None:
             if layer.startswith("ufff") or layer.startswith("dense-"):  # ufff, its bf16/q8/q4 rows and the quantized dense: the same f32 dense twin
                 width, act = 4095, torch.nn.GELU()
-            elif layer in ("smoe", "moe", "pkm"):
+            elif layer in ("smoe", "smoe-bf16", "moe", "pkm"):
                 width, act = 4096, torch.nn.ReLU()
             else:
                 depth = int(re.search(r"depth (\d+)", r["shape"]).group(1))
@@ -84,22 +86,26 @@ def main():
             x = torch.randn(batch, d)
             with torch.inference_mode():
                 torch_us = median_us(lambda: model(x))
+                if r.get("weights") == "bf16":
+                    m16, x16 = model.to(torch.bfloat16), x.to(torch.bfloat16)
+                    torch16_us = median_us(lambda: m16(x16))
             del model
             if FFF is not None and layer.startswith("fff") and batch in fff_batches:
                 f = FFF(d, 32, d, depth).eval()
                 with torch.inference_mode():
                     fastff_us = median_us(lambda: f(x), budget_s=1.0, min_reps=3)
                 del f
-            if layer in ("smoe", "moe"):
-                loop_us = torch_moe_loop_us(torch, batch, sigmoid=(layer == "smoe"))
+            if layer in ("smoe", "smoe-bf16", "moe"):
+                loop_us = torch_moe_loop_us(torch, batch, sigmoid=(layer != "moe"))
         tr = f"{torch_us / r['median_us']:.1f}x" if torch_us else "-"
         dr = f"{torch_us / r['dense_median_us']:.2f}" if torch_us else "-"
         fr = f"{fastff_us / r['median_us']:.0f}x" if fastff_us else "-"
         lr = f"{loop_us / r['median_us']:.1f}x" if loop_us else "-"
+        br = f"{torch16_us / r['median_us']:.2f}x" if torch16_us else "-"
         fmt = lambda v: f"{v:.1f}" if v is not None else "-"
-        print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {dr:>9} {fr:>11} {lr:>9}")
+        print(f"{layer:<5} {r['shape']:<42} {batch:>5} {r['median_us']:>11.1f} {r['dense_median_us']:>11.1f} {fmt(torch_us):>12} {fmt(fastff_us):>12} {fmt(loop_us):>11} {tr:>10} {dr:>9} {fr:>11} {lr:>9} {fmt(torch16_us):>11} {br:>8}")
         if out:
-            out.write(json.dumps({**r, "torch_dense_us": torch_us, "fastff_us": fastff_us, "torch_loop_us": loop_us}) + "\n")
+            out.write(json.dumps({**r, "torch_dense_us": torch_us, "fastff_us": fastff_us, "torch_loop_us": loop_us, "torch_bf16_us": torch16_us}) + "\n")
     if out:
         out.close()
 

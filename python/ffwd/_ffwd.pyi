@@ -15,8 +15,10 @@ class Classifier:
     """A trained classifier (any ffwd layer between the input and the softmax)."""
 
     @staticmethod
-    def load(path: _Path) -> "Classifier":
-        """Loads a checkpoint written by `save` or `ffwd train --save`."""
+    def load(path: _Path, bf16: bool = False) -> "Classifier":
+        """Loads a checkpoint written by `save` or `ffwd train --save`; `bf16=True` runs
+        inference on the layer's weight matrices rounded to bfloat16 (dense, ufff, fff
+        leaves, moe/smoe/moefied experts; other layers raise)."""
     def save(self, path: _Path) -> None:
         """Saves the model (weights and configuration) as safetensors."""
     def predict(self, x: _F32) -> npt.NDArray[np.int64]:
@@ -42,8 +44,9 @@ class LM:
     """A character-level transformer language model with its vocabulary."""
 
     @staticmethod
-    def load(path: _Path) -> "LM":
-        """Loads a checkpoint written by `save` or `ffwd lm train --save`."""
+    def load(path: _Path, bf16: bool = False) -> "LM":
+        """Loads a checkpoint written by `save` or `ffwd lm train --save`; `bf16=True` runs
+        the FFN blocks on bfloat16 weight matrices (attention and embeddings stay f32)."""
     def save(self, path: _Path) -> None:
         """Saves the model, vocabulary, options and optimizer state."""
     def generate(self, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:

@@ -153,10 +153,20 @@ struct Classifier {
 
 #[pymethods]
 impl Classifier {
-    /// Loads a checkpoint written by `save` or `ffwd train --save`.
+    /// Loads a checkpoint written by `save` or `ffwd train --save`; `bf16=True` runs
+    /// inference on the layer's weight matrices rounded to bfloat16 (dense, ufff, fff leaves,
+    /// moe/smoe/moefied experts; other layers raise).
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let model = compute(py, || RsClassifier::load(&path)).map_err(py_err)?;
+    #[pyo3(signature = (path, bf16=false))]
+    fn load(py: Python<'_>, path: PathBuf, bf16: bool) -> PyResult<Self> {
+        let model = compute(py, || {
+            let mut m = RsClassifier::load(&path)?;
+            if bf16 {
+                m.set_precision(ffwd::kernels::Precision::Bf16)?;
+            }
+            Ok(m)
+        })
+        .map_err(py_err)?;
         Ok(Classifier { model })
     }
 
@@ -342,10 +352,20 @@ struct Lm {
 
 #[pymethods]
 impl Lm {
-    /// Loads a checkpoint written by `save` or `ffwd lm train --save`.
+    /// Loads a checkpoint written by `save` or `ffwd lm train --save`; `bf16=True` runs the
+    /// FFN blocks on bfloat16 weight matrices (attention and embeddings stay f32).
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        Ok(Lm { ck: compute(py, || LmCheckpoint::load(&path)).map_err(py_err)? })
+    #[pyo3(signature = (path, bf16=false))]
+    fn load(py: Python<'_>, path: PathBuf, bf16: bool) -> PyResult<Self> {
+        let ck = compute(py, || {
+            let mut ck = LmCheckpoint::load(&path)?;
+            if bf16 {
+                ck.lm.set_precision(ffwd::kernels::Precision::Bf16)?;
+            }
+            Ok(ck)
+        })
+        .map_err(py_err)?;
+        Ok(Lm { ck })
     }
 
     /// Saves the model, vocabulary, options and optimizer state.

@@ -45,6 +45,24 @@ def test_save_load_round_trip(blobs, tmp_path):
     assert back.config == model.config
 
 
+def test_bf16_weights(blobs, tmp_path):
+    # bf16 weight matrices: the predictions of the f32 model, logits within the rounding
+    x, y = blobs
+    for layer, extra in [("dense", dict(width=32)), ("fff", dict(depth=2)), ("moe", dict(experts=4, expert_width=8, top_k=2))]:
+        model, _ = ffwd.train_classifier(x, y, layer=layer, epochs=10, seed=4, **extra)
+        path = tmp_path / f"{layer}.safetensors"
+        model.save(path)
+        half = ffwd.Classifier.load(path, bf16=True)
+        full = model.logits(x)
+        diff = np.abs(half.logits(x) - full).max()
+        assert 0 < diff < 0.05 * np.abs(full).max(), (layer, diff)
+        assert (half.predict(x) == model.predict(x)).mean() > 0.98
+    model, _ = ffwd.train_classifier(x, y, layer="glu", epochs=1)
+    model.save(tmp_path / "glu.safetensors")
+    with pytest.raises(ValueError, match="bf16.*glu"):
+        ffwd.Classifier.load(tmp_path / "glu.safetensors", bf16=True)
+
+
 def test_predictions_equal_the_cli(tmp_path, ffwd_bin):
     model_path = tmp_path / "digits.safetensors"
     subprocess.run([ffwd_bin, "train", "--layer", "fff", "--depth", "2", "--epochs", "3", "--save", model_path, "--quiet"], check=True, capture_output=True)

@@ -57,7 +57,8 @@ pub struct ServeOptions {
     pub max_tokens: usize,
     /// Largest request body in bytes.
     pub body_limit: usize,
-    /// Load classifiers' layers with bf16 weight rows (ufff layers).
+    /// Load classifiers' layers and LMs' FFN blocks with bf16 weight matrices (dense, ufff,
+    /// fff leaves, moe/smoe/moefied experts).
     pub bf16: bool,
     /// Print one line per request on stderr.
     pub log_requests: bool,
@@ -130,7 +131,11 @@ pub fn load(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
         let err = |source| ServeError::Model { name: name.clone(), source };
         let format = format_of(path).map_err(err)?;
         let served = if format == LM_FORMAT {
-            let ck = Arc::new(LmCheckpoint::load(path).map_err(err)?);
+            let mut ck = LmCheckpoint::load(path).map_err(err)?;
+            if opts.bf16 {
+                ck.lm.set_precision(Precision::Bf16).map_err(err)?;
+            }
+            let ck = Arc::new(ck);
             let queue = decode::spawn(name.clone(), ck.clone(), opts.max_batch, opts.threads, metrics.clone())?;
             Served::Lm { queue, ck, path: path.clone() }
         } else {

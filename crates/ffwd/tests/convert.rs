@@ -72,6 +72,60 @@ fn quantized_dense_and_mixture_kernels_match_dequantized_f32() {
     }
 }
 
+/// A layer whose weight matrices (not biases, routers, tree nodes or the fff master leaf) are
+/// rounded to bf16: what a bf16 kernel multiplies with.
+fn bf16_rounded(layer: &dyn Layer) -> Box<dyn Layer> {
+    let mut out = layer.config().build(layer.in_features(), layer.out_features(), &mut Rng::new(0)).unwrap();
+    let src = layer.params();
+    let mut it = src.iter();
+    out.visit_params_mut(&mut |p| {
+        let s = it.next().unwrap();
+        p.value.clone_from(&s.value);
+        let routes = ["router", "query", "keys", "node", "master"].iter().any(|k| p.name.contains(k));
+        let last = p.name.rsplit('.').next().unwrap_or("");
+        let bias = last.contains("bias") || matches!(last, "b1" | "b2" | "b1s" | "b2s");
+        if p.shape.len() >= 2 && !routes && !bias {
+            p.value.iter_mut().for_each(|v| *v = ffwd::core::bf16::Bf16::from_f32(*v).to_f32());
+        }
+    });
+    out
+}
+
+#[test]
+fn bf16_kernels_multiply_with_the_rounded_weights() {
+    let (d, o) = (70, 45);
+    let cfgs = [
+        LayerConfig::Dense(DenseConfig { width: 130, layers: 3, activation: Activation::Gelu }),
+        // two column chunks of the in-place path, the second partial
+        LayerConfig::Dense(DenseConfig { width: 600, layers: 2, activation: Activation::Relu }),
+        LayerConfig::Moe(MoeConfig { experts: 4, expert_width: 24, k: 2, ..Default::default() }),
+        LayerConfig::Smoe(SmoeConfig { experts: 4, expert_width: 24, k: 2, ..Default::default() }),
+        LayerConfig::Fff(FffConfig { depth: 3, leaf: 20, ..Default::default() }),
+        LayerConfig::Fff(FffConfig { depth: 2, leaf: 8, master_leaf: 16, ..Default::default() }),
+    ];
+    for cfg in cfgs {
+        let layer = cfg.build(d, o, &mut Rng::new(4)).unwrap();
+        let (exact, rounded) = (layer.kernel(), bf16_rounded(layer.as_ref()).kernel());
+        let k = layer.kernel_with(Precision::Bf16).unwrap();
+        // batches on both sides of the dense kernel's in-place bf16 paths (≤ 2 rows with
+        // AVX512_BF16, ≤ 48 without)
+        for batch in [1, 2, 3, 5, 48, 49, 130] {
+            let x = normal(batch * d, batch as u64);
+            let (want, got, f32_out) = (infer(rounded.as_ref(), &x, batch), infer(k.as_ref(), &x, batch), infer(exact.as_ref(), &x, batch));
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // with AVX512_BF16 the mixtures' products, and the dense kernel's from 3 rows, round
+            // their activations to bf16 too: a few parts in a thousand of the output's range
+            let products16 = ffwd::core::sgemm::bf16_supported() && (cfg.kind() == "moe" || cfg.kind() == "smoe" || (cfg.kind() == "dense" && batch > 2));
+            let tol = if products16 { 0.01 } else { 1e-5 } * scale;
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= tol, "{} bf16 batch {batch}: {a} vs {b} (tol {tol})", cfg.kind());
+            }
+            // the rounding shows: the bf16 kernel is not the f32 one
+            assert!(got.iter().zip(&f32_out).any(|(a, b)| a != b), "{} bf16 batch {batch} equals f32", cfg.kind());
+        }
+    }
+}
+
 #[test]
 fn quantized_ufff_walks_the_dequantized_tree() {
     let (d, o, batch) = (64, 64, 50);

@@ -209,9 +209,9 @@ fn ufff_bf16_kernels_match_the_rounded_reference() {
         back.forward(&x, batch, &mut y, &mut ws).unwrap();
         close(&y, &want, &format!("ufff bf16 case {case} widened back"));
     }
-    let dense = Dense::new(DenseConfig { width: 8, layers: 2, activation: Activation::Relu }, 4, 3, &mut r).unwrap();
-    let err = dense.kernel_with(Precision::Bf16).err().expect("dense has no bf16 kernel").to_string();
-    assert!(err.contains("bf16") && err.contains("dense"), "{err}");
+    let glu = ffwd::layers::Glu::new(ffwd::layers::GluConfig { width: 8, activation: Activation::Relu }, 4, 3, &mut r).unwrap();
+    let err = glu.kernel_with(Precision::Bf16).err().expect("glu has no bf16 kernel").to_string();
+    assert!(err.contains("bf16") && err.contains("glu"), "{err}");
 }
 
 #[test]

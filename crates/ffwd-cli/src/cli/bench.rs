@@ -28,13 +28,14 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Run only the suite rows of these layers (comma-separated: ufff,ufff-bf16,ufff-q8,ufff-q4,
-    /// dense-q8,dense-q4,fff,fff-q8,fff-q4,smoe,moe,pkm).
+    /// dense-bf16,dense-q8,dense-q4,fff,fff-bf16,fff-q8,fff-q4,smoe,smoe-bf16,moe,pkm).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Time budget per measurement in milliseconds (at least 5 timed calls are made).
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
-    /// With --model: store the layer's weights in bfloat16 (ufff layers).
+    /// With --model: store the layer's weight matrices in bfloat16 (dense, ufff, fff leaves,
+    /// moe/smoe/moefied experts).
     #[arg(long, requires = "model")]
     bf16: bool,
     /// With --model: the batch size of the throughput measurement.
@@ -101,6 +102,17 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         dense: ufff_dense()?,
         batches: batches.clone(),
     });
+    // the dense twin itself with bf16 weights (read in place up to 48 rows, bf16 products
+    // above) against its f32 self
+    cases.push(Case {
+        name: "dense-bf16".into(),
+        weights: "bf16",
+        d,
+        shape: "768-4095-768 dense, bf16".into(),
+        tree: kernel_in(LayerConfig::Dense(DenseConfig { width: 4095, layers: 2, activation: Activation::Gelu }), d, d, 2, Precision::Bf16)?,
+        dense: ufff_dense()?,
+        batches: batches.clone(),
+    });
     // the same tree and its dense twin with Q8_0 / Q4_0 weight blocks (integer kernels)
     for (p, bits) in [(Precision::Q8_0, "q8"), (Precision::Q4_0, "q4")] {
         cases.push(Case {
@@ -137,8 +149,8 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
             batches: batches.clone(),
         });
     }
-    // the FFF paper shapes at depth 4 and 8 with Q8_0 / Q4_0 leaves
-    for (p, bits) in [(Precision::Q8_0, "q8"), (Precision::Q4_0, "q4")] {
+    // the FFF paper shapes at depth 4 and 8 with bf16 / Q8_0 / Q4_0 leaves
+    for (p, bits) in [(Precision::Bf16, "bf16"), (Precision::Q8_0, "q8"), (Precision::Q4_0, "q4")] {
         for depth in [4, 8] {
             let width = 32usize << depth;
             cases.push(Case {
@@ -164,7 +176,17 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         weights: "f32",
         d: dm,
         shape: "512-[32 experts x 128, K=4]-512".into(),
-        tree: kernel(LayerConfig::Smoe(smoe), dm, dm, 6)?,
+        tree: kernel(LayerConfig::Smoe(smoe.clone()), dm, dm, 6)?,
+        dense: dense4096()?,
+        batches: mix_batches.clone(),
+    });
+    // the same experts in bf16 (widened per call for the products, the router f32)
+    cases.push(Case {
+        name: "smoe-bf16".into(),
+        weights: "bf16",
+        d: dm,
+        shape: "512-[32 experts x 128, K=4]-512, bf16".into(),
+        tree: kernel_in(LayerConfig::Smoe(smoe), dm, dm, 6, Precision::Bf16)?,
         dense: dense4096()?,
         batches: mix_batches.clone(),
     });

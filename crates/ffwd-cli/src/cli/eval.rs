@@ -39,8 +39,9 @@ pub struct EvalArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Run inference with the layer's weights rounded to bfloat16 (ufff layers): half the
-    /// memory traffic, each weight kept to 8 significant bits.
+    /// Run inference with the layer's weight matrices rounded to bfloat16 (dense, ufff, fff
+    /// leaves, moe/smoe/moefied experts): half the memory traffic, each weight kept to 8
+    /// significant bits.
     #[arg(long)]
     bf16: bool,
 }

@@ -41,6 +41,9 @@ pub struct LmEvalArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Score with the FFN blocks on bf16 weight matrices (as `ffwd lm sample --bf16`).
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// Options of `ffwd lm train`.
@@ -220,6 +223,10 @@ pub struct LmSampleArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Run the FFN blocks on bf16 weight matrices (dense, ufff, fff leaves, moe/smoe
+    /// experts; attention and embeddings stay f32).
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// Runs `ffwd lm …`.
@@ -499,6 +506,10 @@ pub(crate) fn text_or_embedded(path: Option<&std::path::Path>) -> anyhow::Result
 fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
     let mut ck = LmCheckpoint::load(&a.model)?;
+    if a.bf16 {
+        ck.lm.set_precision(ffwd::kernels::Precision::Bf16)?;
+        super::note_bf16_speed();
+    }
     let text = text_or_embedded(a.text.as_deref())?;
     let loss = ck.held_out_loss(&text, a.batches)?;
     println!(
@@ -516,13 +527,22 @@ fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
 
 fn run_sample(a: LmSampleArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
-    let ck = LmCheckpoint::load(&a.model)?;
+    let mut ck = LmCheckpoint::load(&a.model)?;
+    if a.bf16 {
+        ck.lm.set_precision(ffwd::kernels::Precision::Bf16)?;
+        super::note_bf16_speed();
+    }
     let t0 = Instant::now();
     let out = ck.generate_text(&a.prompt, a.tokens, a.temperature, a.top_k, a.seed).context("prompt")?;
     let secs = t0.elapsed().as_secs_f64();
     println!("{}{}", a.prompt, out);
     let n = out.chars().count();
-    eprintln!("{n} characters in {secs:.2}s ({:.0} tokens/s, KV cache, {} FFN)", n as f64 / secs.max(1e-9), ck.lm.config().ffn.kind());
+    eprintln!(
+        "{n} characters in {secs:.2}s ({:.0} tokens/s, KV cache, {} FFN, {} weights)",
+        n as f64 / secs.max(1e-9),
+        ck.lm.config().ffn.kind(),
+        ck.lm.precision().name()
+    );
     Ok(())
 }
 

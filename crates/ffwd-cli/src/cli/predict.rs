@@ -22,7 +22,8 @@ pub struct PredictArgs {
     /// reads stdin when absent.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
-    /// Run inference with the layer's weights rounded to bfloat16 (ufff layers).
+    /// Run inference with the layer's weight matrices rounded to bfloat16 (dense, ufff, fff
+    /// leaves, moe/smoe/moefied experts).
     #[arg(long)]
     bf16: bool,
 }

@@ -36,7 +36,8 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 16)]
     body_limit_mib: usize,
-    /// Classifiers' ufff layers on bf16 weight rows.
+    /// Weight matrices of classifiers' layers and of LMs' FFN blocks in bf16 (dense, ufff, fff
+    /// leaves, moe/smoe/moefied experts; an LM's attention stays f32).
     #[arg(long)]
     bf16: bool,
 }

@@ -15,11 +15,11 @@ pub enum Activation {
     Silu,
 }
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+pub(crate) const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// Slices at least this long are split over the threads, in chunks of [`PAR_CHUNK`].
 const PAR_MIN: usize = 1 << 16;
 const PAR_CHUNK: usize = 1 << 14;
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+pub(crate) const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// e^x with a Cody–Waite reduction and a degree-6 polynomial (relative error < 2e-7 over the
 /// f32 range), written in plain arithmetic so that loops over it vectorise.
@@ -191,13 +191,15 @@ fn backward_impl(act: Activation, pre: &[f32], g: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod simd_x86 {
+    use std::arch::x86_64::{__m256, __m512};
+
     use super::{backward_impl, forward_impl, Activation};
+    use crate::core::vmath::{gelu, gelu_derivative, Lanes};
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn forward_avx512(act: Activation, pre: &[f32], out: &mut [f32]) {
         if act == Activation::Gelu {
-            // SAFETY: AVX-512F CPUs have AVX2 and FMA.
-            return unsafe { gelu8::forward(pre, out) };
+            return gelu_forward::<__m512>(pre, out);
         }
         forward_impl(act, pre, out)
     }
@@ -205,8 +207,7 @@ mod simd_x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn forward_avx2(act: Activation, pre: &[f32], out: &mut [f32]) {
         if act == Activation::Gelu {
-            // SAFETY: AVX2 is enabled on this function.
-            return unsafe { gelu8::forward(pre, out) };
+            return gelu_forward::<__m256>(pre, out);
         }
         forward_impl(act, pre, out)
     }
@@ -214,8 +215,7 @@ mod simd_x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn backward_avx512(act: Activation, pre: &[f32], g: &mut [f32]) {
         if act == Activation::Gelu {
-            // SAFETY: AVX-512F CPUs have AVX2 and FMA.
-            return unsafe { gelu8::backward(pre, g) };
+            return gelu_backward::<__m512>(pre, g);
         }
         backward_impl(act, pre, g)
     }
@@ -223,110 +223,44 @@ mod simd_x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn backward_avx2(act: Activation, pre: &[f32], g: &mut [f32]) {
         if act == Activation::Gelu {
-            // SAFETY: AVX2 is enabled on this function.
-            return unsafe { gelu8::backward(pre, g) };
+            return gelu_backward::<__m256>(pre, g);
         }
         backward_impl(act, pre, g)
     }
 
-    /// Exact GELU and its derivative eight lanes at a time, with the scalar code's operations
-    /// in the scalar code's order (no fused multiply-adds), so every lane is bit-identical to
-    /// [`Activation::apply`] / [`Activation::derivative`]: the auto-vectoriser left the scalar
-    /// form at ~5.5 ns per value, this runs at a fraction of that.
-    mod gelu8 {
-        use std::arch::x86_64::*;
-
-        use super::super::{Activation, FRAC_1_SQRT_2, FRAC_1_SQRT_2PI};
-
-        #[inline(always)]
-        unsafe fn c(v: f32) -> __m256 {
-            _mm256_set1_ps(v)
+    /// Exact GELU `V::N` lanes at a time (`core::vmath`: the scalar code's operations in its
+    /// order, so every lane is bit-identical to [`Activation::apply`]); the auto-vectoriser
+    /// left the scalar form at ~5.5 ns per value. Inlined into the callers above, which
+    /// enable `V`'s instruction set.
+    #[inline(always)]
+    fn gelu_forward<V: Lanes>(pre: &[f32], out: &mut [f32]) {
+        let n = pre.len().min(out.len());
+        let mut i = 0;
+        while i + V::N <= n {
+            // SAFETY: i + N ≤ n ≤ both lengths; the caller enables V's instruction set.
+            unsafe { gelu(V::load(pre.as_ptr().add(i))).store(out.as_mut_ptr().add(i)) };
+            i += V::N;
         }
+        for (o, &x) in out[i..n].iter_mut().zip(&pre[i..n]) {
+            *o = Activation::Gelu.apply(x);
+        }
+    }
 
-        /// `exp_approx`, lane-wise.
-        #[inline(always)]
-        unsafe fn exp8(x: __m256) -> __m256 {
+    /// `g *= GELU′(pre)`, as [`gelu_forward`].
+    #[inline(always)]
+    fn gelu_backward<V: Lanes>(pre: &[f32], g: &mut [f32]) {
+        let n = pre.len().min(g.len());
+        let mut i = 0;
+        while i + V::N <= n {
+            // SAFETY: as in `gelu_forward`.
             unsafe {
-                let x = _mm256_min_ps(_mm256_max_ps(x, c(-87.3)), c(88.7));
-                let round = c(12_582_912.0);
-                let n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), round), round);
-                let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693_145_75))), _mm256_mul_ps(n, c(1.428_606_8e-6)));
-                let mut p = c(1.0 / 720.0);
-                for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-                    p = _mm256_add_ps(c(k), _mm256_mul_ps(r, p));
-                }
-                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)));
-                _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+                let gp = g.as_mut_ptr().add(i);
+                V::load(gp).mul(gelu_derivative(V::load(pre.as_ptr().add(i)))).store(gp);
             }
+            i += V::N;
         }
-
-        /// `erf_approx`, lane-wise.
-        #[inline(always)]
-        unsafe fn erf8(x: __m256) -> __m256 {
-            unsafe {
-                let sign = _mm256_and_ps(x, c(-0.0));
-                let a = _mm256_andnot_ps(c(-0.0), x);
-                let t = _mm256_div_ps(c(1.0), _mm256_add_ps(c(1.0), _mm256_mul_ps(c(0.327_591_1), a)));
-                let mut poly = c(1.061_405_4);
-                for k in [-1.453_152_1, 1.421_413_7, -0.284_496_74, 0.254_829_6] {
-                    poly = _mm256_add_ps(c(k), _mm256_mul_ps(t, poly));
-                }
-                poly = _mm256_mul_ps(t, poly);
-                let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, c(-0.0)), a));
-                let tail = _mm256_or_ps(_mm256_andnot_ps(c(-0.0), _mm256_sub_ps(c(1.0), _mm256_mul_ps(poly, e))), sign);
-                let x2 = _mm256_mul_ps(x, x);
-                let mut s = c(1.0 / 9360.0);
-                for k in [-1.0 / 1320.0, 1.0 / 216.0, -1.0 / 42.0, 0.1, -1.0 / 3.0, 1.0] {
-                    s = _mm256_add_ps(c(k), _mm256_mul_ps(x2, s));
-                }
-                let series = _mm256_mul_ps(_mm256_mul_ps(c(std::f32::consts::FRAC_2_SQRT_PI), x), s);
-                _mm256_blendv_ps(tail, series, _mm256_cmp_ps::<_CMP_LT_OQ>(a, c(0.5)))
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn gelu(x: __m256) -> __m256 {
-            unsafe { _mm256_mul_ps(_mm256_mul_ps(c(0.5), x), _mm256_add_ps(c(1.0), erf8(_mm256_mul_ps(x, c(FRAC_1_SQRT_2))))) }
-        }
-
-        #[inline(always)]
-        unsafe fn dgelu(x: __m256) -> __m256 {
-            unsafe {
-                let cdf = _mm256_mul_ps(c(0.5), _mm256_add_ps(c(1.0), erf8(_mm256_mul_ps(x, c(FRAC_1_SQRT_2)))));
-                let pdf = exp8(_mm256_mul_ps(_mm256_mul_ps(c(-0.5), x), x));
-                _mm256_add_ps(cdf, _mm256_mul_ps(_mm256_mul_ps(x, c(FRAC_1_SQRT_2PI)), pdf))
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn forward(pre: &[f32], out: &mut [f32]) {
-            let n = pre.len().min(out.len());
-            let mut i = 0;
-            unsafe {
-                while i + 8 <= n {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(i), gelu(_mm256_loadu_ps(pre.as_ptr().add(i))));
-                    i += 8;
-                }
-            }
-            for (o, &x) in out[i..n].iter_mut().zip(&pre[i..n]) {
-                *o = Activation::Gelu.apply(x);
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn backward(pre: &[f32], g: &mut [f32]) {
-            let n = pre.len().min(g.len());
-            let mut i = 0;
-            unsafe {
-                while i + 8 <= n {
-                    let gp = g.as_mut_ptr().add(i);
-                    _mm256_storeu_ps(gp, _mm256_mul_ps(_mm256_loadu_ps(gp), dgelu(_mm256_loadu_ps(pre.as_ptr().add(i)))));
-                    i += 8;
-                }
-            }
-            for (gi, &x) in g[i..n].iter_mut().zip(&pre[i..n]) {
-                *gi *= Activation::Gelu.derivative(x);
-            }
+        for (gi, &x) in g[i..n].iter_mut().zip(&pre[i..n]) {
+            *gi *= Activation::Gelu.derivative(x);
         }
     }
 }

@@ -355,6 +355,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{backward_body, forward_body, Head, Tile, TileOps, KEY_BLOCK, ROWS};
+    use crate::core::vmath::exp;
 
     /// AVX-512F register tiles: a 4 × 64 score tile in 16 zmm accumulators.
     struct Avx512;
@@ -387,7 +388,7 @@ mod x86 {
                 let s = _mm512_set1_ps(sub);
                 for q in 0..nv.min(4) {
                     let ptr = row.as_mut_ptr().add(16 * q);
-                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr), s));
+                    let e = exp::<__m512>(_mm512_sub_ps(_mm512_loadu_ps(ptr), s));
                     _mm512_storeu_ps(ptr, _mm512_maskz_mov_ps(lanes_below(q, n), e));
                 }
             }
@@ -401,7 +402,7 @@ mod x86 {
                 for q in 0..nv.min(4) {
                     let (pp, dp) = (p.as_mut_ptr().add(16 * q), d.as_mut_ptr().add(16 * q));
                     let mask = lanes_below(q, n);
-                    let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_loadu_ps(pp), l)));
+                    let e = _mm512_maskz_mov_ps(mask, exp::<__m512>(_mm512_sub_ps(_mm512_loadu_ps(pp), l)));
                     _mm512_storeu_ps(pp, e);
                     _mm512_storeu_ps(dp, _mm512_maskz_mov_ps(mask, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dp), dv))));
                 }
@@ -435,26 +436,6 @@ mod x86 {
                     c0 += 16;
                 }
             }
-        }
-    }
-
-    /// [`exp_approx`](super::exp_approx) on 16 lanes, the same operations in the same order
-    /// (no fused multiply-adds), so every lane equals the scalar function.
-    #[inline(always)]
-    fn exp16(x: __m512) -> __m512 {
-        // SAFETY: AVX-512F is enabled in every caller.
-        unsafe {
-            let c = |v: f32| _mm512_set1_ps(v);
-            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.7));
-            let round = c(12_582_912.0);
-            let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), round), round);
-            let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_145_75))), _mm512_mul_ps(n, c(1.428_606_8e-6)));
-            let mut p = c(1.0 / 720.0);
-            for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-                p = _mm512_add_ps(c(k), _mm512_mul_ps(r, p));
-            }
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
-            _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
         }
     }
 

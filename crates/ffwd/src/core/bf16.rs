@@ -39,6 +39,14 @@ pub fn to_bf16(v: &[f32]) -> Vec<Bf16> {
     v.iter().map(|&x| Bf16::from_f32(x)).collect()
 }
 
+/// `dst[i] = src[i]` widened to f32 (exact; a loop the compiler vectorises to shifts).
+pub fn widen_into(src: &[Bf16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_into: lengths");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 /// Storage position of column `c` in a row of `n` columns in the paired layout the kernels
 /// here read: every full block of 32 columns is stored as (0, 16), (1, 17), …, (15, 31), so
 /// one 64-byte load holds columns 0–15 in the low halves of its 32-bit lanes and 16–31 in

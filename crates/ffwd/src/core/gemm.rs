@@ -221,6 +221,38 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     matmul_on(c, a, b, accumulate, true)
 }
 
+/// `b` (`k × n`) packed once for bf16 products against it ([`matmul_packed`]): the
+/// weights of an inference kernel. `None` where the CPU lacks AVX512_BF16
+/// ([`super::sgemm::bf16_supported`]).
+pub fn pack_bf16(b: MatRef<'_>) -> Option<super::sgemm::PackedBf16> {
+    // SAFETY: the view is inside its slice (checked when it was made).
+    unsafe { super::sgemm::PackedBf16::new(super::sgemm::Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs }, b.rows, b.cols) }
+}
+
+/// `c = a · b (+ bias)` with `b` packed by [`pack_bf16`]: bf16 operand pairs (`a` rounded to
+/// nearest even while it is packed), f32 accumulation, at any number of rows. Shapes: `a`
+/// `m × k`, `b` `k × n`, `c` `m × n` with unit column stride, `bias` `n`.
+pub fn matmul_packed(c: MatMut<'_>, a: MatRef<'_>, b: &super::sgemm::PackedBf16, bias: Option<&[f32]>) {
+    let (m, k, n) = (a.rows, a.cols, b.n());
+    assert_eq!(b.k(), k, "matmul_packed: inner dimensions differ ({m}x{k} · {}x{n})", b.k());
+    assert_eq!((c.rows, c.cols), (m, n), "matmul_packed: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
+    assert!(bias.is_none_or(|b| b.len() == n), "matmul_packed: bias of {:?} for {n} columns", bias.map(|b| b.len()));
+    assert_eq!(c.cs, 1, "matmul_packed: output columns must be contiguous");
+    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the views are inside their slices (checked when made), c does not overlap a
+    // (one is borrowed mutably), the bias has n values.
+    unsafe {
+        super::sgemm::gemm_packed_bf16(
+            m,
+            super::sgemm::Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs },
+            b,
+            super::sgemm::Output { ptr: c.data.as_mut_ptr(), rs: c.rs },
+            bias,
+            true,
+        )
+    }
+}
+
 /// `c = a · b + bias` with `bias` (length `n`) added to every row: the tiles start from the
 /// bias, so the output is written once (a linear layer's forward).
 pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
@@ -511,6 +543,44 @@ mod tests {
                     });
                     assert!(!bf16_products(), "the setting ends with the closure");
                 });
+            }
+        }
+    }
+
+    /// Products against a pre-packed bf16 B (inference weights): as the bf16 products above at
+    /// any number of rows (1 and 2 too), B given plainly or as a transposed view, several
+    /// column blocks and KC slices, 1 and 2 threads; `None` without AVX512_BF16.
+    #[test]
+    fn packed_bf16_products_equal_the_product_of_rounded_operands() {
+        use crate::core::bf16::Bf16;
+        let mut rng = Rng::new(13);
+        let b0: Vec<f32> = (0..4 * 4).map(|_| rng.normal()).collect();
+        if !crate::core::sgemm::bf16_supported() {
+            assert!(pack_bf16(MatRef::new(&b0, 4, 4)).is_none());
+            return;
+        }
+        let round = |v: &[f32]| v.iter().map(|&x| Bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        for &(m, k, n) in &[(1, 40, 45), (2, 33, 70), (3, 1100, 600), (61, 51, 70), (130, 2100, 49), (300, 768, 1100)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let (want, exact) = (naive(&round(&a), &round(&b), m, k, n), naive(&a, &b, m, k, n));
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            for (packed, how) in [(pack_bf16(MatRef::new(&b, k, n)).unwrap(), "plain"), (pack_bf16(MatRef::new(&bt, n, k).t()).unwrap(), "transposed")] {
+                for threads in [1, 2] {
+                    let mut c = vec![f32::NAN; m * n];
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    pool.install(|| matmul_packed(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), &packed, Some(&bias)));
+                    let mut far = 0.0f32;
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (g, w) = (c[i * n + j], want[i * n + j] + bias[j]);
+                            assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "packed {how} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
+                            far = far.max((g - exact[i * n + j] - bias[j]).abs());
+                        }
+                    }
+                    assert!(far > 1e-3, "packed {how} {m}x{k}x{n}: within {far} of the f32 product");
+                }
             }
         }
     }

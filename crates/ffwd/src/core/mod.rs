@@ -19,6 +19,7 @@ pub mod sgemm;
 pub mod simd;
 pub mod svd;
 pub mod tensor;
+pub(crate) mod vmath;
 
 pub use activation::Activation;
 pub use param::{Param, ParamVisitor, RowSet};

@@ -476,7 +476,7 @@ impl QMatrix {
 }
 
 /// A matrix that is quantized when its rows are worth it ([`worth_quantizing`]) and kept in
-/// f32 otherwise, read a range of rows at a time as f32.
+/// f32 otherwise, or stored in bf16; read a range of rows at a time as f32.
 #[derive(Clone, Debug)]
 pub enum MaybeQuant {
     /// Rows too short to quantize.
@@ -488,6 +488,13 @@ pub enum MaybeQuant {
     },
     /// Block-quantized rows.
     Quant(QMatrix),
+    /// Rows rounded to bf16 (row-major, widened to f32 when read).
+    Bf16 {
+        /// `rows × cols`.
+        data: Vec<crate::core::bf16::Bf16>,
+        /// Values per row.
+        cols: usize,
+    },
 }
 
 impl MaybeQuant {
@@ -501,7 +508,13 @@ impl MaybeQuant {
         }
     }
 
-    /// Rows `r0..r1` as f32: borrowed, or dequantized into `buf`.
+    /// `data` (`rows × cols`) rounded to bf16 (nearest even).
+    pub fn bf16(data: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        crate::error::check_matrix("matrix", data.len(), rows, cols)?;
+        Ok(MaybeQuant::Bf16 { data: crate::core::bf16::to_bf16(data), cols })
+    }
+
+    /// Rows `r0..r1` as f32: borrowed, or dequantized (widened) into `buf`.
     #[inline]
     pub fn rows<'a>(&'a self, r0: usize, r1: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
         match self {
@@ -509,6 +522,12 @@ impl MaybeQuant {
             MaybeQuant::Quant(q) => {
                 q.dequantize_rows(r0, r1, buf);
                 &buf[..(r1 - r0) * q.cols]
+            }
+            MaybeQuant::Bf16 { data, cols } => {
+                let n = (r1 - r0) * cols;
+                crate::core::scratch::grow(buf, n);
+                crate::core::bf16::widen_into(&data[r0 * cols..r1 * cols], &mut buf[..n]);
+                &buf[..n]
             }
         }
     }

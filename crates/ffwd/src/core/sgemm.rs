@@ -238,7 +238,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     // a few rows use each element of B only that many times: converting B to bf16 pairs would
     // cost more than the faster products save (f32 reads B in place there)
     let isa = isa(bf16 && m > DIRECT_B_MAX_ROWS, m);
-    let (mr, nr, kc_max) = (isa.mr, isa.nr, isa.kc);
+    let (nr, kc_max) = (isa.nr, isa.kc);
     // column blocks (BLIS's NC loop): a packed KC slice of B at most B_SLICE values, so that it
     // stays in cache while the row blocks pass it (a 4095-wide layer would otherwise pack
     // 16 MB per slice, written to memory and read back)
@@ -268,17 +268,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
         unsafe { split_k(m, n, k, a, b, c, bias, accumulate, parts, per, bf16) };
         return;
     }
-    // row blocks: a packed A block of at most A_BLOCK values (it stays in L2 while every B
-    // panel passes it), and at least two blocks per thread when that still leaves blocks of a
-    // few panels (each block is packed once and shared by nothing)
-    let mc_max = (A_BLOCK / k.min(kc_max)).max(mr).next_multiple_of(mr).min(MC_MAX);
-    let mc = if parallel { m.div_ceil(2 * nt).next_multiple_of(mr).clamp(4 * mr, mc_max.max(4 * mr)) } else { mc_max };
-    let m_blocks = m.div_ceil(mc);
-    // work items: row blocks × column chunks; split the columns when there are too few row
-    // blocks to keep every thread busy (each chunk packs its own copy of the A block)
-    let n_chunks = if parallel && m_blocks < 2 * nt { (2 * nt).div_ceil(m_blocks).min(n_panels) } else { 1 };
-    let panels_per_chunk = n_panels.div_ceil(n_chunks);
-    let n_chunks = n_panels.div_ceil(panels_per_chunk);
+    let plan = Plan::new(&isa, m, n, k, parallel);
     // few rows: every element of B is used only m times, so packing B would cost more than it
     // saves; the kernel reads B's full panels in place (only a partial last panel is packed)
     let direct = b.cs == 1 && m <= DIRECT_B_MAX_ROWS && !isa.bf16;
@@ -318,35 +308,169 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
                 }
                 BPanels::Packed(packed_b)
             };
-            let first = p0 == 0;
-            let item = |w: usize| {
-                let (ib, jc) = (w / n_chunks, w % n_chunks);
-                let i0 = ib * mc;
-                let mc = (m - i0).min(mc);
-                let (s0, s1) = (jc * panels_per_chunk, ((jc + 1) * panels_per_chunk).min(n_panels));
-                let m_panels = mc.div_ceil(mr);
-                let len = m_panels * mr * ks;
-                with_buffer(&PACK_A, len, |pa| {
-                    // SAFETY: reads inside A's extent; writes rows i0..i0+mc, columns of panels
-                    // s0..s1 of C, which no other item touches.
-                    unsafe {
-                        if isa.bf16 {
-                            pack_a_bf16(&mut pa[..len], a, i0, mc, p0, kc, mr);
-                        } else {
-                            pack_a(&mut pa[..len], a, i0, mc, p0, kc, mr);
-                        }
-                        macro_block(&isa, &pa[..len], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
-                    }
-                });
-            };
-            if parallel {
-                (0..m_blocks * n_chunks).into_par_iter().for_each(item);
-            } else {
-                (0..m_blocks * n_chunks).for_each(item);
-            }
+            // SAFETY: as this function's contract.
+            unsafe { plan.run(&isa, m, n, a, panels, p0, kc, c, bias, accumulate) };
             p0 += kc;
         }
     });
+}
+
+/// How a product's rows and columns are cut into work items: row blocks of `mc` rows (a
+/// packed A block of at most A_BLOCK values, which stays in L2 while every B panel passes
+/// it; at least two blocks per thread when that still leaves blocks of a few panels), and,
+/// when there are too few row blocks to keep every thread busy, column chunks of
+/// `panels_per_chunk` panels (each chunk packs its own copy of the A block).
+struct Plan {
+    mc: usize,
+    m_blocks: usize,
+    n_chunks: usize,
+    panels_per_chunk: usize,
+    parallel: bool,
+}
+
+impl Plan {
+    fn new(isa: &Isa, m: usize, n: usize, k: usize, parallel: bool) -> Self {
+        let (mr, nr, nt) = (isa.mr, isa.nr, rayon::current_num_threads());
+        let n_panels = n.div_ceil(nr);
+        let mc_max = (A_BLOCK / k.min(isa.kc)).max(mr).next_multiple_of(mr).min(MC_MAX);
+        let mc = if parallel { m.div_ceil(2 * nt).next_multiple_of(mr).clamp(4 * mr, mc_max.max(4 * mr)) } else { mc_max };
+        let m_blocks = m.div_ceil(mc);
+        let n_chunks = if parallel && m_blocks < 2 * nt { (2 * nt).div_ceil(m_blocks).min(n_panels) } else { 1 };
+        let panels_per_chunk = n_panels.div_ceil(n_chunks);
+        Plan { mc, m_blocks, n_chunks: n_panels.div_ceil(panels_per_chunk), panels_per_chunk, parallel }
+    }
+
+    /// Runs every work item over the `kc`-deep slice of the inner dimension from `p0`, whose
+    /// B panels are `panels`: packs the item's A block, then the micro-kernel over its tiles.
+    ///
+    /// # Safety
+    /// As [`gemm`], for the columns `0..n` of `c` and the panels' slice of B.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        isa: &Isa,
+        m: usize,
+        n: usize,
+        a: Operand,
+        panels: BPanels<'_>,
+        p0: usize,
+        kc: usize,
+        c: Output,
+        bias: Option<&[f32]>,
+        accumulate: bool,
+    ) {
+        let (mr, ks, n_panels) = (isa.mr, isa.depth(kc), n.div_ceil(isa.nr));
+        let first = p0 == 0;
+        let item = |w: usize| {
+            let (ib, jc) = (w / self.n_chunks, w % self.n_chunks);
+            let i0 = ib * self.mc;
+            let mc = (m - i0).min(self.mc);
+            let (s0, s1) = (jc * self.panels_per_chunk, ((jc + 1) * self.panels_per_chunk).min(n_panels));
+            let len = mc.div_ceil(mr) * mr * ks;
+            with_buffer(&PACK_A, len, |pa| {
+                // SAFETY: reads inside A's extent; writes rows i0..i0+mc, columns of panels
+                // s0..s1 of C, which no other item touches.
+                unsafe {
+                    if isa.bf16 {
+                        pack_a_bf16(&mut pa[..len], a, i0, mc, p0, kc, mr);
+                    } else {
+                        pack_a(&mut pa[..len], a, i0, mc, p0, kc, mr);
+                    }
+                    macro_block(isa, &pa[..len], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
+                }
+            });
+        };
+        if self.parallel {
+            (0..self.m_blocks * self.n_chunks).into_par_iter().for_each(item);
+        } else {
+            (0..self.m_blocks * self.n_chunks).for_each(item);
+        }
+    }
+}
+
+/// A `k × n` right operand packed once into the bf16 pair panels of the AVX512_BF16 kernel,
+/// for products that reuse it (the weights of an inference kernel): a product against it
+/// ([`gemm_packed_bf16`]) packs only its left operand. Column blocks and `KC` slices as
+/// [`gemm`] cuts them.
+pub struct PackedBf16 {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+    nc: usize,
+}
+
+impl PackedBf16 {
+    /// Inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Packs `b` (`k × n`, element `(p, j)` at `p·rs + j·cs`); `None` without AVX512_BF16.
+    ///
+    /// # Safety
+    /// `b` valid for reads of its `k × n` extent.
+    pub(crate) unsafe fn new(b: Operand, k: usize, n: usize) -> Option<Self> {
+        if !bf16_supported() {
+            return None;
+        }
+        let isa = isa(true, usize::MAX);
+        let nr = isa.nr;
+        let nc = (B_SLICE / k.max(1).min(isa.kc)).max(nr).next_multiple_of(nr);
+        let mut data = vec![0.0; n.div_ceil(nr) * nr * (isa.depth(k) + k / isa.kc + 1)];
+        let mut off = 0;
+        for j0 in (0..n).step_by(nc) {
+            let w = (n - j0).min(nc);
+            let bj = Operand { ptr: b.ptr.wrapping_add(j0 * b.cs), ..b };
+            for p0 in (0..k).step_by(isa.kc) {
+                let kc = (k - p0).min(isa.kc);
+                let ks = isa.depth(kc);
+                let len = w.div_ceil(nr) * nr * ks;
+                data[off..off + len].par_chunks_mut(nr * ks).enumerate().for_each(|(s, panel)| {
+                    // SAFETY: rows p0..p0+kc, columns j0..j0+w of B (the caller's contract).
+                    unsafe { pack_b_bf16(panel, bj, p0, kc, w, nr, s) }
+                });
+                off += len;
+            }
+        }
+        data.truncate(off);
+        Some(PackedBf16 { data, k, n, nc })
+    }
+}
+
+/// `C = A·B (+ bias row)` with `B` packed by [`PackedBf16::new`]: [`gemm`] with bf16
+/// operands at any number of rows, minus the packing of B.
+///
+/// # Safety
+/// `a` valid for reads of its `m × k` extent, `c` for writes of `m` rows of `n` values at
+/// stride `c.rs`, not overlapping `a`; `bias`, when given, has `n` values.
+pub(crate) unsafe fn gemm_packed_bf16(m: usize, a: Operand, b: &PackedBf16, c: Output, bias: Option<&[f32]>, threads: bool) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 || k == 0 {
+        // SAFETY: as this function's contract (k = 0: C is the bias or zero).
+        return unsafe { gemm(m, n, k, a, Operand { ptr: b.data.as_ptr(), rs: 0, cs: 0 }, c, bias, false, threads, false) };
+    }
+    let isa = isa(true, usize::MAX);
+    let nt = rayon::current_num_threads();
+    let mut off = 0;
+    for j0 in (0..n).step_by(b.nc) {
+        let w = (n - j0).min(b.nc);
+        let parallel = threads && nt > 1 && m * w * k >= super::gemm::PARALLEL_MIN_WORK;
+        let plan = Plan::new(&isa, m, w, k, parallel);
+        let cj = Output { ptr: c.ptr.wrapping_add(j0), ..c };
+        let bias_j = bias.map(|bv| &bv[j0..j0 + w]);
+        for p0 in (0..k).step_by(isa.kc) {
+            let kc = (k - p0).min(isa.kc);
+            let len = w.div_ceil(isa.nr) * isa.nr * isa.depth(kc);
+            // SAFETY: the caller's contract, for columns j0..j0+w.
+            unsafe { plan.run(&isa, m, w, a, BPanels::Packed(&b.data[off..off + len]), p0, kc, cj, bias_j, false) };
+            off += len;
+        }
+    }
 }
 
 /// Most values of a packed KC slice of B (2 MiB).

@@ -5,10 +5,10 @@ use rayon::prelude::*;
 
 use super::grouped::dispatch;
 use super::ufff::TreeStrategy;
-use super::{check_io, rows4, InferKernel, SyncPtr, Workspace};
+use super::{check_io, rows4, InferKernel, Precision, SyncPtr, Workspace};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::dot;
-use crate::core::quant::{MaybeQuant, QFormat};
+use crate::core::quant::MaybeQuant;
 use crate::core::simd::{dot4, gemm_small, gemm_small_gather, gemm_small_scatter};
 use crate::core::Activation;
 use crate::error::Result;
@@ -46,7 +46,7 @@ pub struct FffKernel {
     b2: Vec<f32>,
     master: Option<MasterWeights>,
     strategy: TreeStrategy,
-    /// The leaves' matrices as quantized blocks, rows as stored (`w1s`: `leaves·in × leaf`,
+    /// The leaves' matrices as quantized blocks or bf16, rows as stored (`w1s`: `leaves·in × leaf`,
     /// `w2s`: `leaves·leaf × out`); then `w1` and `w2` are empty.
     quant: Option<(MaybeQuant, MaybeQuant)>,
 }
@@ -102,21 +102,25 @@ impl FffKernel {
         }
     }
 
-    /// The same kernel with the leaves' matrices stored as `format` blocks (the nodes, biases
-    /// and master leaf stay f32). Each leaf that receives samples is dequantized once per
-    /// call before its products: the weights cross memory at 4.5 or 8.5 bits, which is what
-    /// bounds a deep tree at batch (every sample reads a different leaf).
-    pub fn quantized(mut self, format: QFormat) -> Result<Self> {
+    /// The same kernel with the leaves' matrices stored in `precision` (Q8_0/Q4_0 blocks or
+    /// bf16; the nodes, biases and master leaf stay f32). Each leaf that receives samples is
+    /// widened to f32 once per call before its products: the weights cross memory at 4.5,
+    /// 8.5 or 16 bits, which is what bounds a deep tree at batch (every sample reads a
+    /// different leaf).
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        if precision == Precision::F32 {
+            return Ok(self);
+        }
         let leaves = 1usize << self.depth;
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);
-        let w1 = MaybeQuant::new(format, std::mem::take(&mut self.w1), leaves * ni, lw)?;
-        let w2 = MaybeQuant::new(format, std::mem::take(&mut self.w2), leaves * lw, no)?;
+        let w1 = precision.store(std::mem::take(&mut self.w1), leaves * ni, lw)?;
+        let w2 = precision.store(std::mem::take(&mut self.w2), leaves * lw, no)?;
         self.quant = Some((w1, w2));
         Ok(self)
     }
 
     /// Runs `f` with leaf `leaf`'s `W1` (`in × leaf`) and `W2` (`leaf × out`): slices of the
-    /// f32 weights, or the blocks dequantized into a per-thread buffer.
+    /// f32 weights, or the stored rows widened into a per-thread buffer.
     #[inline]
     fn with_leaf<R>(&self, leaf: usize, f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
         let (ni, no, lw) = (self.in_features, self.out_features, self.leaf);

@@ -10,9 +10,11 @@
 
 use rayon::prelude::*;
 
-use super::SyncPtr;
-use crate::core::gemm::{matmul_serial, MatMut, MatRef};
-use crate::core::quant::{MaybeQuant, QFormat};
+use super::{Precision, SyncPtr};
+use crate::core::gemm::{matmul_packed, matmul_serial, pack_bf16, MatMut, MatRef};
+use crate::core::quant::MaybeQuant;
+use crate::core::scratch::with_buffer;
+use crate::core::sgemm::PackedBf16;
 use crate::core::simd::{dot, gemm_small, gemm_small_gather};
 use crate::core::Activation;
 use crate::error::{Error, Result};
@@ -193,10 +195,13 @@ pub fn experts_forward(
 pub enum ExpertSource<'a> {
     /// f32 weights, read in place.
     F32(&'a ExpertWeights<'a>),
-    /// Quantized blocks: each expert that received rows is dequantized once per call into a
-    /// per-thread buffer (the blocks run along the output axis of each product, so the integer
-    /// dot products of `core::quant` do not apply; the weights cross memory at 4.5 or 8.5
-    /// bits).
+    /// bf16 pre-packed for the AVX512_BF16 products: each segment's rows are gathered and
+    /// multiplied on bf16 operand pairs.
+    Packed(&'a PackedExperts),
+    /// Quantized blocks or bf16: each expert that received rows is widened to f32 once per
+    /// call into a per-thread buffer (the blocks run along the output axis of each product,
+    /// so the integer dot products of `core::quant` do not apply; the weights cross memory at
+    /// 4.5, 8.5 or 16 bits).
     Quant(&'a QuantExperts),
 }
 
@@ -205,6 +210,7 @@ impl ExpertSource<'_> {
         match self {
             ExpertSource::F32(w) => w.shape,
             ExpertSource::Quant(q) => q.shape,
+            ExpertSource::Packed(p) => p.shape,
         }
     }
 }
@@ -220,6 +226,7 @@ pub fn experts_infer(w: ExpertSource<'_>, x: &[f32], k: usize, order: &[u32], of
     if let ExpertSource::F32(w) = w {
         w.check()?;
     }
+
     let s = check_segments(offsets, experts, &[("h", h.len(), g), ("ys", ys.len(), o), ("order", order.len(), 1), ("tok", tok.len(), 1)])?;
     let tokens = if k == 0 { 0 } else { x.len() / d.max(1) };
     for (t, &slot) in tok[..s].iter_mut().zip(&order[..s]) {
@@ -248,6 +255,7 @@ pub fn experts_infer(w: ExpertSource<'_>, x: &[f32], k: usize, order: &[u32], of
             ExpertSource::Quant(q) => {
                 DEQ.with_borrow_mut(|(b1, b2)| segment(q.w1.rows(e * d, (e + 1) * d, b1), &q.b1[e * g..(e + 1) * g], q.w2.rows(e * g, (e + 1) * g, b2), q.act))
             }
+            ExpertSource::Packed(p) => p.segment(e, x, &tok[r0..r1], hs, None, yo),
         }
     };
     // below a quarter million multiply-adds in the first maps a fork-join costs more than it
@@ -261,7 +269,7 @@ pub fn experts_infer(w: ExpertSource<'_>, x: &[f32], k: usize, order: &[u32], of
     Ok(())
 }
 
-/// An expert bank whose matrices are stored as quantized blocks, rows as in the checkpoint
+/// An expert bank whose matrices are stored as quantized blocks or bf16, rows as in the checkpoint
 /// (`w1`: `E·in × G`, `w2`: `E·G × out`, blocks along the last axis).
 pub struct QuantExperts {
     /// Sizes.
@@ -277,21 +285,70 @@ pub struct QuantExperts {
 }
 
 impl QuantExperts {
-    /// Quantizes a bank's matrices to `format` (biases stay f32).
-    pub fn new(w: &ExpertWeights<'_>, format: QFormat) -> Result<Self> {
+    /// Stores a bank's matrices in `precision` (Q8_0/Q4_0 blocks or bf16; biases stay f32).
+    pub fn new(w: &ExpertWeights<'_>, precision: Precision) -> Result<Self> {
         w.check()?;
         let ExpertShape { experts: e, in_features: d, width: g, out_features: o } = w.shape;
         Ok(QuantExperts {
             shape: w.shape,
             act: w.act,
-            w1: MaybeQuant::new(format, w.w1.to_vec(), e * d, g)?,
+            w1: precision.store(w.w1.to_vec(), e * d, g)?,
             b1: w.b1.to_vec(),
-            w2: MaybeQuant::new(format, w.w2.to_vec(), e * g, o)?,
+            w2: precision.store(w.w2.to_vec(), e * g, o)?,
         })
     }
 }
 
+/// An expert bank (or the leaves of a tree, the same layouts) whose matrices are packed once
+/// for bf16 products ([`crate::core::gemm::matmul_packed`]): every segment multiplies on bf16
+/// operand pairs with f32 accumulation, its rows rounded to bf16 while packed.
+pub struct PackedExperts {
+    /// Sizes.
+    pub shape: ExpertShape,
+    /// Hidden nonlinearity.
+    pub act: Activation,
+    /// `E × G`.
+    pub b1: Vec<f32>,
+    w1: Vec<PackedBf16>,
+    w2: Vec<PackedBf16>,
+}
+
+impl PackedExperts {
+    /// Packs a bank; `None` where the CPU lacks AVX512_BF16.
+    pub fn new(w: &ExpertWeights<'_>) -> Result<Option<Self>> {
+        w.check()?;
+        let ExpertShape { experts: e, in_features: d, width: g, out_features: o } = w.shape;
+        let pack = |m: &[f32], rows: usize, cols: usize| -> Option<Vec<PackedBf16>> {
+            m.chunks_exact(rows * cols).map(|c| pack_bf16(MatRef::new(c, rows, cols))).collect()
+        };
+        let (Some(w1), Some(w2)) = (pack(w.w1, d, g), pack(w.w2, g, o)) else { return Ok(None) };
+        if w1.len() != e || w2.len() != e {
+            return Ok(None);
+        }
+        Ok(Some(PackedExperts { shape: w.shape, act: w.act, b1: w.b1.to_vec(), w1, w2 }))
+    }
+
+    /// Expert `e` over rows `idx` of `x` (`· × in`): `h = act(x[idx]·W1ₑ + b1ₑ)` (`h`:
+    /// `n × G`), `out = h·W2ₑ (+ b2)` (`out`: `n × out`, `n = idx.len()`). The rows are
+    /// gathered into a per-thread buffer first.
+    pub fn segment(&self, e: usize, x: &[f32], idx: &[u32], h: &mut [f32], b2: Option<&[f32]>, out: &mut [f32]) {
+        let ExpertShape { in_features: d, width: g, out_features: o, .. } = self.shape;
+        let n = idx.len();
+        // (the product may run rayon jobs on this thread, which `with_buffer` allows for)
+        with_buffer(&GATHER, n * d, |xs| {
+            for (row, &t) in xs.chunks_exact_mut(d).zip(idx) {
+                row.copy_from_slice(&x[t as usize * d..(t as usize + 1) * d]);
+            }
+            matmul_packed(MatMut::new(&mut h[..n * g], n, g), MatRef::new(xs, n, d), &self.w1[e], Some(&self.b1[e * g..(e + 1) * g]));
+        });
+        self.act.apply_inplace(&mut h[..n * g]);
+        matmul_packed(MatMut::new(&mut out[..n * o], n, o), MatRef::new(&h[..n * g], n, g), &self.w2[e], b2);
+    }
+}
+
 thread_local! {
+    /// The gathered rows of one packed segment (grows once per thread).
+    static GATHER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One expert's dequantized `W1ₑ` and `W2ₑ` (grows once per thread).
     static DEQ: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }

@@ -81,6 +81,21 @@ impl Precision {
         }
     }
 
+    /// A weight matrix (`rows × cols`, row-major) as a kernel that widens rows to f32 per use
+    /// stores it in this precision: f32 as is, bf16 rounded, Q8_0/Q4_0 blocks along the rows
+    /// (rows too short for blocks stay f32).
+    pub fn store(self, data: Vec<f32>, rows: usize, cols: usize) -> Result<crate::core::quant::MaybeQuant> {
+        use crate::core::quant::MaybeQuant;
+        match (self, self.quant()) {
+            (_, Some(format)) => MaybeQuant::new(format, data, rows, cols),
+            (Precision::Bf16, _) => MaybeQuant::bf16(&data, rows, cols),
+            _ => {
+                check_matrix("matrix", data.len(), rows, cols)?;
+                Ok(MaybeQuant::F32 { data, cols })
+            }
+        }
+    }
+
     /// Name (`f32`, `bf16`, `q8_0`, `q4_0`).
     pub fn name(self) -> &'static str {
         match self {

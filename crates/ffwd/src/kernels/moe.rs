@@ -166,16 +166,27 @@ pub struct MoeKernel {
     b1: Vec<f32>,
     w2: Vec<f32>,
     b2: Vec<f32>,
-    /// The experts as quantized blocks (then `w1`, `w2` are empty).
+    /// The experts as quantized blocks or bf16 (then `w1`, `w2` are empty).
     quant: Option<QuantExperts>,
+    /// The experts packed for bf16 products (then `w1`, `w2` are empty).
+    packed: Option<super::grouped::PackedExperts>,
 }
 
 impl MoeKernel {
-    /// The same kernel with its expert matrices stored as `format` blocks (the router stays
-    /// f32: Mixture of Quantized Experts).
-    pub fn quantized(mut self, format: crate::core::quant::QFormat) -> Result<Self> {
+    /// The same kernel with its expert matrices stored in `precision`: Q8_0/Q4_0 blocks
+    /// (Mixture of Quantized Experts) or bf16 (packed for the AVX512_BF16 products where the
+    /// CPU has them, else widened per call); the router stays f32.
+    pub fn with_precision(mut self, precision: super::Precision) -> Result<Self> {
+        if precision == super::Precision::F32 {
+            return Ok(self);
+        }
         let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
-        self.quant = Some(QuantExperts::new(&w, format)?);
+        // bf16 on AVX512_BF16: packed for the bf16 products; else stored and widened per call
+        let packed = if precision == super::Precision::Bf16 { super::grouped::PackedExperts::new(&w)? } else { None };
+        match packed {
+            Some(p) => self.packed = Some(p),
+            None => self.quant = Some(QuantExperts::new(&w, precision)?),
+        }
         (self.w1, self.w2) = (Vec::new(), Vec::new());
         Ok(self)
     }
@@ -193,6 +204,7 @@ impl MoeKernel {
             w2: weights.w2.to_vec(),
             b2: b2.to_vec(),
             quant: None,
+            packed: None,
         }
     }
 
@@ -231,9 +243,10 @@ impl MoeKernel {
         }
         let s = grouped::dispatch(assign, experts, offsets, order, pos);
         let w = ExpertWeights { shape: self.shape, w1: &self.w1, b1: &self.b1, w2: &self.w2, act: self.act };
-        let source = match &self.quant {
-            Some(q) => ExpertSource::Quant(q),
-            None => ExpertSource::F32(&w),
+        let source = match (&self.packed, &self.quant) {
+            (Some(p), _) => ExpertSource::Packed(p),
+            (None, Some(q)) => ExpertSource::Quant(q),
+            (None, None) => ExpertSource::F32(&w),
         };
         // `assign` is free once dispatched: it holds the token of every sorted slot
         grouped::experts_infer(source, x, k, &order[..s], offsets, &mut assign[..s], &mut h[..s * g], &mut ys[..s * o])?;

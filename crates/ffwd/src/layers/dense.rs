@@ -6,10 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Linear, Trainable};
-use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
-use crate::kernels::{DenseKernel, InferKernel};
+use crate::kernels::{DenseKernel, InferKernel, Precision};
 
 /// Configuration of [`Dense`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,8 +149,8 @@ impl Compile for Dense {
         Box::new(DenseKernel::new(&self.linears, self.cfg.activation))
     }
 
-    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
-        Some(DenseKernel::quantized(&self.linears, self.cfg.activation, format).map(|k| Box::new(k) as Box<dyn InferKernel>))
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(DenseKernel::with_precision(&self.linears, self.cfg.activation, precision).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

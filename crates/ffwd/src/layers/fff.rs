@@ -38,11 +38,10 @@ use serde::{Deserialize, Serialize};
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Linear, Trainable};
 use crate::core::activation::sigmoid;
 use crate::core::gemm::{add_row_bias, add_sum_rows, axpy, dot, matmul, MatMut, MatRef};
-use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::fff::MasterWeights;
-use crate::kernels::{FffKernel, InferKernel};
+use crate::kernels::{FffKernel, InferKernel, Precision};
 
 /// Clamp of the node probabilities inside the entropy, as in the reference package.
 const ENTROPY_EPS: f32 = 1e-6;
@@ -643,8 +642,8 @@ impl Compile for Fff {
         Box::new(self.tree_kernel())
     }
 
-    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
-        Some(self.tree_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.tree_kernel().with_precision(precision).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

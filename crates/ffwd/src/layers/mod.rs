@@ -165,26 +165,25 @@ pub trait Compile {
     /// fastest); build once, call many times with a reused [`Workspace`].
     fn kernel(&self) -> Box<dyn InferKernel>;
     /// [`Compile::kernel`] with its weights stored in `precision`. Layers without a kernel in
-    /// that precision return an error: bf16 is implemented for `ufff`, Q8_0/Q4_0 for `dense`,
-    /// `ufff`, the leaves of `fff` and the experts of `moe`, `smoe` and `moefied` (each through
-    /// [`Compile::quantized_kernel`]).
+    /// that precision return an error: bf16 and Q8_0/Q4_0 are implemented for `dense`,
+    /// `ufff`, the leaves of `fff` and the experts of `moe`, `smoe` and `moefied` (each
+    /// through [`Compile::stored_kernel`]).
     fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        match (precision, precision.quant()) {
-            (Precision::F32, _) => Ok(self.kernel()),
-            (_, Some(format)) => self.quantized_kernel(format).unwrap_or_else(|| {
-                Err(Error::Invalid(format!(
-                    "{} weights are implemented for dense, ufff, fff, moe, smoe and moefied layers, not {}",
-                    precision.name(),
-                    self.kernel().kind()
-                )))
-            }),
-            _ => Err(Error::Invalid(format!("bf16 weights are implemented for ufff layers, not {}", self.kernel().kind()))),
+        if precision == Precision::F32 {
+            return Ok(self.kernel());
         }
+        self.stored_kernel(precision).unwrap_or_else(|| {
+            Err(Error::Invalid(format!(
+                "{} weights are implemented for dense, ufff, fff, moe, smoe and moefied layers, not {}",
+                precision.name(),
+                self.kernel().kind()
+            )))
+        })
     }
-    /// The kernel with its weight matrices block-quantized to `format`; `None` for layers
-    /// without a quantized kernel (the default).
-    fn quantized_kernel(&self, format: crate::core::quant::QFormat) -> Option<Result<Box<dyn InferKernel>>> {
-        let _ = format;
+    /// The kernel with its weight matrices stored in `precision` (bf16 or Q8_0/Q4_0 blocks);
+    /// `None` for layers without such a kernel (the default).
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        let _ = precision;
         None
     }
     /// Inference (hard routing for trees): `x`: `batch × in` → `y`: `batch × out`.

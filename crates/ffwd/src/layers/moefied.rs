@@ -18,12 +18,11 @@ use super::experts::ExpertBank;
 use super::moe::check_mixture;
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
 use crate::core::gemm::matmul_bt;
-use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Result};
 use crate::kernels::grouped::{top_k, ExpertShape};
 use crate::kernels::moe::Router;
-use crate::kernels::{InferKernel, MoeKernel};
+use crate::kernels::{InferKernel, MoeKernel, Precision};
 
 /// How a MoEfied layer picks its experts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,8 +206,8 @@ impl Compile for Moefied {
         Box::new(self.mixture_kernel())
     }
 
-    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
-        Some(self.mixture_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.mixture_kernel().with_precision(precision).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {

@@ -16,12 +16,11 @@ use serde::{Deserialize, Serialize};
 use super::experts::{router_backward, router_logits, router_ranking, ExpertBank};
 use super::moe::check_mixture;
 use super::{ensure_len, Compile, Input, Layer, LayerConfig, Trainable};
-use crate::core::quant::QFormat;
 use crate::core::{Activation, Param, Rng};
 use crate::error::{check_matrix, Error, Result};
 use crate::kernels::grouped::{ExpertShape, DROPPED};
 use crate::kernels::moe::{route_sigmoid, softmax, Router};
-use crate::kernels::{InferKernel, MoeKernel};
+use crate::kernels::{InferKernel, MoeKernel, Precision};
 
 /// Configuration of [`Smoe`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -246,8 +245,8 @@ impl Compile for Smoe {
         Box::new(self.mixture_kernel())
     }
 
-    fn quantized_kernel(&self, format: QFormat) -> Option<Result<Box<dyn InferKernel>>> {
-        Some(self.mixture_kernel().quantized(format).map(|k| Box::new(k) as Box<dyn InferKernel>))
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.mixture_kernel().with_precision(precision).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {
