@@ -17,15 +17,23 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.normal()).collect()
 }
 
-/// A layer whose weight matrices are replaced by their `format` round trip (what a quantized
-/// checkpoint loads as), routers and tree nodes kept (the kernels route in f32).
-fn dequantized(layer: &dyn Layer, format: QFormat) -> Box<dyn Layer> {
+/// A copy of `layer` (same configuration and parameters) with `change` applied to each
+/// parameter.
+fn rebuilt(layer: &dyn Layer, mut change: impl FnMut(&mut ffwd::core::Param)) -> Box<dyn Layer> {
     let mut out = layer.config().build(layer.in_features(), layer.out_features(), &mut Rng::new(0)).unwrap();
     let src = layer.params();
     let mut it = src.iter();
     out.visit_params_mut(&mut |p| {
-        let s = it.next().unwrap();
-        p.value.clone_from(&s.value);
+        p.value.clone_from(&it.next().unwrap().value);
+        change(p);
+    });
+    out
+}
+
+/// A layer whose weight matrices are replaced by their `format` round trip (what a quantized
+/// checkpoint loads as), routers and tree nodes kept (the kernels route in f32).
+fn dequantized(layer: &dyn Layer, format: QFormat) -> Box<dyn Layer> {
+    rebuilt(layer, |p| {
         let cols = *p.shape.last().unwrap();
         // the tensors `convert quantize --experts-only` packs (a classifier's names)
         if ffwd::convert::quantize::quantizable(&format!("ffn.{}", p.name), &p.shape, true) {
@@ -33,8 +41,7 @@ fn dequantized(layer: &dyn Layer, format: QFormat) -> Box<dyn Layer> {
             let bytes = ffwd::core::quant::pack(format, &p.value, rows, cols).unwrap();
             p.value = ffwd::core::quant::unpack(format, &bytes, rows, cols).unwrap();
         }
-    });
-    out
+    })
 }
 
 fn infer(k: &dyn ffwd::kernels::InferKernel, x: &[f32], batch: usize) -> Vec<f32> {
@@ -75,20 +82,14 @@ fn quantized_dense_and_mixture_kernels_match_dequantized_f32() {
 /// A layer whose weight matrices (not biases, routers, tree nodes or the fff master leaf) are
 /// rounded to bf16: what a bf16 kernel multiplies with.
 fn bf16_rounded(layer: &dyn Layer) -> Box<dyn Layer> {
-    let mut out = layer.config().build(layer.in_features(), layer.out_features(), &mut Rng::new(0)).unwrap();
-    let src = layer.params();
-    let mut it = src.iter();
-    out.visit_params_mut(&mut |p| {
-        let s = it.next().unwrap();
-        p.value.clone_from(&s.value);
+    rebuilt(layer, |p| {
         let routes = ["router", "query", "keys", "node", "master"].iter().any(|k| p.name.contains(k));
         let last = p.name.rsplit('.').next().unwrap_or("");
         let bias = last.contains("bias") || matches!(last, "b1" | "b2" | "b1s" | "b2s");
         if p.shape.len() >= 2 && !routes && !bias {
             p.value.iter_mut().for_each(|v| *v = ffwd::core::bf16::Bf16::from_f32(*v).to_f32());
         }
-    });
-    out
+    })
 }
 
 #[test]

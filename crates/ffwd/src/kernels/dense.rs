@@ -150,6 +150,7 @@ impl Bf16Blocks {
         let mut data = Vec::with_capacity(n * o);
         for c0 in (0..o).step_by(BF16_BLOCK) {
             let w = (o - c0).min(BF16_BLOCK);
+            // (block j then starts at j·BF16_BLOCK·n: every earlier block is full)
             for i in 0..n {
                 data.extend(to_bf16_paired(&wt[i * o + c0..i * o + c0 + w], w));
             }
@@ -157,12 +158,16 @@ impl Bf16Blocks {
         Bf16Blocks { data, n, o }
     }
 
-    /// `(first column, width, block)` of every block.
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize, &[Bf16])> + '_ {
-        (0..self.o).step_by(BF16_BLOCK).map(move |c0| {
-            let w = (self.o - c0).min(BF16_BLOCK);
-            (c0, w, &self.data[c0 * self.n..(c0 + w) * self.n])
-        })
+    /// Number of blocks.
+    fn count(&self) -> usize {
+        self.o.div_ceil(BF16_BLOCK)
+    }
+
+    /// `(first column, width, data)` of block `j`.
+    fn block(&self, j: usize) -> (usize, usize, &[Bf16]) {
+        let c0 = j * BF16_BLOCK;
+        let w = (self.o - c0).min(BF16_BLOCK);
+        (c0, w, &self.data[c0 * self.n..(c0 + w) * self.n])
     }
 
     /// The matrix widened to f32, `n × o` row-major, into `out` (threads over blocks).
@@ -170,7 +175,8 @@ impl Bf16Blocks {
         let (n, o) = (self.n, self.o);
         assert!(out.len() >= n * o, "widen: output too short");
         let op = super::SyncPtr(out.as_mut_ptr());
-        let block = |(c0, w, data): (usize, usize, &[Bf16])| {
+        let block = |j: usize| {
+            let (c0, w, data) = self.block(j);
             let full = w / 32 * 32;
             for (i, row) in data.chunks_exact(w).enumerate() {
                 // SAFETY: the block owns columns c0..c0+w of every row of `out` (length checked).
@@ -187,7 +193,7 @@ impl Bf16Blocks {
                 }
             }
         };
-        self.blocks().collect::<Vec<_>>().into_par_iter().for_each(block);
+        (0..self.count()).into_par_iter().for_each(block);
     }
 }
 
@@ -197,7 +203,8 @@ impl Bf16Blocks {
 fn gemv_bf16(wt: &Bf16Blocks, iota: &[usize], b: &[f32], x: &[f32], batch: usize, y: &mut [f32]) {
     let (n, o) = (wt.n, wt.o);
     let yp = super::SyncPtr(y.as_mut_ptr());
-    let block = |(c0, w, data): (usize, usize, &[Bf16])| {
+    let block = |j: usize| {
+        let (c0, w, data) = wt.block(j);
         for r in 0..batch {
             // SAFETY: the block owns columns c0..c0+w of every row of y (`batch × o`).
             let yr = unsafe { yp.slice(r * o + c0, w) };
@@ -206,9 +213,9 @@ fn gemv_bf16(wt: &Bf16Blocks, iota: &[usize], b: &[f32], x: &[f32], batch: usize
         }
     };
     if batch * o * n >= 1 << 16 {
-        wt.blocks().collect::<Vec<_>>().into_par_iter().for_each(block);
+        (0..wt.count()).into_par_iter().for_each(block);
     } else {
-        wt.blocks().for_each(block);
+        (0..wt.count()).for_each(block);
     }
 }
 

@@ -255,7 +255,7 @@ pub fn experts_infer(w: ExpertSource<'_>, x: &[f32], k: usize, order: &[u32], of
             ExpertSource::Quant(q) => {
                 DEQ.with_borrow_mut(|(b1, b2)| segment(q.w1.rows(e * d, (e + 1) * d, b1), &q.b1[e * g..(e + 1) * g], q.w2.rows(e * g, (e + 1) * g, b2), q.act))
             }
-            ExpertSource::Packed(p) => p.segment(e, x, &tok[r0..r1], hs, None, yo),
+            ExpertSource::Packed(p) => p.segment(e, x, &tok[r0..r1], hs, yo),
         }
     };
     // below a quarter million multiply-adds in the first maps a fork-join costs more than it
@@ -299,8 +299,7 @@ impl QuantExperts {
     }
 }
 
-/// An expert bank (or the leaves of a tree, the same layouts) whose matrices are packed once
-/// for bf16 products ([`crate::core::gemm::matmul_packed`]): every segment multiplies on bf16
+/// An expert bank whose matrices are packed once for bf16 products ([`crate::core::gemm::matmul_packed`]): every segment multiplies on bf16
 /// operand pairs with f32 accumulation, its rows rounded to bf16 while packed.
 pub struct PackedExperts {
     /// Sizes.
@@ -329,9 +328,9 @@ impl PackedExperts {
     }
 
     /// Expert `e` over rows `idx` of `x` (`· × in`): `h = act(x[idx]·W1ₑ + b1ₑ)` (`h`:
-    /// `n × G`), `out = h·W2ₑ (+ b2)` (`out`: `n × out`, `n = idx.len()`). The rows are
-    /// gathered into a per-thread buffer first.
-    pub fn segment(&self, e: usize, x: &[f32], idx: &[u32], h: &mut [f32], b2: Option<&[f32]>, out: &mut [f32]) {
+    /// `n × G`), `out = h·W2ₑ` (`out`: `n × out`, `n = idx.len()`). The rows are gathered
+    /// into a per-thread buffer first.
+    pub fn segment(&self, e: usize, x: &[f32], idx: &[u32], h: &mut [f32], out: &mut [f32]) {
         let ExpertShape { in_features: d, width: g, out_features: o, .. } = self.shape;
         let n = idx.len();
         // (the product may run rayon jobs on this thread, which `with_buffer` allows for)
@@ -342,7 +341,7 @@ impl PackedExperts {
             matmul_packed(MatMut::new(&mut h[..n * g], n, g), MatRef::new(xs, n, d), &self.w1[e], Some(&self.b1[e * g..(e + 1) * g]));
         });
         self.act.apply_inplace(&mut h[..n * g]);
-        matmul_packed(MatMut::new(&mut out[..n * o], n, o), MatRef::new(&h[..n * g], n, g), &self.w2[e], b2);
+        matmul_packed(MatMut::new(&mut out[..n * o], n, o), MatRef::new(&h[..n * g], n, g), &self.w2[e], None);
     }
 }
 
