@@ -119,7 +119,8 @@ impl Activation {
         self.forward_serial(pre, out)
     }
 
-    fn forward_serial(self, pre: &[f32], out: &mut [f32]) {
+    /// [`Activation::forward`] on the calling thread (for short slices: a tile's rows).
+    pub(crate) fn forward_serial(self, pre: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {
@@ -143,7 +144,8 @@ impl Activation {
         self.backward_serial(pre, g)
     }
 
-    fn backward_serial(self, pre: &[f32], g: &mut [f32]) {
+    /// [`Activation::backward_inplace`] on the calling thread.
+    pub(crate) fn backward_serial(self, pre: &[f32], g: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {
