@@ -119,8 +119,7 @@ impl Activation {
         self.forward_serial(pre, out)
     }
 
-    /// [`Activation::forward`] on the calling thread (for short slices: a tile's rows).
-    pub(crate) fn forward_serial(self, pre: &[f32], out: &mut [f32]) {
+    fn forward_serial(self, pre: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {
@@ -144,8 +143,7 @@ impl Activation {
         self.backward_serial(pre, g)
     }
 
-    /// [`Activation::backward_inplace`] on the calling thread.
-    pub(crate) fn backward_serial(self, pre: &[f32], g: &mut [f32]) {
+    fn backward_serial(self, pre: &[f32], g: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::core::cpu::avx512() {

@@ -253,81 +253,6 @@ pub fn matmul_packed(c: MatMut<'_>, a: MatRef<'_>, b: &super::sgemm::PackedBf16,
     }
 }
 
-/// `c = a · b + bias` and `h = act(c)` in one pass: each tile of `c` is activated into `h`
-/// as soon as it is finished, while it is in cache (a hidden layer's forward: the
-/// pre-activation kept for the backward, the activation for the next map). `c` and `h`:
-/// `m × n`, contiguous rows. Equal, bit for bit, to [`matmul_bias`] then
-/// [`Activation::forward`](super::Activation::forward).
-pub fn matmul_bias_act(c: MatMut<'_>, h: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, bias: &[f32], act: super::Activation) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(c.cs == 1 && (c.rs == n || m <= 1), "matmul_bias_act: c must be contiguous rows");
-    assert!(h.len() >= m * n, "matmul_bias_act: h holds {} values, {m}x{n} needed", h.len());
-    assert_eq!(b.rows, k, "matmul_bias_act: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
-    assert_eq!((c.rows, c.cols), (m, n), "matmul_bias_act: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
-    assert_eq!(bias.len(), n, "matmul_bias_act: bias of {} for {n} columns", bias.len());
-    if use_own() && own_suits(m, n, k) {
-        GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
-        use super::sgemm::{gemm_then, Epilogue, Operand, Output};
-        // SAFETY: the views were bound-checked at construction, h holds m × n values (asserted),
-        // c is borrowed mutably and h is a distinct &mut, so neither aliases a, b or each other.
-        unsafe {
-            gemm_then(
-                m,
-                n,
-                k,
-                Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs },
-                Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs },
-                Output { ptr: c.data.as_mut_ptr(), rs: c.rs },
-                Some(bias),
-                false,
-                true,
-                bf16_products(),
-                Epilogue::Activate { act, out: h.as_mut_ptr(), rs: n },
-            )
-        };
-        return;
-    }
-    let pre = c.data;
-    matmul_bias(MatMut::new(&mut pre[..m * n], m, n), a, b, bias);
-    act.forward(&pre[..m * n], &mut h[..m * n]);
-}
-
-/// `c = (a · b) ⊙ act′(pre)`: a gradient through the activation whose pre-activation is `pre`,
-/// applied to each tile of `c` as soon as it is finished (a hidden layer's backward). `c` and
-/// `pre`: `m × n`, contiguous rows. Equal, bit for bit, to [`matmul`] then
-/// [`Activation::backward_inplace`](super::Activation::backward_inplace).
-pub fn matmul_act_grad(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, pre: &[f32], act: super::Activation) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(c.cs == 1 && (c.rs == n || m <= 1), "matmul_act_grad: c must be contiguous rows");
-    assert!(pre.len() >= m * n, "matmul_act_grad: pre holds {} values, {m}x{n} needed", pre.len());
-    assert_eq!(b.rows, k, "matmul_act_grad: inner dimensions differ ({m}x{k} · {}x{n})", b.rows);
-    assert_eq!((c.rows, c.cols), (m, n), "matmul_act_grad: output is {}x{}, expected {m}x{n}", c.rows, c.cols);
-    if use_own() && own_suits(m, n, k) {
-        GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
-        use super::sgemm::{gemm_then, Epilogue, Operand, Output};
-        // SAFETY: as in `matmul_bias_act`; pre is only read.
-        unsafe {
-            gemm_then(
-                m,
-                n,
-                k,
-                Operand { ptr: a.data.as_ptr(), rs: a.rs, cs: a.cs },
-                Operand { ptr: b.data.as_ptr(), rs: b.rs, cs: b.cs },
-                Output { ptr: c.data.as_mut_ptr(), rs: c.rs },
-                None,
-                false,
-                true,
-                bf16_products(),
-                Epilogue::Derivative { act, pre: pre.as_ptr(), rs: n },
-            )
-        };
-        return;
-    }
-    let out = c.data;
-    matmul(MatMut::new(&mut out[..m * n], m, n), a, b, false);
-    act.backward_inplace(&pre[..m * n], &mut out[..m * n]);
-}
-
 /// `c = a · b + bias` with `bias` (length `n`) added to every row: the tiles start from the
 /// bias, so the output is written once (a linear layer's forward).
 pub fn matmul_bias(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, bias: &[f32]) {
@@ -618,47 +543,6 @@ mod tests {
                     });
                     assert!(!bf16_products(), "the setting ends with the closure");
                 });
-            }
-        }
-    }
-
-    /// The fused activation epilogues equal the product followed by the activation pass: bit
-    /// for bit where the unfused product does not split its inner dimension over threads
-    /// (k < 1024), within f32 rounding where it does; across edge tiles, several column blocks
-    /// (n 3000 at k 192), several KC slices (k 1500), transposed operands, every activation,
-    /// f32 and bf16 products, 1 and 2 threads.
-    #[test]
-    fn fused_activation_epilogues_equal_the_separate_passes() {
-        use crate::core::Activation;
-        let mut rng = Rng::new(17);
-        for &(m, k, n, tb) in &[(61, 51, 70, false), (300, 192, 3000, true), (130, 1500, 49, true), (1, 9, 5, false), (2048, 192, 768, true)] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
-            let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            let pre: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
-            let bview = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
-            for act in [Activation::Relu, Activation::Gelu, Activation::Silu] {
-                for (threads, bf16) in [(1, false), (2, false), (2, true)] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    pool.install(|| {
-                        with_bf16_products(bf16, || {
-                            let (mut c1, mut h1, mut c2, mut h2) = (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
-                            matmul_bias(MatMut::new(&mut c1, m, n), MatRef::new(&a, m, k), bview, &bias);
-                            act.forward(&c1, &mut h1);
-                            matmul_bias_act(MatMut::new(&mut c2, m, n), &mut h2, MatRef::new(&a, m, k), bview, &bias, act);
-                            let (mut g1, mut g2) = (vec![0.0; m * n], vec![0.0; m * n]);
-                            matmul(MatMut::new(&mut g1, m, n), MatRef::new(&a, m, k), bview, false);
-                            act.backward_inplace(&pre, &mut g1);
-                            matmul_act_grad(MatMut::new(&mut g2, m, n), MatRef::new(&a, m, k), bview, &pre, act);
-                            for (what, x, y) in [("pre", &c1, &c2), ("act", &h1, &h2), ("grad", &g1, &g2)] {
-                                for (i, (u, v)) in x.iter().zip(y.iter()).enumerate() {
-                                    let same = if k < 1024 { u.to_bits() == v.to_bits() } else { (u - v).abs() <= 1e-4 * (1.0 + u.abs()) };
-                                    assert!(same, "{what} {act:?} {m}x{k}x{n} threads {threads} bf16 {bf16} [{i}]: {u} vs {v}");
-                                }
-                            }
-                        })
-                    });
-                }
             }
         }
     }

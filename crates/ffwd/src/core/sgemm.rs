@@ -203,55 +203,6 @@ impl Output {
     }
 }
 
-/// What happens to each finished tile of `C` right after its last `KC` slice, while the tile
-/// is still in cache: the activation that follows a product, fused into it.
-#[derive(Clone, Copy)]
-pub(crate) enum Epilogue {
-    /// Nothing.
-    None,
-    /// `out[i·rs + j] = act(C[i, j])`: the activation written beside its pre-activation.
-    Activate { act: super::Activation, out: *mut f32, rs: usize },
-    /// `C[i, j] *= act′(pre[i·rs + j])`: a gradient taken through the activation.
-    Derivative { act: super::Activation, pre: *const f32, rs: usize },
-}
-
-impl Epilogue {
-    /// The epilogue of the columns from `j` on.
-    fn offset_cols(self, j: usize) -> Self {
-        match self {
-            Epilogue::None => Epilogue::None,
-            Epilogue::Activate { act, out, rs } => Epilogue::Activate { act, out: out.wrapping_add(j), rs },
-            Epilogue::Derivative { act, pre, rs } => Epilogue::Derivative { act, pre: pre.wrapping_add(j), rs },
-        }
-    }
-
-    /// Applies to `n` columns of row `i` of `C` (starting at `c`) from column `j`.
-    ///
-    /// # Safety
-    /// The row of `C` and the epilogue's row `i` (columns `j..j + n`) are valid, and nothing
-    /// else touches them meanwhile.
-    #[inline]
-    unsafe fn row(self, c: *mut f32, i: usize, j: usize, n: usize) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            match self {
-                Epilogue::None => {}
-                Epilogue::Activate { act, out, rs } => {
-                    act.forward_serial(std::slice::from_raw_parts(c, n), std::slice::from_raw_parts_mut(out.add(i * rs + j), n))
-                }
-                Epilogue::Derivative { act, pre, rs } => {
-                    act.backward_serial(std::slice::from_raw_parts(pre.add(i * rs + j), n), std::slice::from_raw_parts_mut(c, n))
-                }
-            }
-        }
-    }
-}
-
-// SAFETY: the pointers are only dereferenced inside `gemm`, whose caller guarantees validity
-// for the whole call; threads write disjoint row blocks of the output (and of an epilogue's).
-unsafe impl Send for Epilogue {}
-unsafe impl Sync for Epilogue {}
-
 // SAFETY: the pointers are only dereferenced inside `gemm`, whose caller guarantees validity
 // for the whole call; threads write disjoint row blocks of the output.
 unsafe impl Send for Operand {}
@@ -268,29 +219,6 @@ unsafe impl Sync for Output {}
 /// given, has `n` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Output, bias: Option<&[f32]>, accumulate: bool, threads: bool, bf16: bool) {
-    // SAFETY: the caller's contract.
-    unsafe { gemm_then(m, n, k, a, b, c, bias, accumulate, threads, bf16, Epilogue::None) }
-}
-
-/// [`gemm`] followed by `epilogue` on every element of `C`, fused per tile.
-///
-/// # Safety
-/// As [`gemm`]; the epilogue's matrix is valid for `m` rows of `n` values at its stride and
-/// overlaps none of the operands.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_then(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: Output,
-    bias: Option<&[f32]>,
-    accumulate: bool,
-    threads: bool,
-    bf16: bool,
-    epilogue: Epilogue,
-) {
     if m == 0 || n == 0 {
         return;
     }
@@ -304,8 +232,6 @@ pub(crate) unsafe fn gemm_then(
                 (None, true) => {}
                 (None, false) => row.fill(0.0),
             }
-            // SAFETY: row i of C and of the epilogue's matrix (the caller's contract).
-            unsafe { epilogue.row(row.as_mut_ptr(), i, 0, n) };
         }
         return;
     }
@@ -324,7 +250,7 @@ pub(crate) unsafe fn gemm_then(
             let bj = Operand { ptr: b.ptr.wrapping_add(j0 * b.cs), ..b };
             let cj = Output { ptr: c.ptr.wrapping_add(j0), ..c };
             // SAFETY: columns j0..j0+w of B and C, inside their extents.
-            unsafe { gemm_then(m, w, k, a, bj, cj, bias.map(|bv| &bv[j0..j0 + w]), accumulate, threads, bf16, epilogue.offset_cols(j0)) };
+            unsafe { gemm(m, w, k, a, bj, cj, bias.map(|bv| &bv[j0..j0 + w]), accumulate, threads, bf16) };
             j0 += w;
         }
         return;
@@ -335,8 +261,7 @@ pub(crate) unsafe fn gemm_then(
     // a long inner dimension with a small output (a weight gradient over a whole batch): split
     // k over the threads, each into its own partial C, then add them up (measured 1.2–1.4x
     // on the LM's weight gradients against splitting rows and columns)
-    // (an epilogue needs every tile whole: no split)
-    if parallel && k >= 2 * SPLIT_K_MIN && m * n <= SPLIT_K_MAX_OUTPUT && matches!(epilogue, Epilogue::None) {
+    if parallel && k >= 2 * SPLIT_K_MIN && m * n <= SPLIT_K_MAX_OUTPUT {
         let parts = nt.min(k / SPLIT_K_MIN);
         let per = k.div_ceil(parts);
         // SAFETY: as this function's contract; part 0 writes C, the others their own buffers.
@@ -384,8 +309,7 @@ pub(crate) unsafe fn gemm_then(
                 BPanels::Packed(packed_b)
             };
             // SAFETY: as this function's contract.
-            let last = if p0 + kc == k { epilogue } else { Epilogue::None };
-            unsafe { plan.run(&isa, m, n, a, panels, p0, kc, c, bias, accumulate, last) };
+            unsafe { plan.run(&isa, m, n, a, panels, p0, kc, c, bias, accumulate) };
             p0 += kc;
         }
     });
@@ -417,8 +341,7 @@ impl Plan {
     }
 
     /// Runs every work item over the `kc`-deep slice of the inner dimension from `p0`, whose
-    /// B panels are `panels`: packs the item's A block, then the micro-kernel over its tiles,
-    /// then `epilogue` on each finished tile.
+    /// B panels are `panels`: packs the item's A block, then the micro-kernel over its tiles.
     ///
     /// # Safety
     /// As [`gemm`], for the columns `0..n` of `c` and the panels' slice of B.
@@ -435,7 +358,6 @@ impl Plan {
         c: Output,
         bias: Option<&[f32]>,
         accumulate: bool,
-        epilogue: Epilogue,
     ) {
         let (mr, ks, n_panels) = (isa.mr, isa.depth(kc), n.div_ceil(isa.nr));
         let first = p0 == 0;
@@ -454,7 +376,7 @@ impl Plan {
                     } else {
                         pack_a(&mut pa[..len], a, i0, mc, p0, kc, mr);
                     }
-                    macro_block(isa, &pa[..len], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate, epilogue);
+                    macro_block(isa, &pa[..len], panels, s0, s1, mc, n, kc, c, i0, bias, first, accumulate);
                 }
             });
         };
@@ -545,7 +467,7 @@ pub(crate) unsafe fn gemm_packed_bf16(m: usize, a: Operand, b: &PackedBf16, c: O
             let kc = (k - p0).min(isa.kc);
             let len = w.div_ceil(isa.nr) * isa.nr * isa.depth(kc);
             // SAFETY: the caller's contract, for columns j0..j0+w.
-            unsafe { plan.run(&isa, m, w, a, BPanels::Packed(&b.data[off..off + len]), p0, kc, cj, bias_j, false, Epilogue::None) };
+            unsafe { plan.run(&isa, m, w, a, BPanels::Packed(&b.data[off..off + len]), p0, kc, cj, bias_j, false) };
             off += len;
         }
     }
@@ -628,7 +550,6 @@ unsafe fn macro_block(
     bias: Option<&[f32]>,
     first: bool,
     accumulate: bool,
-    epilogue: Epilogue,
 ) {
     let (mr, nr) = (isa.mr, isa.nr);
     let ks = isa.depth(kc);
@@ -669,13 +590,6 @@ unsafe fn macro_block(
                                 }
                             }
                         }
-                    }
-                }
-                if !matches!(epilogue, Epilogue::None) {
-                    for i in 0..mw {
-                        // SAFETY: row i0 + r0 + i, columns j0..j0+nw of C and of the
-                        // epilogue's matrix: this tile's, which no other item touches.
-                        epilogue.row(cptr.add(i * c.rs), i0 + r0 + i, j0, nw);
                     }
                 }
             }

@@ -95,10 +95,11 @@ impl Trainable for Dense {
         for h in 0..self.pre.len() {
             ensure_len(&mut self.pre[h], batch * w);
             ensure_len(&mut self.act[h], batch * w);
-            // the activation is fused into the product (`Linear::forward_act`)
-            let (done, rest) = self.act.split_at_mut(h);
-            let input: &[f32] = if h == 0 { x } else { &done[h - 1] };
-            self.linears[h].forward_act(input, batch, &mut self.pre[h], &mut rest[0], self.cfg.activation);
+            let input: &[f32] = if h == 0 { x } else { &self.act[h - 1] };
+            self.linears[h].forward(input, batch, &mut self.pre[h]);
+            let _s = crate::core::profile::span("ffn activation");
+            let (pre, act) = (&self.pre[h][..batch * w], &mut self.act[h][..batch * w]);
+            self.cfg.activation.forward(pre, act);
         }
         let last = self.linears.len() - 1;
         self.linears[last].forward(&self.act[last - 1], batch, y);
@@ -122,7 +123,9 @@ impl Trainable for Dense {
             if i == 0 {
                 self.linears[0].backward(input, batch, upstream, dx.as_deref_mut(), false);
             } else {
-                self.linears[i].backward_act(input, batch, upstream, &mut self.grad_b[..batch * w], &self.pre[i - 1], self.cfg.activation);
+                self.linears[i].backward(input, batch, upstream, Some(&mut self.grad_b[..batch * w]), false);
+                let _s = crate::core::profile::span("ffn activation");
+                self.cfg.activation.backward_inplace(&self.pre[i - 1][..batch * w], &mut self.grad_b[..batch * w]);
                 std::mem::swap(&mut self.grad_a, &mut self.grad_b);
             }
         }

@@ -1,8 +1,7 @@
 //! `y = x Wᵀ + b`, the building block of the dense layers. `weight` is `out × in`
 //! (PyTorch's layout), `bias` is `out`.
 
-use crate::core::gemm::{add_sum_rows, matmul, matmul_act_grad, matmul_bias, matmul_bias_act, MatMut, MatRef};
-use crate::core::Activation;
+use crate::core::gemm::{add_sum_rows, matmul, matmul_bias, MatMut, MatRef};
 use crate::core::{Param, Rng};
 
 /// A fully connected map with PyTorch's layout and initialisation (uniform ±1/√in).
@@ -42,48 +41,17 @@ impl Linear {
         matmul_bias(MatMut::new(y, batch, o), MatRef::new(x, batch, i), MatRef::new(&self.weight.value, o, i).t(), &self.bias.value);
     }
 
-    /// [`Linear::forward`] into `pre` followed by `act`: `h = act(pre)`, fused per tile of the
-    /// product (bit-identical to the two passes). `pre`, `h`: `batch × out`.
-    pub fn forward_act(&self, x: &[f32], batch: usize, pre: &mut [f32], h: &mut [f32], act: Activation) {
-        let (i, o) = (self.in_features(), self.out_features());
-        let (pre, h) = (&mut pre[..batch * o], &mut h[..batch * o]);
-        let _s = crate::core::profile::span("linear fwd");
-        matmul_bias_act(MatMut::new(pre, batch, o), h, MatRef::new(x, batch, i), MatRef::new(&self.weight.value, o, i).t(), &self.bias.value, act);
-    }
-
-    /// [`Linear::backward`] whose input came out of `act` (pre-activation `pre`, `batch × in`):
-    /// adds dW and db, and writes the gradient of the pre-activation, `dpre = (dy W) ⊙
-    /// act′(pre)`, fused per tile of the product.
-    pub fn backward_act(&mut self, x: &[f32], batch: usize, dy: &[f32], dpre: &mut [f32], pre: &[f32], act: Activation) {
-        let (i, o) = (self.in_features(), self.out_features());
-        let dy = &dy[..batch * o];
-        self.weight_grads(x, batch, dy);
-        let _s = crate::core::profile::span("linear bwd dx");
-        matmul_act_grad(
-            MatMut::new(&mut dpre[..batch * i], batch, i),
-            MatRef::new(dy, batch, o),
-            MatRef::new(&self.weight.value, o, i),
-            &pre[..batch * i],
-            act,
-        );
-    }
-
-    /// dW += dyᵀx, db += Σ dy.
-    fn weight_grads(&mut self, x: &[f32], batch: usize, dy: &[f32]) {
-        let (i, o) = (self.in_features(), self.out_features());
-        let s = crate::core::profile::span("linear bwd dW");
-        matmul(MatMut::new(&mut self.weight.grad, o, i), MatRef::new(dy, batch, o).t(), MatRef::new(x, batch, i), true);
-        drop(s);
-        let _s = crate::core::profile::span("linear bwd db");
-        add_sum_rows(dy, o, &mut self.bias.grad);
-    }
-
     /// Adds dW = dyᵀx and db = Σ dy into the gradients; writes (or adds, with
     /// `accumulate_dx`) dx = dy W.
     pub fn backward(&mut self, x: &[f32], batch: usize, dy: &[f32], dx: Option<&mut [f32]>, accumulate_dx: bool) {
         let (i, o) = (self.in_features(), self.out_features());
         let dy = &dy[..batch * o];
-        self.weight_grads(x, batch, dy);
+        let s = crate::core::profile::span("linear bwd dW");
+        matmul(MatMut::new(&mut self.weight.grad, o, i), MatRef::new(dy, batch, o).t(), MatRef::new(x, batch, i), true);
+        drop(s);
+        let s = crate::core::profile::span("linear bwd db");
+        add_sum_rows(dy, o, &mut self.bias.grad);
+        drop(s);
         let _s = crate::core::profile::span("linear bwd dx");
         if let Some(dx) = dx {
             matmul(MatMut::new(dx, batch, i), MatRef::new(dy, batch, o), MatRef::new(&self.weight.value, o, i), accumulate_dx);
