@@ -390,8 +390,8 @@ impl Plan {
 
 /// A `k × n` right operand packed once into the bf16 pair panels of the AVX512_BF16 kernel,
 /// for products that reuse it (the weights of an inference kernel): a product against it
-/// ([`gemm_packed_bf16`]) packs only its left operand. Column blocks and `KC` slices as
-/// [`gemm`] cuts them.
+/// ([`crate::core::gemm::matmul_packed`]) packs only its left operand. Column blocks and `KC`
+/// slices as [`gemm`] cuts them.
 pub struct PackedBf16 {
     data: Vec<f32>,
     k: usize,
