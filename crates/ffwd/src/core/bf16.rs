@@ -73,6 +73,21 @@ pub fn to_bf16_paired(v: &[f32], n: usize) -> Vec<Bf16> {
     out
 }
 
+/// One row stored in the paired layout of [`paired_index`] (`src.len() == dst.len()` columns)
+/// widened back to f32 in column order: the inverse of [`to_bf16_paired`] for one row.
+pub fn widen_paired_row(src: &[Bf16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_paired_row: lengths");
+    let full = dst.len() / 32 * 32;
+    // full blocks of 32 hold (0, 16), (1, 17), …; the tail is in order
+    for (d, s) in dst[..full].chunks_exact_mut(32).zip(src[..full].chunks_exact(32)) {
+        for j in 0..16 {
+            d[j] = s[2 * j].to_f32();
+            d[16 + j] = s[2 * j + 1].to_f32();
+        }
+    }
+    widen_into(&src[full..], &mut dst[full..]);
+}
+
 /// `w · x` with `w` a bf16 row in the paired layout (`w.len() == x.len()`), accumulated in f32.
 #[inline]
 pub fn dot_bf16(w: &[Bf16], x: &[f32]) -> f32 {
@@ -279,6 +294,10 @@ mod tests {
             for c in 0..n {
                 assert_eq!(w[n + paired_index(c, n)].to_f32(), ((n + c) % 256) as f32, "row 1, n={n} c={c}");
             }
+            // widening a paired row gives the columns back in order
+            let mut back = vec![f32::NAN; n];
+            widen_paired_row(&w[n..], &mut back);
+            assert_eq!(back, v[n..], "widened row 1, n={n}");
         }
     }
 

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{check_io, InferKernel, Precision, Workspace};
-use crate::core::bf16::{to_bf16_paired, weighted_row_sum_bf16, Bf16};
+use crate::core::bf16::{to_bf16_paired, weighted_row_sum_bf16, widen_paired_row, Bf16};
 use crate::core::gemm::{axpy, matmul_bias, matmul_packed, pack_bf16, MatMut, MatRef};
 use crate::core::quant::QMatrix;
 use crate::core::simd::axpy4;
@@ -177,20 +177,9 @@ impl Bf16Blocks {
         let op = super::SyncPtr(out.as_mut_ptr());
         let block = |j: usize| {
             let (c0, w, data) = self.block(j);
-            let full = w / 32 * 32;
             for (i, row) in data.chunks_exact(w).enumerate() {
                 // SAFETY: the block owns columns c0..c0+w of every row of `out` (length checked).
-                let dst = unsafe { op.slice(i * o + c0, w) };
-                // paired blocks of 32: (0, 16), (1, 17), …; the tail in order
-                for (d, s) in dst[..full].chunks_exact_mut(32).zip(row[..full].chunks_exact(32)) {
-                    for j in 0..16 {
-                        d[j] = s[2 * j].to_f32();
-                        d[16 + j] = s[2 * j + 1].to_f32();
-                    }
-                }
-                for (d, s) in dst[full..].iter_mut().zip(&row[full..]) {
-                    *d = s.to_f32();
-                }
+                widen_paired_row(row, unsafe { op.slice(i * o + c0, w) });
             }
         };
         (0..self.count()).into_par_iter().for_each(block);

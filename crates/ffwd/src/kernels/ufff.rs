@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::grouped::dispatch;
 use super::{check_io, rows4, rows4_mut, InferKernel, Precision, SyncPtr, Workspace};
-use crate::core::bf16::{dot4_bf16, dot_bf16, paired_index, to_bf16_paired, weighted_row_sum_bf16, Bf16};
+use crate::core::bf16::{dot4_bf16, dot_bf16, paired_index, to_bf16_paired, weighted_row_sum_bf16, widen_paired_row, Bf16};
 use crate::core::gemm::{axpy, dot};
 use crate::core::quant::{QAct, QMatrix};
 use crate::core::simd::{dot4, weighted_row_sum};
@@ -64,7 +64,10 @@ impl Mat<Bf16> {
     /// Back to f32 in natural column order.
     fn widen(&self) -> Mat<f32> {
         let n = self.cols;
-        let data = (0..self.data.len()).map(|i| self.data[i / n * n + paired_index(i % n, n)].to_f32()).collect();
+        let mut data = vec![0.0; self.data.len()];
+        for (src, dst) in self.data.chunks(n.max(1)).zip(data.chunks_mut(n.max(1))) {
+            widen_paired_row(src, dst);
+        }
         Mat { data, cols: n }
     }
 }
