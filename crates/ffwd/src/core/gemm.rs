@@ -419,6 +419,26 @@ mod tests {
         c
     }
 
+    /// `v` rounded to bf16 and widened back.
+    fn bf16_rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| crate::core::bf16::Bf16::from_f32(x).to_f32()).collect()
+    }
+
+    /// Asserts that `got` (`m × n`) is a bf16 product: equal to `want` (the exact product of
+    /// the rounded operands) plus `extra(i, j)` within f32 accumulation error, and further from
+    /// `exact` (the f32 product) plus `extra` than f32 rounding could explain.
+    fn assert_bf16_product(got: &[f32], want: &[f32], exact: &[f32], extra: &dyn Fn(usize, usize) -> f32, (m, k, n): (usize, usize, usize), what: &str) {
+        let mut far = 0.0f32;
+        for i in 0..m {
+            for j in 0..n {
+                let (g, w) = (got[i * n + j], want[i * n + j] + extra(i, j));
+                assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "{what} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
+                far = far.max((g - exact[i * n + j] - extra(i, j)).abs());
+            }
+        }
+        assert!(far > 1e-3, "{what} {m}x{k}x{n}: within {far} of the f32 product, so not rounded to bf16");
+    }
+
     #[test]
     fn literal_2x3_times_3x2() {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
@@ -507,7 +527,6 @@ mod tests {
     /// side above 48: products of fewer rows stay f32.)
     #[test]
     fn bf16_products_equal_the_product_of_rounded_operands() {
-        use crate::core::bf16::Bf16;
         if !crate::core::sgemm::bf16_supported() {
             // without AVX512_BF16 the setting changes nothing: products stay exact f32
             let (a, b) = (vec![1.0f32 + 1.0 / 512.0; 64 * 64], vec![1.0f32; 64 * 64]);
@@ -516,24 +535,13 @@ mod tests {
             assert!(c.iter().all(|&v| (v - 64.0 * (1.0 + 1.0 / 512.0)).abs() < 1e-4));
             return;
         }
-        let round = |v: &[f32]| v.iter().map(|&x| Bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
         let mut rng = Rng::new(12);
         for &(m, k, n) in &[(61, 51, 70), (401, 1500, 50), (130, 1025, 49), (50, 768, 64), (2048, 192, 96)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            let (want, exact) = (naive(&round(&a), &round(&b), m, k, n), naive(&a, &b, m, k, n));
-            let check = |got: &[f32], extra: &dyn Fn(usize, usize) -> f32, what: &str| {
-                let mut far = 0.0f32;
-                for i in 0..m {
-                    for j in 0..n {
-                        let (g, w) = (got[i * n + j], want[i * n + j] + extra(i, j));
-                        assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "{what} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
-                        far = far.max((g - exact[i * n + j] - extra(i, j)).abs());
-                    }
-                }
-                assert!(far > 1e-3, "{what} {m}x{k}x{n}: within {far} of the f32 product, so not rounded to bf16");
-            };
+            let (want, exact) = (naive(&bf16_rounded(&a), &bf16_rounded(&b), m, k, n), naive(&a, &b, m, k, n));
+            let check = |got: &[f32], extra: &dyn Fn(usize, usize) -> f32, what: &str| assert_bf16_product(got, &want, &exact, extra, (m, k, n), what);
             let pool = |t: usize| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
             for threads in [1, 2] {
                 pool(threads).install(|| {
@@ -552,34 +560,24 @@ mod tests {
     /// column blocks and KC slices, 1 and 2 threads; `None` without AVX512_BF16.
     #[test]
     fn packed_bf16_products_equal_the_product_of_rounded_operands() {
-        use crate::core::bf16::Bf16;
         let mut rng = Rng::new(13);
         let b0: Vec<f32> = (0..4 * 4).map(|_| rng.normal()).collect();
         if !crate::core::sgemm::bf16_supported() {
             assert!(pack_bf16(MatRef::new(&b0, 4, 4)).is_none());
             return;
         }
-        let round = |v: &[f32]| v.iter().map(|&x| Bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
         for &(m, k, n) in &[(1, 40, 45), (2, 33, 70), (3, 1100, 600), (61, 51, 70), (130, 2100, 49), (300, 768, 1100)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            let (want, exact) = (naive(&round(&a), &round(&b), m, k, n), naive(&a, &b, m, k, n));
+            let (want, exact) = (naive(&bf16_rounded(&a), &bf16_rounded(&b), m, k, n), naive(&a, &b, m, k, n));
             let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
             for (packed, how) in [(pack_bf16(MatRef::new(&b, k, n)).unwrap(), "plain"), (pack_bf16(MatRef::new(&bt, n, k).t()).unwrap(), "transposed")] {
                 for threads in [1, 2] {
                     let mut c = vec![f32::NAN; m * n];
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     pool.install(|| matmul_packed(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), &packed, Some(&bias)));
-                    let mut far = 0.0f32;
-                    for i in 0..m {
-                        for j in 0..n {
-                            let (g, w) = (c[i * n + j], want[i * n + j] + bias[j]);
-                            assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "packed {how} {m}x{k}x{n} [{i},{j}]: {g} vs {w}");
-                            far = far.max((g - exact[i * n + j] - bias[j]).abs());
-                        }
-                    }
-                    assert!(far > 1e-3, "packed {how} {m}x{k}x{n}: within {far} of the f32 product");
+                    assert_bf16_product(&c, &want, &exact, &|_, j| bias[j], (m, k, n), &format!("packed {how}"));
                 }
             }
         }
