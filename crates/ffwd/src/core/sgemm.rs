@@ -49,6 +49,14 @@ struct Isa {
 }
 
 impl Isa {
+    /// Columns per column block of a product with inner dimension `k` (BLIS's NC loop): a
+    /// packed KC slice of B holds at most B_SLICE values, so that it stays in cache while the
+    /// row blocks pass it (a 4095-wide layer would otherwise pack 16 MB per slice, written to
+    /// memory and read back).
+    fn column_block(&self, k: usize) -> usize {
+        (B_SLICE / k.clamp(1, self.kc)).max(self.nr).next_multiple_of(self.nr)
+    }
+
     /// Packed slots per row (A) or column (B) of a `kc`-deep block.
     fn depth(&self, kc: usize) -> usize {
         if self.bf16 {
@@ -239,10 +247,7 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     // cost more than the faster products save (f32 reads B in place there)
     let isa = isa(bf16 && m > DIRECT_B_MAX_ROWS, m);
     let (nr, kc_max) = (isa.nr, isa.kc);
-    // column blocks (BLIS's NC loop): a packed KC slice of B at most B_SLICE values, so that it
-    // stays in cache while the row blocks pass it (a 4095-wide layer would otherwise pack
-    // 16 MB per slice, written to memory and read back)
-    let nc = (B_SLICE / k.min(kc_max)).max(nr).next_multiple_of(nr);
+    let nc = isa.column_block(k);
     if n > nc {
         let mut j0 = 0;
         while j0 < n {
@@ -419,27 +424,41 @@ impl PackedBf16 {
             return None;
         }
         let isa = isa(true, usize::MAX);
-        let nr = isa.nr;
-        let nc = (B_SLICE / k.max(1).min(isa.kc)).max(nr).next_multiple_of(nr);
-        let mut data = vec![0.0; n.div_ceil(nr) * nr * (isa.depth(k) + k / isa.kc + 1)];
-        let mut off = 0;
-        for j0 in (0..n).step_by(nc) {
-            let w = (n - j0).min(nc);
-            let bj = Operand { ptr: b.ptr.wrapping_add(j0 * b.cs), ..b };
-            for p0 in (0..k).step_by(isa.kc) {
-                let kc = (k - p0).min(isa.kc);
-                let ks = isa.depth(kc);
-                let len = w.div_ceil(nr) * nr * ks;
-                data[off..off + len].par_chunks_mut(nr * ks).enumerate().for_each(|(s, panel)| {
-                    // SAFETY: rows p0..p0+kc, columns j0..j0+w of B (the caller's contract).
-                    unsafe { pack_b_bf16(panel, bj, p0, kc, w, nr, s) }
-                });
-                off += len;
-            }
+        let nc = isa.column_block(k);
+        let mut data = vec![0.0; slices(&isa, k, n, nc).map(|s| s.len).sum()];
+        for s in slices(&isa, k, n, nc) {
+            let bj = Operand { ptr: b.ptr.wrapping_add(s.j0 * b.cs), ..b };
+            data[s.off..s.off + s.len].par_chunks_mut(isa.nr * isa.depth(s.kc)).enumerate().for_each(|(panel_index, panel)| {
+                // SAFETY: rows p0..p0+kc, columns j0..j0+w of B (the caller's contract).
+                unsafe { pack_b_bf16(panel, bj, s.p0, s.kc, s.w, isa.nr, panel_index) }
+            });
         }
-        data.truncate(off);
         Some(PackedBf16 { data, k, n, nc })
     }
+}
+
+/// One packed slice of a [`PackedBf16`]: rows `p0..p0 + kc` of B's columns `j0..j0 + w`, at
+/// `data[off..off + len]`.
+#[derive(Clone, Copy)]
+struct Slice {
+    j0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    off: usize,
+    len: usize,
+}
+
+/// The slices of a packed `k × n` B in storage order: column blocks of `nc`, each cut into the
+/// kernel's KC slices (the order [`gemm`] walks them).
+fn slices(isa: &Isa, k: usize, n: usize, nc: usize) -> impl Iterator<Item = Slice> + '_ {
+    let mut off = 0;
+    (0..n).step_by(nc.max(1)).flat_map(move |j0| (0..k).step_by(isa.kc).map(move |p0| (j0, p0))).map(move |(j0, p0)| {
+        let (w, kc) = ((n - j0).min(nc), (k - p0).min(isa.kc));
+        let len = w.div_ceil(isa.nr) * isa.nr * isa.depth(kc);
+        off += len;
+        Slice { j0, w, p0, kc, off: off - len, len }
+    })
 }
 
 /// `C = A·B (+ bias row)` with `B` packed by [`PackedBf16::new`]: [`gemm`] with bf16
@@ -456,20 +475,13 @@ pub(crate) unsafe fn gemm_packed_bf16(m: usize, a: Operand, b: &PackedBf16, c: O
     }
     let isa = isa(true, usize::MAX);
     let nt = rayon::current_num_threads();
-    let mut off = 0;
-    for j0 in (0..n).step_by(b.nc) {
-        let w = (n - j0).min(b.nc);
-        let parallel = threads && nt > 1 && m * w * k >= super::gemm::PARALLEL_MIN_WORK;
-        let plan = Plan::new(&isa, m, w, k, parallel);
-        let cj = Output { ptr: c.ptr.wrapping_add(j0), ..c };
-        let bias_j = bias.map(|bv| &bv[j0..j0 + w]);
-        for p0 in (0..k).step_by(isa.kc) {
-            let kc = (k - p0).min(isa.kc);
-            let len = w.div_ceil(isa.nr) * isa.nr * isa.depth(kc);
-            // SAFETY: the caller's contract, for columns j0..j0+w.
-            unsafe { plan.run(&isa, m, w, a, BPanels::Packed(&b.data[off..off + len]), p0, kc, cj, bias_j, false) };
-            off += len;
-        }
+    for s in slices(&isa, k, n, b.nc) {
+        let parallel = threads && nt > 1 && m * s.w * k >= super::gemm::PARALLEL_MIN_WORK;
+        let plan = Plan::new(&isa, m, s.w, k, parallel);
+        let cj = Output { ptr: c.ptr.wrapping_add(s.j0), ..c };
+        let bias_j = bias.map(|bv| &bv[s.j0..s.j0 + s.w]);
+        // SAFETY: the caller's contract, for columns j0..j0+w.
+        unsafe { plan.run(&isa, m, s.w, a, BPanels::Packed(&b.data[s.off..s.off + s.len]), s.p0, s.kc, cj, bias_j, false) };
     }
 }
 
