@@ -269,8 +269,8 @@ impl Compile for Ufff {
         Box::new(self.tree_kernel())
     }
 
-    fn kernel_with(&self, precision: Precision) -> Result<Box<dyn InferKernel>> {
-        Ok(Box::new(self.tree_kernel().with_precision(precision)?))
+    fn stored_kernel(&self, precision: Precision) -> Option<Result<Box<dyn InferKernel>>> {
+        Some(self.tree_kernel().with_precision(precision).map(|k| Box::new(k) as Box<dyn InferKernel>))
     }
 
     fn neurons_per_inference(&self) -> usize {
