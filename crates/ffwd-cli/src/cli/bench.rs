@@ -102,8 +102,9 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         dense: ufff_dense()?,
         batches: batches.clone(),
     });
-    // the dense twin itself with bf16 weights (read in place up to 48 rows, bf16 products
-    // above) against its f32 self
+    // the dense twin itself with bf16 weights (a GEMV over bf16 blocks at 1–2 rows, bf16
+    // products against weights packed at load above; without AVX512_BF16 the GEMV up to 48
+    // rows, widened f32 products above) against its f32 self
     cases.push(Case {
         name: "dense-bf16".into(),
         weights: "bf16",
@@ -180,7 +181,8 @@ fn suite(quick: bool) -> anyhow::Result<Vec<Case>> {
         dense: dense4096()?,
         batches: mix_batches.clone(),
     });
-    // the same experts in bf16 (widened per call for the products, the router f32)
+    // the same experts in bf16 (packed for bf16 products, or widened per call without
+    // AVX512_BF16; the router f32)
     cases.push(Case {
         name: "smoe-bf16".into(),
         weights: "bf16",

@@ -503,13 +503,19 @@ pub(crate) fn text_or_embedded(path: Option<&std::path::Path>) -> anyhow::Result
     })
 }
 
-fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
-    super::init_threads(a.threads)?;
-    let mut ck = LmCheckpoint::load(&a.model)?;
-    if a.bf16 {
+/// Loads an LM checkpoint, with its FFN blocks on bf16 weights when asked.
+fn load_lm(path: &std::path::Path, bf16: bool) -> anyhow::Result<LmCheckpoint> {
+    let mut ck = LmCheckpoint::load(path)?;
+    if bf16 {
         ck.lm.set_precision(ffwd::kernels::Precision::Bf16)?;
         super::note_bf16_speed();
     }
+    Ok(ck)
+}
+
+fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
+    super::init_threads(a.threads)?;
+    let mut ck = load_lm(&a.model, a.bf16)?;
     let text = text_or_embedded(a.text.as_deref())?;
     let loss = ck.held_out_loss(&text, a.batches)?;
     println!(
@@ -527,11 +533,7 @@ fn run_eval(a: LmEvalArgs) -> anyhow::Result<()> {
 
 fn run_sample(a: LmSampleArgs) -> anyhow::Result<()> {
     super::init_threads(a.threads)?;
-    let mut ck = LmCheckpoint::load(&a.model)?;
-    if a.bf16 {
-        ck.lm.set_precision(ffwd::kernels::Precision::Bf16)?;
-        super::note_bf16_speed();
-    }
+    let ck = load_lm(&a.model, a.bf16)?;
     let t0 = Instant::now();
     let out = ck.generate_text(&a.prompt, a.tokens, a.temperature, a.top_k, a.seed).context("prompt")?;
     let secs = t0.elapsed().as_secs_f64();
