@@ -317,13 +317,11 @@ impl PackedExperts {
     pub fn new(w: &ExpertWeights<'_>) -> Result<Option<Self>> {
         w.check()?;
         let ExpertShape { experts: e, in_features: d, width: g, out_features: o } = w.shape;
+        // one packed matrix per expert (the bank's sizes were checked above)
         let pack = |m: &[f32], rows: usize, cols: usize| -> Option<Vec<PackedBf16>> {
-            m.chunks_exact(rows * cols).map(|c| pack_bf16(MatRef::new(c, rows, cols))).collect()
+            (0..e).map(|i| pack_bf16(MatRef::new(&m[i * rows * cols..(i + 1) * rows * cols], rows, cols))).collect()
         };
         let (Some(w1), Some(w2)) = (pack(w.w1, d, g), pack(w.w2, g, o)) else { return Ok(None) };
-        if w1.len() != e || w2.len() != e {
-            return Ok(None);
-        }
         Ok(Some(PackedExperts { shape: w.shape, act: w.act, b1: w.b1.to_vec(), w1, w2 }))
     }
 
